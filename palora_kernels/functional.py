@@ -1,0 +1,178 @@
+"""Functional API: validate, normalise the preference, pick the backend, call the op.
+
+Data flows module -> functional -> dispatch -> backend kernel.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+
+from . import dispatch, reference
+from ._math import merged_delta, stack_A, stack_B
+from .ops.conv2d import PaLoRAConv2dFunction
+from .ops.linear import PaLoRALinearFunction
+
+IntPair = Union[int, Tuple[int, int]]
+
+
+def _pair(v: IntPair, name: str) -> list:
+    out = [v, v] if isinstance(v, int) else list(v)
+    if len(out) != 2 or not all(isinstance(i, int) for i in out):
+        raise TypeError(f"{name}: expected an int or a pair of ints, got {v!r}")
+    return out
+
+
+def _is_compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
+def check_preference(preference, num_tasks: int, batch: Optional[int], device, name="preference"):
+    """Raise a ValueError/TypeError naming ``name`` unless it is (T,) or (batch, T), finite."""
+    if not isinstance(preference, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor of shape ({num_tasks},) or (batch, {num_tasks}), "
+                        f"got {type(preference).__name__}")
+    if not preference.is_floating_point():
+        raise TypeError(f"{name}: expected a floating-point tensor, got dtype {preference.dtype}")
+    if preference.dim() not in (1, 2) or preference.shape[-1] != num_tasks:
+        raise ValueError(f"{name}: expected shape ({num_tasks},) or (batch, {num_tasks}), "
+                         f"got {tuple(preference.shape)}")
+    if preference.dim() == 2 and batch is not None and preference.shape[0] != batch:
+        raise ValueError(f"{name}: per-sample preference must have one row per sample: expected "
+                         f"{batch} rows (x.shape[0]), got {preference.shape[0]}")
+    if device is not None and preference.device != torch.device(device):
+        raise ValueError(f"{name}: expected device {device} (the input's), got {preference.device}")
+    if not _is_compiling() and preference.numel() and not bool(torch.isfinite(preference).all()):
+        raise ValueError(f"{name}: expected finite values, got {preference.tolist()}")
+
+
+def _check_common(x, weight, lora_A, lora_B, x_dim_name: str, x_feat: int, in_feat: int):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"x: expected a floating-point tensor, got dtype {x.dtype}")
+    if x_feat != in_feat:
+        raise ValueError(f"x: expected {x_dim_name} = {in_feat}, got {x_feat} (x.shape = {tuple(x.shape)})")
+    for name, t in (("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B)):
+        if t.device != x.device:
+            raise ValueError(f"x: expected device {t.device} (the {name}'s), got {x.device}")
+    if lora_A.shape[0] != lora_B.shape[0]:
+        raise ValueError(f"lora_B: expected {lora_A.shape[0]} tasks (lora_A.shape[0]), got {lora_B.shape[0]}")
+
+
+def _autocast(x, *params):
+    """Under autocast, run in the autocast dtype (fp32 parameters, fp16/bf16 compute)."""
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev) and dev in ("cuda", "cpu"):
+        dt = torch.get_autocast_dtype(dev)
+        return (x.to(dt),) + tuple(None if p is None else p.to(dt) for p in params)
+    for p in params:
+        if p is not None and p.dtype != x.dtype:
+            raise TypeError(f"x: expected dtype {p.dtype} (the layer's parameters), got {x.dtype}")
+    return (x,) + params
+
+
+def _pref_rows(preference, N: int, batch: int, dtype):
+    """(T,) or (B, T) -> (pref (P, T) in the compute dtype, rows_per_sample)."""
+    pdt = torch.promote_types(dtype, torch.float32)          # fp32 scales for fp16/bf16 inputs
+    if preference.dim() == 1:
+        return preference.to(pdt).reshape(1, -1), max(N, 1)
+    return preference.to(pdt), (N // batch if batch else 1)
+
+
+def palora_linear(x, weight, bias, lora_A, lora_B, preference, scale: float, *,
+                  backend: Optional[str] = None):
+    """y = x W^T + b + scale * sum_t p_t (x A_t^T) B_t^T.
+
+    x: (..., in); weight: (out, in); bias: (out,) or None; lora_A: (T, r, in);
+    lora_B: (T, out, r); preference: (T,) or (B, T) with B = x.shape[0] (a row applies to
+    every position of its sample). Returns (..., out).
+    """
+    _check_common(x, weight, lora_A, lora_B, "x.shape[-1] (in_features)", x.shape[-1] if x.dim() else -1,
+                  weight.shape[1])
+    per_sample = isinstance(preference, torch.Tensor) and preference.dim() == 2
+    if per_sample and x.dim() < 2:
+        raise ValueError(f"x: a per-sample preference needs x of shape (batch, ..., in), got {tuple(x.shape)}")
+    check_preference(preference, lora_A.shape[0], x.shape[0] if x.dim() >= 2 else None, x.device)
+    name = dispatch.select_backend(x.device, backend)
+    x, weight, bias, lora_A, lora_B = _autocast(x, weight, bias, lora_A, lora_B)
+    if name == "reference":
+        return reference.palora_linear(x, weight, bias, lora_A, lora_B, preference, scale)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    pref, L = _pref_rows(preference, x2.shape[0], x.shape[0] if per_sample else 1, x.dtype)
+    y = PaLoRALinearFunction.apply(x2, weight, bias, lora_A, lora_B, pref, L, float(scale), name)
+    return y.reshape(*lead, weight.shape[0])
+
+
+def loralib_delta(lora_A, lora_B, weight_shape):
+    """(T, r*k, C_in*k) x (T, C_out*k, r*k) -> per-task weight deltas (T, *weight_shape)."""
+    return torch.bmm(lora_B, lora_A).view(lora_A.shape[0], *weight_shape)
+
+
+def palora_conv2d(x, weight, bias, lora_A, lora_B, preference, scale: float, *,
+                  stride: IntPair = 1, padding: IntPair = 0, dilation: IntPair = 1,
+                  parameterization: str = "factorized", backend: Optional[str] = None):
+    """Conv2d + scale * sum_t p_t * adapter_t(x).
+
+    x: (N, C_in, H, W); weight: (C_out, C_in, kh, kw); bias: (C_out,) or None.
+    factorized: lora_A (T, r, C_in, kh, kw), lora_B (T, C_out, r).
+    loralib: lora_A (T, r*k, C_in*k), lora_B (T, C_out*k, r*k), update (B_t A_t).view(W.shape).
+    preference: (T,) or (N, T). Returns (N, C_out, Ho, Wo).
+    """
+    if parameterization not in ("factorized", "loralib"):
+        raise ValueError(f"parameterization: expected 'factorized' or 'loralib', got {parameterization!r}")
+    if isinstance(x, torch.Tensor) and x.dim() != 4:
+        raise ValueError(f"x: expected a 4-D tensor (N, C_in, H, W), got shape {tuple(x.shape)}")
+    _check_common(x, weight, lora_A, lora_B, "x.shape[1] (in_channels)", x.shape[1], weight.shape[1])
+    check_preference(preference, lora_A.shape[0], x.shape[0], x.device)
+    stride, padding, dilation = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
+    name = dispatch.select_backend(x.device, backend)
+    x, weight, bias, lora_A, lora_B = _autocast(x, weight, bias, lora_A, lora_B)
+    if name == "reference":
+        return reference.palora_conv2d(x, weight, bias, lora_A, lora_B, preference, scale,
+                                       stride, padding, dilation, parameterization)
+    if parameterization == "loralib":
+        return _loralib_conv2d(x, weight, bias, lora_A, lora_B, preference, scale, stride, padding, dilation)
+    pref, _ = _pref_rows(preference, x.shape[0], x.shape[0], x.dtype)
+    return PaLoRAConv2dFunction.apply(x.contiguous(), weight, bias, lora_A, lora_B, pref,
+                                      stride, padding, dilation, float(scale), name)
+
+
+def _loralib_conv2d(x, weight, bias, lora_A, lora_B, preference, scale, stride, padding, dilation):
+    """loralib adapters are full-rank in channel space, so:
+    per-batch p: merge once (out*in*k^2*R flops) and run ONE conv;
+    per-sample p: ONE conv with (T+1)*C_out channels [W; dW_1..dW_T] -- the (T+1)x work is
+    the floor for this parameterisation -- then mix the T+1 channel groups per image with a
+    single batched matmul (no per-task (N, C_out, Ho, Wo) temporaries).
+    """
+    deltas = loralib_delta(lora_A, lora_B, weight.shape)                  # (T, C_out, C_in, k, k)
+    if preference.dim() == 1:
+        w_eff = weight + torch.tensordot(preference.to(weight.dtype) * scale, deltas, dims=1)
+        return F.conv2d(x, w_eff, bias, stride, padding, dilation)
+    T, C_out = deltas.shape[0], weight.shape[0]
+    wbig = torch.cat([weight[None], deltas]).flatten(0, 1)                # ((T+1) C_out, C_in, k, k)
+    z = F.conv2d(x, wbig, None, stride, padding, dilation)
+    N, _, Ho, Wo = z.shape
+    coef = torch.cat([x.new_ones(N, 1), preference.to(x.dtype) * scale], dim=1)   # (N, T+1)
+    y = torch.bmm(coef[:, None, :], z.view(N, T + 1, C_out * Ho * Wo)).view(N, C_out, Ho, Wo)
+    return y if bias is None else y + bias.view(1, -1, 1, 1)
+
+
+def merged_linear_weight(weight, lora_A, lora_B, preference, scale):
+    """W + s B_cat diag(p) A_cat for a per-batch preference p (T,): (out, in)."""
+    return weight + merged_delta(stack_A(lora_A), stack_B(lora_B), preference, lora_A.shape[1], scale)
+
+
+def merged_conv_weight(weight, lora_A, lora_B, preference, scale, parameterization):
+    """The conv weight that computes the layer at a per-batch preference p (T,)."""
+    if parameterization == "loralib":
+        deltas = loralib_delta(lora_A, lora_B, weight.shape)
+        return weight + torch.tensordot(preference.to(weight.dtype) * scale, deltas, dims=1)
+    T, r = lora_A.shape[:2]
+    delta = merged_delta(stack_A(lora_A).flatten(1), stack_B(lora_B), preference, r, scale)
+    return weight + delta.view(weight.shape)

@@ -1,0 +1,111 @@
+"""What PaLoRALinear and PaLoRAConv2d share: preference resolution and merging."""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..functional import check_preference
+
+
+def check_positive(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}: expected an int >= 1, got {value!r}")
+    if value < 1:
+        raise ValueError(f"{name}: expected an int >= 1, got {value}")
+    return value
+
+
+def init_lora_(lora_A: torch.Tensor, lora_B: torch.Tensor) -> None:
+    """A_t kaiming-uniform(a=sqrt(5)) per task (fan_in of one adapter, not of the stack); B zeros."""
+    with torch.no_grad():
+        for t in range(lora_A.shape[0]):
+            nn.init.kaiming_uniform_(lora_A[t].view(lora_A.shape[1], -1), a=math.sqrt(5))
+        lora_B.zero_()
+
+
+class PaLoRALayerMixin:
+    """Holds the layer's default preference and the merged state; no math."""
+
+    num_tasks: int
+    rank: int
+    scaling: float
+
+    def _init_palora(self, num_tasks: int, rank: int, lora_alpha: float) -> None:
+        self.num_tasks = check_positive("num_tasks", num_tasks)
+        self.rank = check_positive("rank", rank)
+        if not isinstance(lora_alpha, (int, float)) or not math.isfinite(lora_alpha):
+            raise ValueError(f"lora_alpha: expected a finite number, got {lora_alpha!r}")
+        self.lora_alpha = float(lora_alpha)
+        self.scaling = self.lora_alpha / self.rank
+        self._preference: Optional[torch.Tensor] = None
+        self._unmerged_weight: Optional[torch.Tensor] = None
+        self._merged_preference: Optional[torch.Tensor] = None
+
+    # -- preferences ------------------------------------------------------------------
+    def set_preference(self, preference: Optional[torch.Tensor]) -> None:
+        """Default preference for calls that pass none: (T,) or (B, T); None clears it."""
+        if preference is not None:
+            check_preference(preference, self.num_tasks, None, None)
+        self._preference = preference
+
+    def _resolve_preference(self, preference):
+        p = preference if preference is not None else self._preference
+        if p is None:
+            raise ValueError(
+                f"preference: {type(self).__name__} needs a preference of shape ({self.num_tasks},) or "
+                f"(batch, {self.num_tasks}): pass forward(x, preference=...), or use "
+                "palora_kernels.set_preference(model, p) / `with palora_kernels.preference(model, p):`")
+        if p.device != self.weight.device:
+            p = p.to(self.weight.device)
+        return p
+
+    @property
+    def merged(self) -> bool:
+        return self._unmerged_weight is not None
+
+    # -- merging ----------------------------------------------------------------------
+    def _check_merge_preference(self, preference) -> torch.Tensor:
+        check_preference(preference, self.num_tasks, None, None)
+        if preference.dim() != 1:
+            raise ValueError(f"preference: merging needs one preference for the whole batch, shape "
+                             f"({self.num_tasks},), got {tuple(preference.shape)}")
+        return preference.to(self.weight.device)
+
+    @torch.no_grad()
+    def merged_weight(self, preference: torch.Tensor) -> torch.Tensor:
+        """The base weight that computes this layer at ``preference`` (T,)."""
+        if self.merged:
+            raise RuntimeError(f"{type(self).__name__}.merged_weight: the layer is merged; unmerge() first")
+        return self._merged_weight(self._check_merge_preference(preference))
+
+    @torch.no_grad()
+    def merge(self, preference: torch.Tensor) -> None:
+        """Fold the adapters at ``preference`` into ``weight``; forward then runs the plain op."""
+        if self.merged:
+            raise RuntimeError(f"{type(self).__name__}.merge: already merged; unmerge() first")
+        p = self._check_merge_preference(preference)
+        merged = self._merged_weight(p)
+        self._unmerged_weight = self.weight.detach().clone()  # kept, not subtracted back: exact unmerge
+        self._merged_preference = p.detach().clone()
+        self.weight.copy_(merged)
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Restore the original weight bit for bit."""
+        if not self.merged:
+            raise RuntimeError(f"{type(self).__name__}.unmerge: the layer is not merged")
+        self.weight.copy_(self._unmerged_weight)
+        self._unmerged_weight = None
+        self._merged_preference = None
+
+    def _check_merged_call(self, preference) -> None:
+        if preference is not None and not (preference.dim() == 1 and torch.equal(
+                preference.to(self._merged_preference), self._merged_preference)):
+            raise ValueError(f"preference: the layer is merged at {self._merged_preference.tolist()}; "
+                             "call unmerge() to use another preference")
+
+    def extra_palora_repr(self) -> str:
+        return f"num_tasks={self.num_tasks}, rank={self.rank}, lora_alpha={self.lora_alpha}"

@@ -1,0 +1,121 @@
+"""PaLoRAConv2d: holds parameters, validates, calls the functional API."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.modules.utils import _pair
+
+from ..functional import merged_conv_weight, palora_conv2d
+from ._base import PaLoRALayerMixin, check_positive, init_lora_
+
+PARAMETERIZATIONS = ("factorized", "loralib")
+
+
+class PaLoRAConv2d(PaLoRALayerMixin, nn.Module):
+    """nn.Conv2d plus T preference-weighted LoRA adapters.
+
+    parameterization="factorized" (PEFT-style, low rank in channel space):
+        lora_A (T, r, C_in, kh, kw) is a conv with the base's stride/padding/dilation,
+        lora_B (T, C_out, r) a 1x1 conv. Per-sample preferences cost one conv of C_out + R
+        channels plus a rank-R expand.
+    parameterization="loralib" (the PaLoRA reference code; square kernels, k = kh = kw):
+        lora_A (T, r*k, C_in*k), lora_B (T, C_out*k, r*k), update (B_t A_t).view(W.shape).
+        Per-batch preference: merged into one conv. Per-sample: one conv of (T+1)*C_out channels.
+    groups > 1 is not supported (ValueError): a grouped base weight and a full-channel adapter
+    cannot share one convolution, and convert() leaves grouped convs as they are.
+    padding_mode other than "zeros" is not supported.
+    forward(x: (N, C_in, H, W), preference: (T,) | (N, T) | None) -> (N, C_out, Ho, Wo).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
+                 dilation=1, groups: int = 1, bias: bool = True, *, num_tasks: int, rank: int,
+                 lora_alpha: float = 1.0, parameterization: str = "factorized",
+                 padding_mode: str = "zeros", device=None, dtype=None):
+        super().__init__()
+        self._init_palora(num_tasks, rank, lora_alpha)
+        check_positive("in_channels", in_channels)
+        check_positive("out_channels", out_channels)
+        if groups != 1:
+            raise ValueError(f"groups: PaLoRAConv2d supports groups=1 only, got {groups}")
+        if padding_mode != "zeros":
+            raise ValueError(f"padding_mode: expected 'zeros', got {padding_mode!r}")
+        if parameterization not in PARAMETERIZATIONS:
+            raise ValueError(f"parameterization: expected one of {PARAMETERIZATIONS}, got {parameterization!r}")
+        if isinstance(padding, str):
+            raise ValueError(f"padding: expected an int or a pair of ints, got {padding!r}")
+        kh, kw = _pair(kernel_size)
+        if parameterization == "loralib" and kh != kw:
+            raise ValueError(f"kernel_size: parameterization='loralib' needs a square kernel, got {(kh, kw)}")
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size, self.stride = (kh, kw), _pair(stride)
+        self.padding, self.dilation, self.groups = _pair(padding), _pair(dilation), 1
+        self.parameterization = parameterization
+        kw_ = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels, kh, kw, **kw_))
+        self.bias = nn.Parameter(torch.empty(out_channels, **kw_)) if bias else None
+        if parameterization == "factorized":
+            a_shape, b_shape = (num_tasks, rank, in_channels, kh, kw), (num_tasks, out_channels, rank)
+        else:
+            a_shape, b_shape = (num_tasks, rank * kh, in_channels * kh), (num_tasks, out_channels * kh, rank * kh)
+        self.lora_A = nn.Parameter(torch.empty(a_shape, **kw_))
+        self.lora_B = nn.Parameter(torch.empty(b_shape, **kw_))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))   # exactly nn.Conv2d's init
+        if self.bias is not None:
+            fan_in = self.weight[0].numel()
+            bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
+            nn.init.uniform_(self.bias, -bound, bound)
+        init_lora_(self.lora_A, self.lora_B)
+
+    @classmethod
+    def from_module(cls, layer: nn.Conv2d, *, num_tasks: int, rank: int, lora_alpha: float = 1.0,
+                    parameterization: str = "factorized"):
+        """A PaLoRAConv2d with ``layer``'s weight and bias (copied) and fresh adapters."""
+        if not isinstance(layer, nn.Conv2d):
+            raise TypeError(f"layer: expected nn.Conv2d, got {type(layer).__name__}")
+        w = layer.weight
+        new = cls(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
+                  layer.dilation, layer.groups, layer.bias is not None, num_tasks=num_tasks, rank=rank,
+                  lora_alpha=lora_alpha, parameterization=parameterization,
+                  padding_mode=layer.padding_mode, device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            new.weight.copy_(w)
+            if layer.bias is not None:
+                new.bias.copy_(layer.bias)
+        return new
+
+    def _conv_kwargs(self):
+        return {"stride": self.stride, "padding": self.padding, "dilation": self.dilation}
+
+    def _merged_weight(self, p):
+        return merged_conv_weight(self.weight, self.lora_A, self.lora_B, p, self.scaling, self.parameterization)
+
+    def forward(self, x: torch.Tensor, preference: torch.Tensor | None = None) -> torch.Tensor:
+        if self.merged:
+            self._check_merged_call(preference)
+            return F.conv2d(x, self.weight, self.bias, **self._conv_kwargs())
+        p = self._resolve_preference(preference)
+        return palora_conv2d(x, self.weight, self.bias, self.lora_A, self.lora_B, p, self.scaling,
+                             parameterization=self.parameterization, **self._conv_kwargs())
+
+    def to_conv2d(self, preference: torch.Tensor) -> nn.Conv2d:
+        """A plain nn.Conv2d computing this layer at ``preference`` (T,)."""
+        w = self.weight.detach() if self.merged else self.merged_weight(preference)
+        conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, bias=self.bias is not None,
+                         device=w.device, dtype=w.dtype, **self._conv_kwargs())
+        with torch.no_grad():
+            conv.weight.copy_(w)
+            if self.bias is not None:
+                conv.bias.copy_(self.bias)
+        return conv
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+                f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, "
+                f"bias={self.bias is not None}, parameterization={self.parameterization!r}, "
+                f"{self.extra_palora_repr()}")

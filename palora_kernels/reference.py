@@ -1,0 +1,58 @@
+"""The naive loop over adapters: what the PaLoRA reference code and PEFT compute.
+
+It is the oracle of the tests (run it in fp64) and the ``unfused`` provider of the
+benchmarks: one (N, out) temporary per adapter, autograd records every op.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _per_sample_weight(p_t: torch.Tensor, ndim: int) -> torch.Tensor:
+    # p_t: (B,) -> (B, 1, ..., 1) broadcastable against a (B, ...) output
+    return p_t.reshape(-1, *([1] * (ndim - 1)))
+
+
+def _weight(preference: torch.Tensor, t: int, ndim: int) -> torch.Tensor:
+    if preference.dim() == 1:
+        return preference[t]
+    return _per_sample_weight(preference[:, t], ndim)
+
+
+def palora_linear(x, weight, bias, lora_A, lora_B, preference, scale):
+    """y = x W^T + b + s * sum_t p_t (x A_t^T) B_t^T.
+
+    x: (..., in) or, with a per-sample preference (B, T), (B, ..., in).
+    weight: (out, in); bias: (out,) or None; lora_A: (T, r, in); lora_B: (T, out, r).
+    """
+    y = F.linear(x, weight, bias)
+    for t in range(lora_A.shape[0]):
+        update = F.linear(F.linear(x, lora_A[t]), lora_B[t]) * scale
+        y = y + _weight(preference, t, y.dim()) * update
+    return y
+
+
+def delta_weight_loralib(lora_A_t, lora_B_t, weight_shape):
+    """The loralib conv update of one task: (B_t @ A_t).view(W.shape)."""
+    return (lora_B_t @ lora_A_t).view(weight_shape)
+
+
+def palora_conv2d(x, weight, bias, lora_A, lora_B, preference, scale,
+                  stride=1, padding=0, dilation=1, parameterization="factorized"):
+    """Conv2d plus the preference-weighted sum of T adapters.
+
+    factorized: lora_A (T, r, C_in, kh, kw) is a conv with the base's stride, padding,
+    dilation; lora_B (T, C_out, r) a 1x1 conv.
+    loralib: lora_A (T, r*k, C_in*k), lora_B (T, C_out*k, r*k); update (B_t A_t).view(W.shape).
+    """
+    y = F.conv2d(x, weight, bias, stride, padding, dilation)
+    for t in range(lora_A.shape[0]):
+        if parameterization == "factorized":
+            h = F.conv2d(x, lora_A[t], None, stride, padding, dilation)
+            update = F.conv2d(h, lora_B[t][:, :, None, None])
+        else:
+            dw = delta_weight_loralib(lora_A[t], lora_B[t], weight.shape)
+            update = F.conv2d(x, dw, None, stride, padding, dilation)
+        y = y + _weight(preference, t, y.dim()) * (update * scale)
+    return y
