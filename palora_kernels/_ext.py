@@ -5,10 +5,11 @@ A missing or broken build is not fatal: every op has a PyTorch implementation, a
 """
 from __future__ import annotations
 
+import importlib
 import warnings
 
 try:
-    from . import _C  # noqa: F401
+    _C = importlib.import_module("palora_kernels._C")  # a plain import error names the real cause
     _C_AVAILABLE = True
     _C_ERROR = None
 except ImportError as exc:  # not built (e.g. a plain source checkout) or ABI mismatch
