@@ -6,6 +6,7 @@
 #endif
 #include "cuda/lora_conv2d.cuh"
 #include "cuda/lora_mm.cuh"
+#include "emu/selftest.cuh"
 
 extern "C" {
 
@@ -26,6 +27,10 @@ void palora_emu_stats(long long* out4) {
   const auto& s = palora_emu::rt.stats;
   out4[0] = s.launches; out4[1] = s.blocks; out4[2] = s.barriers; out4[3] = s.switches;
 }
+
+// emulator self-checks: 0 shared-memory reduction (out[0..1] = 8128), 1 barrier divergence
+// (must fail), 2 misaligned WMMA load (must fail); returns the emulator's error or NULL
+const char* palora_emu_selftest(int which, float* out) { return emu_selftest::run(which, out); }
 
 int palora_emu_barrier_broken() {
 #ifdef PALORA_BREAK_BARRIER

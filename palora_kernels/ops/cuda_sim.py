@@ -27,7 +27,7 @@ from ..dispatch import register_availability, register_kernel
 
 CSRC = Path(__file__).resolve().parents[2] / "csrc"
 _SOURCES = ("emu/emu.h", "emu/emu_capi.cpp", "cuda/palora_cuda.h", "cuda/common.cuh",
-            "cuda/lora_gemm.cuh", "cuda/lora_mm.cuh", "cuda/lora_conv2d.cuh")
+            "cuda/lora_gemm.cuh", "cuda/lora_mm.cuh", "cuda/lora_conv2d.cuh", "emu/selftest.cuh")
 _DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _GUARD = 64                                   # elements of NaN on each side of z
 SCHEDULES = {"forward": 0, "reverse": 1, "shuffle": 2}
@@ -98,6 +98,8 @@ def build(defines: Sequence[str] = ()) -> ctypes.CDLL:
         lib.palora_emu_set_schedule.argtypes = [ctypes.c_int, ctypes.c_ulonglong]
         lib.palora_emu_stats.argtypes = [ctypes.POINTER(ctypes.c_longlong)]
         lib.palora_emu_barrier_broken.restype = ctypes.c_int
+        lib.palora_emu_selftest.argtypes = [ctypes.c_int, ctypes.c_void_p]
+        lib.palora_emu_selftest.restype = ctypes.c_char_p
         _libs[key] = lib
         return lib
 
