@@ -6,7 +6,6 @@ Layer level: PaLoRALinear / PaLoRAConv2d forward and backward with PALORA_BACKEN
 Emulator: barriers are load-bearing (a variant built without the tile barriers is wrong),
 race-free kernels are schedule-independent, divergence and misaligned WMMA are reported.
 """
-import ctypes
 import math
 
 import pytest
