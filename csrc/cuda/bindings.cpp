@@ -1,0 +1,136 @@
+// Torch bindings of the CUDA kernels: palora::lora_mm_cuda and palora::lora_conv2d_cuda.
+//
+// palora::lora_mm / palora::lora_conv2d are Python custom ops (palora_kernels/_ops.py) that
+// dispatch on their `backend` string; a C++ TORCH_LIBRARY_IMPL(palora, CUDA) of those same
+// names would fight the Python implementation for the CUDA dispatch key. So the CUDA kernels
+// get their own op names, and palora_kernels/ops/cuda_kernels.py registers them as the
+// "cuda" backend's kernels (docs/cuda.md).
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAStream.h>  // not ATen/cuda/CUDAContext.h: it needs cusparse.h, absent from slim toolkits
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <optional>
+
+#include "cuda/palora_cuda.h"
+
+namespace palora {
+namespace {
+
+int64_t dtype_code(const at::Tensor& x) {
+  switch (x.scalar_type()) {
+    case at::kFloat: return kFloat32;
+    case at::kHalf: return kFloat16;
+    case at::kBFloat16: return kBFloat16;
+    default: TORCH_CHECK(false, "x: expected dtype float32, float16 or bfloat16, got ", x.scalar_type());
+  }
+  return -1;
+}
+
+void check_operand(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x, int64_t dim) {
+  TORCH_CHECK(t.is_cuda(), op, ": ", name, ": expected a CUDA tensor, got device ", t.device());
+  TORCH_CHECK(t.device() == x.device(), op, ": ", name, ": expected device ", x.device(), " (x's), got ", t.device());
+  TORCH_CHECK(t.scalar_type() == x.scalar_type(), op, ": ", name, ": expected dtype ", x.scalar_type(),
+              " (x's), got ", t.scalar_type());
+  TORCH_CHECK(t.dim() == dim, op, ": ", name, ": expected ", dim, " dims, got shape ", t.sizes());
+}
+
+at::Tensor pref_fp32(const char* op, const at::Tensor& pref, const at::Tensor& x) {
+  TORCH_CHECK(pref.device() == x.device(), op, ": pref: expected device ", x.device(), ", got ", pref.device());
+  TORCH_CHECK(pref.dim() == 2 && pref.size(1) >= 1, op, ": pref: expected (P, T), got shape ", pref.sizes());
+  TORCH_CHECK(pref.is_floating_point(), op, ": pref: expected a floating dtype, got ", pref.scalar_type());
+  return pref.to(at::kFloat);
+}
+
+at::Tensor lora_mm_cuda(const at::Tensor& x, const at::Tensor& wm, const std::optional<at::Tensor>& bias,
+                        const at::Tensor& down, const at::Tensor& up, const at::Tensor& pref,
+                        int64_t rows_per_sample, double scale) {
+  const char* op = "lora_mm_cuda";
+  TORCH_CHECK(x.is_cuda(), op, ": x: expected a CUDA tensor, got device ", x.device());
+  TORCH_CHECK(x.dim() == 2, op, ": x: expected (N, K), got shape ", x.sizes());
+  const int64_t dtype = dtype_code(x);
+  check_operand(op, "wm", wm, x, 2);
+  check_operand(op, "down", down, x, 2);
+  check_operand(op, "up", up, x, 2);
+  const int64_t N = x.size(0), K = x.size(1), M = wm.size(1), R = down.size(1);
+  TORCH_CHECK(wm.size(0) == K, op, ": wm: expected (", K, ", M), got ", wm.sizes());
+  TORCH_CHECK(down.size(0) == K, op, ": down: expected (", K, ", R), got ", down.sizes());
+  TORCH_CHECK(up.size(0) == R && up.size(1) == M, op, ": up: expected (", R, ", ", M, "), got ", up.sizes());
+  if (bias) {
+    check_operand(op, "bias", *bias, x, 1);
+    TORCH_CHECK(bias->size(0) == M, op, ": bias: expected (", M, ",), got ", bias->sizes());
+  }
+  const at::Tensor p = pref_fp32(op, pref, x);
+  c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor z = at::empty({N, M + R}, x.options());
+  LoraMMArgs a{};
+  a.x = x.data_ptr(); a.wm = wm.data_ptr(); a.bias = bias ? bias->data_ptr() : nullptr;
+  a.down = down.data_ptr(); a.up = up.data_ptr(); a.pref = p.data_ptr<float>(); a.z = z.data_ptr();
+  a.dtype = dtype; a.N = N; a.K = K; a.M = M; a.R = R; a.P = p.size(0); a.T = p.size(1);
+  a.rows_per_sample = rows_per_sample;
+  a.stride_xn = x.stride(0); a.stride_xk = x.stride(1); a.stride_wk = wm.stride(0); a.stride_wm = wm.stride(1);
+  a.stride_bias = bias ? bias->stride(0) : 0;
+  a.stride_dk = down.stride(0); a.stride_dr = down.stride(1); a.stride_ur = up.stride(0); a.stride_um = up.stride(1);
+  a.stride_pp = p.stride(0); a.stride_pt = p.stride(1); a.stride_zn = z.stride(0); a.stride_zc = z.stride(1);
+  a.scale = scale;
+  const char* err = lora_mm_launch(a, c10::cuda::getCurrentCUDAStream().stream());
+  TORCH_CHECK(err == nullptr, op, ": ", err ? err : "");
+  return z;
+}
+
+at::Tensor lora_conv2d_cuda(const at::Tensor& x, const at::Tensor& wcat, const std::optional<at::Tensor>& bias,
+                            const at::Tensor& up, const at::Tensor& pref, at::IntArrayRef stride,
+                            at::IntArrayRef padding, at::IntArrayRef dilation, double scale) {
+  const char* op = "lora_conv2d_cuda";
+  TORCH_CHECK(x.is_cuda(), op, ": x: expected a CUDA tensor, got device ", x.device());
+  TORCH_CHECK(x.dim() == 4, op, ": x: expected (N, C_in, H, W), got shape ", x.sizes());
+  const int64_t dtype = dtype_code(x);
+  check_operand(op, "wcat", wcat, x, 4);
+  check_operand(op, "up", up, x, 2);
+  TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2, op,
+              ": stride, padding, dilation: expected 2 values each, got ", stride, ", ", padding, ", ", dilation);
+  const int64_t N = x.size(0), C_in = x.size(1), H = x.size(2), W = x.size(3);
+  const int64_t C_out = up.size(0), R = up.size(1), kh = wcat.size(2), kw = wcat.size(3);
+  TORCH_CHECK(wcat.size(0) == C_out + R && wcat.size(1) == C_in, op, ": wcat: expected (", C_out + R, ", ", C_in,
+              ", kh, kw) = (C_out + R, C_in, kh, kw), got ", wcat.sizes());
+  if (bias) {
+    check_operand(op, "bias", *bias, x, 1);
+    TORCH_CHECK(bias->size(0) == C_out, op, ": bias: expected (", C_out, ",), got ", bias->sizes());
+  }
+  const at::Tensor p = pref_fp32(op, pref, x);
+  const int64_t Ho = (H + 2 * padding[0] - dilation[0] * (kh - 1) - 1) / stride[0] + 1;
+  const int64_t Wo = (W + 2 * padding[1] - dilation[1] * (kw - 1) - 1) / stride[1] + 1;
+  TORCH_CHECK(Ho > 0 && Wo > 0, op, ": x: input ", H, "x", W, " is too small for kernel ", kh, "x", kw);
+  c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor w = wcat.contiguous();  // the kernel reads wcat as (C_out + R, C_in*kh*kw)
+  at::Tensor z = at::empty({N, C_out + R, Ho, Wo}, x.options());
+  LoraConvArgs a{};
+  a.x = x.data_ptr(); a.wcat = w.data_ptr(); a.bias = bias ? bias->data_ptr() : nullptr; a.up = up.data_ptr();
+  a.pref = p.data_ptr<float>(); a.z = z.data_ptr();
+  a.dtype = dtype; a.N = N; a.C_in = C_in; a.H = H; a.W = W; a.C_out = C_out; a.R = R; a.kh = kh; a.kw = kw;
+  a.P = p.size(0); a.T = p.size(1);
+  a.stride_h = stride[0]; a.stride_w = stride[1]; a.pad_h = padding[0]; a.pad_w = padding[1];
+  a.dil_h = dilation[0]; a.dil_w = dilation[1]; a.Ho = Ho; a.Wo = Wo;
+  a.stride_xn = x.stride(0); a.stride_xc = x.stride(1); a.stride_xh = x.stride(2); a.stride_xw = x.stride(3);
+  a.stride_bias = bias ? bias->stride(0) : 0; a.stride_uc = up.stride(0); a.stride_ur = up.stride(1);
+  a.stride_pp = p.stride(0); a.stride_pt = p.stride(1); a.scale = scale;
+  const char* err = lora_conv2d_launch(a, c10::cuda::getCurrentCUDAStream().stream());
+  TORCH_CHECK(err == nullptr, op, ": ", err ? err : "");
+  return z;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(palora, m) {
+  m.def("lora_mm_cuda(Tensor x, Tensor wm, Tensor? bias, Tensor down, Tensor up, Tensor pref, "
+        "int rows_per_sample, float scale) -> Tensor");
+  m.def("lora_conv2d_cuda(Tensor x, Tensor wcat, Tensor? bias, Tensor up, Tensor pref, int[] stride, "
+        "int[] padding, int[] dilation, float scale) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(palora, CUDA, m) {
+  m.impl("lora_mm_cuda", &lora_mm_cuda);
+  m.impl("lora_conv2d_cuda", &lora_conv2d_cuda);
+}
+
+}  // namespace palora

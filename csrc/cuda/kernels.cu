@@ -1,0 +1,14 @@
+// The nvcc translation unit: the kernels of csrc/cuda/*.cuh for this build's archs, behind
+// the plain entry points of palora_cuda.h. No torch header, so it compiles in seconds.
+#include "cuda/lora_conv2d.cuh"
+#include "cuda/lora_mm.cuh"
+
+namespace palora {
+
+const char* lora_mm_launch(const LoraMMArgs& args, void* stream) { return lora_mm_dispatch(args, stream); }
+
+const char* lora_conv2d_launch(const LoraConvArgs& args, void* stream) {
+  return lora_conv2d_dispatch(args, stream);
+}
+
+}  // namespace palora

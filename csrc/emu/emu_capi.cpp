@@ -1,0 +1,43 @@
+// The emulated kernels as a C API for ctypes (palora_kernels/ops/cuda_sim.py), tests only.
+// The very same csrc/cuda/*.cuh source as kernels.cu, compiled by g++ with -DPALORA_EMU:
+//   g++ -O2 -std=c++17 -shared -fPIC -DPALORA_EMU -Icsrc csrc/emu/emu_capi.cpp -o libpalora_emu.so
+#ifndef PALORA_EMU
+#error "compile with -DPALORA_EMU"
+#endif
+#include "cuda/lora_conv2d.cuh"
+#include "cuda/lora_mm.cuh"
+#include "emu/selftest.cuh"
+
+extern "C" {
+
+const char* palora_emu_lora_mm(const palora::LoraMMArgs* args) { return palora::lora_mm_dispatch(*args, nullptr); }
+
+const char* palora_emu_lora_conv2d(const palora::LoraConvArgs* args) {
+  return palora::lora_conv2d_dispatch(*args, nullptr);
+}
+
+// 0 forward, 1 reverse, 2 seeded shuffle: the order fibers run in between two barriers
+void palora_emu_set_schedule(int schedule, unsigned long long seed) {
+  palora_emu::rt.schedule = schedule;
+  palora_emu::rt.seed = seed;
+}
+
+// counters since load: launches, blocks, barriers released, fiber switches
+void palora_emu_stats(long long* out4) {
+  const auto& s = palora_emu::rt.stats;
+  out4[0] = s.launches; out4[1] = s.blocks; out4[2] = s.barriers; out4[3] = s.switches;
+}
+
+// emulator self-checks: 0 shared-memory reduction (out[0..1] = 8128), 1 barrier divergence
+// (must fail), 2 misaligned WMMA load (must fail); returns the emulator's error or NULL
+const char* palora_emu_selftest(int which, float* out) { return emu_selftest::run(which, out); }
+
+int palora_emu_barrier_broken() {
+#ifdef PALORA_BREAK_BARRIER
+  return 1;
+#else
+  return 0;
+#endif
+}
+
+}  // extern "C"

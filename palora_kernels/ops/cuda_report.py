@@ -1,0 +1,116 @@
+"""Static facts of the compiled CUDA kernels in palora_kernels._C, read with ``cuobjdump``.
+
+``cuda_rows()`` gives one dict per kernel and arch: kernel, config, arch, registers, spills
+(bytes of local memory: 0 means ptxas spilled nothing), smem (static shared bytes per block),
+tensor_core (number of HMMA/mma instructions in its SASS). cuobjdump ships in triton's wheel
+(triton/backends/nvidia/bin), so no CUDA toolkit is needed at run time. No GPU is needed.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from typing import List, Optional
+
+# tile configs of csrc/cuda/lora_gemm.cuh (BM x BN x BK, 128 threads)
+_CONFIGS = {"FusedCfg": ("fused", "64x64x32"), "ShrinkCfg": ("shrink", "128x32x32")}
+_DTYPES = {"f": "fp32", "6__half": "fp16", "13__nv_bfloat16": "bf16"}
+_KERNEL = re.compile(r"lora_gemm_kernelI(f|6__half|13__nv_bfloat16)NS_(\d+)(\w+?Cfg)ELb([01])E")
+_TC = re.compile(r"\b(HMMA|IMMA|HGMMA|mma)\b")
+
+
+def find_cuobjdump() -> Optional[str]:
+    """cuobjdump from triton's wheel, else $CUDA_HOME/bin, else PATH."""
+    try:
+        import triton
+        p = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+        if os.path.exists(p):
+            return p
+    except ImportError:
+        pass
+    home = os.environ.get("CUDA_HOME", "/usr/local/cuda")
+    p = os.path.join(home, "bin", "cuobjdump")
+    return p if os.path.exists(p) else shutil.which("cuobjdump")
+
+
+def extension_path() -> Optional[str]:
+    try:
+        from .. import _C
+    except ImportError:
+        return None
+    return _C.__file__
+
+
+def unavailable_reason() -> Optional[str]:
+    """Why cuda_rows() would be empty (None when it has rows to give)."""
+    import torch
+    from .. import _ext
+    if not _ext._C_AVAILABLE:
+        return f"palora_kernels._C is not built ({_ext._C_ERROR})"
+    if not hasattr(torch.ops.palora, "lora_mm_cuda"):
+        return f"palora_kernels._C holds no CUDA code (torch {torch.__version__}, cuda={torch.version.cuda})"
+    if find_cuobjdump() is None:
+        return "cuobjdump not found (install triton, or set CUDA_HOME)"
+    return None
+
+
+def _dump(flag: str, path: str) -> str:
+    res = subprocess.run([find_cuobjdump(), flag, path], capture_output=True, text=True, check=True)
+    return res.stdout
+
+
+def _name(mangled: str):
+    m = _KERNEL.search(mangled)
+    if not m:
+        return mangled, ""
+    dtype, cfg, im2col = _DTYPES[m.group(1)], m.group(3), m.group(4) == "1"
+    role, tile = _CONFIGS.get(cfg, (cfg, "?"))
+    op = "lora_conv2d" if im2col else "lora_mm"
+    return f"{op}.{role}", f"{dtype} tile {tile} 128 threads {'wmma' if dtype != 'fp32' else 'simt'}"
+
+
+def cuda_rows(path: Optional[str] = None) -> List[dict]:
+    """One row per (kernel, arch); [] when the extension has no CUDA code (see unavailable_reason)."""
+    if path is None:
+        if unavailable_reason() is not None:
+            return []
+        path = extension_path()
+    elif find_cuobjdump() is None:
+        return []
+    rows, index = [], {}
+    arch = None
+    for line in _dump("-res-usage", path).splitlines():
+        if line.startswith("arch = "):
+            arch = line.split("=")[1].strip()
+        m = re.match(r"\s*Function (\S+):", line)
+        if m:
+            fn = m.group(1)
+            continue
+        u = re.match(r"\s*REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", line)
+        if u and arch:
+            kernel, config = _name(fn)
+            row = {"kernel": kernel, "config": config, "arch": arch, "registers": int(u.group(1)),
+                   "spills": int(u.group(2)) + int(u.group(4)), "smem": int(u.group(3)), "tensor_core": 0,
+                   "function": fn}
+            index[(arch, fn)] = row
+            rows.append(row)
+    arch = fn = None
+    for line in _dump("-sass", path).splitlines():
+        if line.startswith("arch = "):
+            arch = line.split("=")[1].strip()
+        m = re.match(r"\s*Function : (\S+)", line)
+        if m:
+            fn = m.group(1)
+        elif fn and _TC.search(line) and (arch, fn) in index:
+            index[(arch, fn)]["tensor_core"] += 1
+    return rows
+
+
+if __name__ == "__main__":
+    why = unavailable_reason()
+    if why:
+        print(f"no CUDA kernels: {why}")
+    for r in cuda_rows():
+        print(f"{r['kernel']:20s} {r['config']:40s} {r['arch']:6s} regs {r['registers']:4d} "
+              f"spills {r['spills']:3d} smem {r['smem']:6d} tensor_core {r['tensor_core']}")

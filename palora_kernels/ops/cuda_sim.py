@@ -1,0 +1,236 @@
+"""The ``cuda_sim`` backend: the CUDA kernels of csrc/cuda/*.cuh run on CPU tensors under the
+host emulator of the CUDA execution model (csrc/emu/emu.h). Tests only: it is slow by design.
+
+The same .cuh source that nvcc compiles into palora_kernels._C is compiled here by g++ with
+-DPALORA_EMU into a small shared library (no torch header, a few seconds) and called through
+ctypes with the tensors' data pointers and strides. ``PALORA_BACKEND=cuda_sim`` then runs the
+whole autograd path (forward and dX) through the emulated kernels.
+
+Every call also checks what the kernels wrote: z starts as NaN inside a NaN guard band, so an
+element the kernels forgot stays NaN and a write outside z shows up in the guard band.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from ..dispatch import register_availability, register_kernel
+
+CSRC = Path(__file__).resolve().parents[2] / "csrc"
+_SOURCES = ("emu/emu.h", "emu/emu_capi.cpp", "cuda/palora_cuda.h", "cuda/common.cuh",
+            "cuda/lora_gemm.cuh", "cuda/lora_mm.cuh", "cuda/lora_conv2d.cuh", "emu/selftest.cuh")
+_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+_GUARD = 64                                   # elements of NaN on each side of z
+SCHEDULES = {"forward": 0, "reverse": 1, "shuffle": 2}
+
+
+class LoraMMArgs(ctypes.Structure):           # mirrors palora::LoraMMArgs (csrc/cuda/palora_cuda.h)
+    _fields_ = ([(n, ctypes.c_void_p) for n in ("x", "wm", "bias", "down", "up", "pref", "z")]
+                + [(n, ctypes.c_int64) for n in (
+                    "dtype", "N", "K", "M", "R", "P", "T", "rows_per_sample",
+                    "stride_xn", "stride_xk", "stride_wk", "stride_wm", "stride_bias",
+                    "stride_dk", "stride_dr", "stride_ur", "stride_um", "stride_pp", "stride_pt",
+                    "stride_zn", "stride_zc")]
+                + [("scale", ctypes.c_double)])
+
+
+class LoraConvArgs(ctypes.Structure):         # mirrors palora::LoraConvArgs
+    _fields_ = ([(n, ctypes.c_void_p) for n in ("x", "wcat", "bias", "up", "pref", "z")]
+                + [(n, ctypes.c_int64) for n in (
+                    "dtype", "N", "C_in", "H", "W", "C_out", "R", "kh", "kw", "P", "T",
+                    "stride_h", "stride_w", "pad_h", "pad_w", "dil_h", "dil_w", "Ho", "Wo",
+                    "stride_xn", "stride_xc", "stride_xh", "stride_xw",
+                    "stride_bias", "stride_uc", "stride_ur", "stride_pp", "stride_pt")]
+                + [("scale", ctypes.c_double)])
+
+
+def _compiler() -> Optional[str]:
+    return shutil.which(os.environ.get("CXX", "g++"))
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("PALORA_EMU_CACHE", Path(tempfile.gettempdir()) / "palora_emu"))
+
+
+_libs: dict = {}
+_lock = threading.Lock()
+
+
+def build(defines: Sequence[str] = ()) -> ctypes.CDLL:
+    """Compile (once per source hash and defines) and load the emulated kernels.
+
+    defines: extra -D macros, e.g. ("PALORA_BREAK_BARRIER",) for the deliberate race test."""
+    key = tuple(sorted(defines))
+    with _lock:
+        if key in _libs:
+            return _libs[key]
+        cxx = _compiler()
+        if cxx is None:
+            raise RuntimeError("cuda_sim needs a C++ compiler (g++ or $CXX) on PATH")
+        h = hashlib.sha256()
+        for rel in _SOURCES:
+            h.update((CSRC / rel).read_bytes())
+        flags = ["-O2", "-std=c++17", "-shared", "-fPIC", "-DPALORA_EMU", f"-I{CSRC}"]
+        flags += [f"-D{d}" for d in key]
+        h.update(" ".join([cxx] + flags).encode())
+        out = _cache_dir() / f"libpalora_emu_{h.hexdigest()[:16]}.so"
+        if not out.exists():
+            out.parent.mkdir(parents=True, exist_ok=True)
+            tmp = out.with_suffix(f".{os.getpid()}.tmp")
+            cmd = [cxx, *flags, str(CSRC / "emu" / "emu_capi.cpp"), "-o", str(tmp)]
+            res = subprocess.run(cmd, capture_output=True, text=True)
+            if res.returncode != 0:
+                raise RuntimeError(f"building the CUDA emulator failed:\n{' '.join(cmd)}\n{res.stderr[-4000:]}")
+            os.replace(tmp, out)                  # atomic: concurrent builders agree
+        lib = ctypes.CDLL(str(out))
+        for fn, argt in (("palora_emu_lora_mm", LoraMMArgs), ("palora_emu_lora_conv2d", LoraConvArgs)):
+            getattr(lib, fn).argtypes = [ctypes.POINTER(argt)]
+            getattr(lib, fn).restype = ctypes.c_char_p
+        lib.palora_emu_set_schedule.argtypes = [ctypes.c_int, ctypes.c_ulonglong]
+        lib.palora_emu_stats.argtypes = [ctypes.POINTER(ctypes.c_longlong)]
+        lib.palora_emu_barrier_broken.restype = ctypes.c_int
+        lib.palora_emu_selftest.argtypes = [ctypes.c_int, ctypes.c_void_p]
+        lib.palora_emu_selftest.restype = ctypes.c_char_p
+        _libs[key] = lib
+        return lib
+
+
+def set_schedule(lib: ctypes.CDLL, name: str, seed: int = 0) -> None:
+    """The order fibers run between barriers (per OS thread): forward, reverse or shuffle."""
+    lib.palora_emu_set_schedule(SCHEDULES[name], seed)
+
+
+def stats(lib: ctypes.CDLL) -> dict:
+    """Counters of the calling OS thread: launches, blocks, barriers released, fiber switches."""
+    buf = (ctypes.c_longlong * 4)()
+    lib.palora_emu_stats(buf)
+    return dict(zip(("launches", "blocks", "barriers", "switches"), buf))
+
+
+def _ptr(t: Optional[torch.Tensor]) -> Optional[int]:
+    return None if t is None else t.data_ptr()
+
+
+def _check(name: str, t: torch.Tensor, dtype: torch.dtype) -> None:
+    if t.device.type != "cpu":
+        raise ValueError(f"{name}: cuda_sim runs on CPU tensors, got device {t.device}")
+    if t.dtype != dtype:
+        raise TypeError(f"{name}: expected dtype {dtype} (x's), got {t.dtype}")
+
+
+def _guarded_output(shape, dtype):
+    numel = 1
+    for s in shape:
+        numel *= s
+    buf = torch.full((numel + 2 * _GUARD,), float("nan"), dtype=dtype)
+    return buf, buf[_GUARD:_GUARD + numel].view(shape)
+
+
+def _verify_output(buf: torch.Tensor, z: torch.Tensor, op: str) -> None:
+    if not (torch.isnan(buf[:_GUARD]).all() and torch.isnan(buf[-_GUARD:]).all()):
+        raise RuntimeError(f"{op}: the emulated kernels wrote outside z (guard band changed)")
+    if torch.isnan(z).any() and not torch.isnan(z).all():
+        # NaN only in part of z: elements the kernels never stored (inputs here are finite)
+        bad = torch.isnan(z).nonzero()[:4].tolist()
+        raise RuntimeError(f"{op}: z holds NaN at {bad}...: elements never stored, or values computed "
+                           "from shared memory nobody wrote (the emulator fills it with NaN)")
+
+
+def _run(lib, fn: str, args) -> None:
+    err = getattr(lib, fn)(ctypes.byref(args))
+    if err is not None:
+        raise RuntimeError(f"{fn}: {err.decode()}")
+
+
+def lora_mm_sim(x, wm, bias, down, up, pref, rows_per_sample, scale, lib=None, verify=True):
+    """z (N, M+R) = [x wm + bias + ((x down) * S) up | x down] via the emulated kernels."""
+    if x.dtype not in _DTYPES:
+        raise TypeError(f"x: cuda_sim supports float32, float16, bfloat16, got {x.dtype}")
+    for name, t in (("x", x), ("wm", wm), ("down", down), ("up", up)) + ((("bias", bias),) if bias is not None else ()):
+        _check(name, t, x.dtype)
+    lib = lib or build()
+    N, K = x.shape
+    M, R = wm.shape[1], down.shape[1]
+    pref32 = pref.float()
+    buf, z = _guarded_output((N, M + R), x.dtype)
+    a = LoraMMArgs(
+        x=_ptr(x), wm=_ptr(wm), bias=_ptr(bias), down=_ptr(down), up=_ptr(up), pref=_ptr(pref32), z=_ptr(z),
+        dtype=_DTYPES[x.dtype], N=N, K=K, M=M, R=R, P=pref.shape[0], T=pref.shape[1],
+        rows_per_sample=rows_per_sample,
+        stride_xn=x.stride(0), stride_xk=x.stride(1), stride_wk=wm.stride(0), stride_wm=wm.stride(1),
+        stride_bias=bias.stride(0) if bias is not None else 0,
+        stride_dk=down.stride(0), stride_dr=down.stride(1), stride_ur=up.stride(0), stride_um=up.stride(1),
+        stride_pp=pref32.stride(0), stride_pt=pref32.stride(1), stride_zn=z.stride(0), stride_zc=z.stride(1),
+        scale=float(scale))
+    _run(lib, "palora_emu_lora_mm", a)
+    if verify:
+        _verify_output(buf, z, "lora_mm")
+    return z
+
+
+def lora_conv2d_sim(x, wcat, bias, up, pref, stride, padding, dilation, scale, lib=None, verify=True):
+    """z (N, C_out+R, Ho, Wo) = [conv(x, W) + b + B diag(S_n) H_n | H_n] via the emulated kernels."""
+    from .._ops import conv_out_size
+    if x.dtype not in _DTYPES:
+        raise TypeError(f"x: cuda_sim supports float32, float16, bfloat16, got {x.dtype}")
+    for name, t in (("x", x), ("wcat", wcat), ("up", up)) + ((("bias", bias),) if bias is not None else ()):
+        _check(name, t, x.dtype)
+    lib = lib or build()
+    wcat = wcat.contiguous()
+    N, C_in, H, W = x.shape
+    Cz, _, kh, kw = wcat.shape
+    C_out, R = up.shape
+    Ho = conv_out_size(H, kh, stride[0], padding[0], dilation[0])
+    Wo = conv_out_size(W, kw, stride[1], padding[1], dilation[1])
+    pref32 = pref.float()
+    buf, z = _guarded_output((N, Cz, Ho, Wo), x.dtype)
+    a = LoraConvArgs(
+        x=_ptr(x), wcat=_ptr(wcat), bias=_ptr(bias), up=_ptr(up), pref=_ptr(pref32), z=_ptr(z),
+        dtype=_DTYPES[x.dtype], N=N, C_in=C_in, H=H, W=W, C_out=C_out, R=R, kh=kh, kw=kw,
+        P=pref.shape[0], T=pref.shape[1], stride_h=stride[0], stride_w=stride[1], pad_h=padding[0],
+        pad_w=padding[1], dil_h=dilation[0], dil_w=dilation[1], Ho=Ho, Wo=Wo,
+        stride_xn=x.stride(0), stride_xc=x.stride(1), stride_xh=x.stride(2), stride_xw=x.stride(3),
+        stride_bias=bias.stride(0) if bias is not None else 0, stride_uc=up.stride(0), stride_ur=up.stride(1),
+        stride_pp=pref32.stride(0), stride_pt=pref32.stride(1), scale=float(scale))
+    _run(lib, "palora_emu_lora_conv2d", a)
+    if verify:
+        _verify_output(buf, z, "lora_conv2d")
+    return z
+
+
+def _available(device: torch.device) -> Optional[str]:
+    if torch.device(device).type != "cpu":
+        return f"cuda_sim emulates CUDA on CPU tensors, got device {device}"
+    if _compiler() is None:
+        return "no C++ compiler (g++ or $CXX) on PATH"
+    if not (CSRC / "emu" / "emu_capi.cpp").exists():
+        return f"the kernel sources are not there ({CSRC}); cuda_sim needs a source checkout"
+    return None
+
+
+register_availability("cuda_sim", _available)
+
+
+@register_kernel("cuda_sim", "lora_mm")
+def lora_mm(x, wm, bias, down, up, pref, rows_per_sample, scale):
+    if x.dtype == torch.float64:          # the kernels are fp32/fp16/bf16, as on the GPU (see docs/cuda.md)
+        from .torch_kernels import lora_mm as torch_lora_mm
+        return torch_lora_mm(x, wm, bias, down, up, pref, rows_per_sample, scale)
+    return lora_mm_sim(x, wm, bias, down, up, pref, rows_per_sample, scale)
+
+
+@register_kernel("cuda_sim", "lora_conv2d")
+def lora_conv2d(x, wcat, bias, up, pref, stride, padding, dilation, scale):
+    if x.dtype == torch.float64:
+        from .torch_kernels import lora_conv2d as torch_lora_conv2d
+        return torch_lora_conv2d(x, wcat, bias, up, pref, stride, padding, dilation, scale)
+    return lora_conv2d_sim(x, wcat, bias, up, pref, stride, padding, dilation, scale)

@@ -1,0 +1,75 @@
+"""Static checks of the compiled CUDA extension (no GPU needed): both archs present, no spills,
+tensor cores where intended, and the torch bindings registered. Skips cleanly when
+palora_kernels._C holds no CUDA code (a CPU torch, no nvcc, PALORA_SKIP_CUDA_BUILD=1)."""
+import os
+
+import pytest
+import torch
+
+import palora_kernels  # noqa: F401  (loads _C)
+from palora_kernels.ops import cuda_report
+
+_why = cuda_report.unavailable_reason()
+pytestmark = pytest.mark.skipif(_why is not None, reason=f"no CUDA build to inspect: {_why}")
+
+KERNELS = {f"{op}.{role}" for op in ("lora_mm", "lora_conv2d") for role in ("fused", "shrink")}
+
+
+def _archs():
+    archs = os.environ.get("PALORA_CUDA_ARCHS", "8.0;9.0").replace(",", ";")
+    return {f"sm_{a.strip().replace('.', '')}" for a in archs.split(";") if a.strip()}
+
+
+@pytest.fixture(scope="module")
+def rows():
+    return cuda_report.cuda_rows()
+
+
+def test_fatbin_holds_every_arch(rows):
+    assert {r["arch"] for r in rows} == _archs()
+    for arch in _archs():   # 2 ops x 2 configs x 3 dtypes per arch
+        got = [(r["kernel"], r["config"].split()[0]) for r in rows if r["arch"] == arch]
+        assert sorted(got) == sorted((k, d) for k in KERNELS for d in ("fp32", "fp16", "bf16")), arch
+
+
+def test_no_kernel_spills(rows):
+    spilled = [(r["kernel"], r["config"], r["arch"], r["spills"]) for r in rows if r["spills"]]
+    assert not spilled, f"kernels using local memory (spills): {spilled}"
+    assert all(r["registers"] <= 255 and r["smem"] <= 48 * 1024 for r in rows)
+
+
+def test_tensor_cores_for_fp16_bf16_only(rows):
+    for r in rows:
+        if r["config"].startswith(("fp16", "bf16")) and int(r["arch"][3:]) >= 80:
+            assert r["tensor_core"] > 0, r
+        if r["config"].startswith("fp32"):
+            assert r["tensor_core"] == 0, r   # fp32 stays on FMAs: TF32 would miss the 1e-5 tolerance
+
+
+def test_bindings_registered_for_cuda_only():
+    schema = str(torch.ops.palora.lora_mm_cuda.default._schema)
+    assert "Tensor? bias" in schema and "int rows_per_sample" in schema
+    assert "int[] stride" in str(torch.ops.palora.lora_conv2d_cuda.default._schema)
+    x = torch.zeros(4, 3)
+    with pytest.raises(NotImplementedError, match="CPU"):
+        torch.ops.palora.lora_mm_cuda(x, torch.zeros(3, 2), None, torch.zeros(3, 2), torch.zeros(2, 2),
+                                      torch.ones(1, 1), 4, 1.0)
+
+
+@pytest.mark.requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_cuda_backend_matches_reference_on_gpu(dtype):
+    from conftest import assert_rel_close
+    from palora_kernels import PaLoRALinear, reference
+    torch.manual_seed(0)
+    layer = PaLoRALinear(203, 150, num_tasks=3, rank=3, lora_alpha=6.0, device="cuda")
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    layer = layer.to(dtype)
+    x = torch.randn(5, 23, 203, device="cuda").to(dtype)
+    pref = torch.rand(5, 3, device="cuda")
+    y = palora_kernels.palora_linear(x, layer.weight, layer.bias, layer.lora_A, layer.lora_B, pref,
+                                     layer.scaling, backend="cuda")
+    p64 = [t.double() for t in (layer.weight, layer.bias, layer.lora_A, layer.lora_B)]
+    yr = reference.palora_linear(x.double(), *p64, pref.double(), layer.scaling)
+    assert_rel_close(y, yr, dtype, "cuda backend y")

@@ -1,0 +1,246 @@
+"""The CUDA kernels (csrc/cuda/*.cuh) run on CPU under the host emulator (backend cuda_sim).
+
+Op level: both ops against an fp64 loop over adapters, ragged shapes, both preference kinds,
+fp32/fp16/bf16, transposed (forward-style) and contiguous (dX-style) operands.
+Layer level: PaLoRALinear / PaLoRAConv2d forward and backward with PALORA_BACKEND=cuda_sim.
+Emulator: barriers are load-bearing (a variant built without the tile barriers is wrong),
+race-free kernels are schedule-independent, divergence and misaligned WMMA are reported.
+"""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import TOL, assert_rel_close, rel_err
+from palora_kernels import PaLoRAConv2d, PaLoRALinear, dispatch, reference
+from palora_kernels.ops import cuda_sim
+
+pytestmark = pytest.mark.skipif(cuda_sim._available(torch.device("cpu")) is not None,
+                                reason=f"cuda_sim unavailable: {cuda_sim._available(torch.device('cpu'))}")
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@pytest.fixture(scope="module")
+def lib():
+    return cuda_sim.build()
+
+
+def _launches(lib):
+    return cuda_sim.stats(lib)["launches"]
+
+
+# ---- op level: palora::lora_mm ------------------------------------------------------------
+
+def ref_lora_mm(x, wm, bias, down, up, pref, L, scale):
+    """fp64, one adapter at a time: x wm + b + sum_t s p[n//L, t] (x down_t) up_t | x down."""
+    x, wm, down, up, pref = (t.double() for t in (x, wm, down, up, pref))
+    N, R, T = x.shape[0], down.shape[1], pref.shape[1]
+    r = R // T
+    y = x @ wm + (bias.double() if bias is not None else 0)
+    rowp = pref[torch.arange(N) // L] if pref.shape[0] > 1 else pref.expand(N, T)
+    for t in range(T):
+        y = y + scale * rowp[:, t:t + 1] * ((x @ down[:, t * r:(t + 1) * r]) @ up[t * r:(t + 1) * r])
+    return torch.cat([y, x @ down], dim=1)
+
+
+MM_SHAPES = [  # N, K, M, T, r, P  (P > 1: per-sample, N = P * L)
+    (37, 45, 53, 2, 1, 1),        # one ragged tile everywhere
+    (113, 203, 150, 3, 3, 1),     # ragged last tiles in every dim, 7 K tiles
+    (65, 33, 65, 3, 7, 5),        # per-sample, R = 21
+    (130, 17, 129, 5, 8, 10),     # per-sample, R = 40 > 32: two shrink column tiles
+    (1, 7, 5, 1, 1, 1),           # one row, rank 1, one task
+    (0, 16, 24, 2, 2, 1),         # empty batch
+]
+
+
+def _mm_inputs(N, K, M, T, r, P, dtype, style, bias=True):
+    g = torch.Generator().manual_seed(N * 1000 + K + M)
+    R = T * r
+    mk = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)
+    x = mk(N, K)
+    if style == "forward":   # (wm, down, up) = (W^T, A_cat^T, B_cat^T): transposed views, strides (1, K)
+        wm, down, up = mk(M, K).t() / math.sqrt(K), mk(R, K).t() / math.sqrt(K), mk(M, R).t()
+    else:                    # dX: (W, B_cat, A_cat), contiguous
+        wm, down, up = mk(K, M) / math.sqrt(K), mk(K, R) / math.sqrt(K), mk(R, M)
+    b = mk(M) if bias else None
+    pref = torch.rand(P, T, generator=g, dtype=torch.float64)
+    cast = lambda t: None if t is None else t.to(dtype)
+    return [cast(t) for t in (x, wm, b, down, up)] + [pref.float(), N // P if P > 1 else max(N, 1)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", MM_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_lora_mm_matches_fp64_reference(lib, shape, dtype):
+    for style in ("forward", "dX"):
+        x, wm, b, down, up, pref, L = _mm_inputs(*shape, dtype, style, bias=style == "forward")
+        before = _launches(lib)
+        z = cuda_sim.lora_mm_sim(x, wm, b, down, up, pref, L, 1.7, lib=lib)
+        assert _launches(lib) - before == (2 if shape[0] else 0)   # shrink + fused really ran
+        assert_rel_close(z, ref_lora_mm(x, wm, b, down, up, pref, L, 1.7), dtype, f"lora_mm {style}")
+
+
+def test_lora_mm_noncontiguous_x_and_strided_z_columns(lib):
+    x, wm, b, down, up, pref, L = _mm_inputs(70, 40, 33, 2, 3, 7, torch.float32, "dX")
+    xs = torch.randn(40, 70).t()                       # x with strides (1, 70)
+    z = cuda_sim.lora_mm_sim(xs, wm, b, down, up, pref, L, 0.5, lib=lib)
+    assert_rel_close(z, ref_lora_mm(xs, wm, b, down, up, pref, L, 0.5), torch.float32, "lora_mm x^T")
+
+
+def test_lora_mm_rejects_bad_preference(lib):
+    x, wm, b, down, up, pref, L = _mm_inputs(12, 8, 8, 2, 2, 3, torch.float32, "dX")
+    with pytest.raises(RuntimeError, match="pref: expected P == 1 or P \\* rows_per_sample == N"):
+        cuda_sim.lora_mm_sim(x, wm, b, down, up, pref, 5, 1.0, lib=lib)
+
+
+# ---- op level: palora::lora_conv2d ---------------------------------------------------------
+
+def ref_lora_conv2d(x, wcat, bias, up, pref, stride, padding, dilation, scale):
+    x, wcat, up, pref = (t.double() for t in (x, wcat, up, pref))
+    C_out, R = up.shape
+    T = pref.shape[1]
+    r = R // T
+    y = F.conv2d(x, wcat[:C_out], None if bias is None else bias.double(), stride, padding, dilation)
+    h = F.conv2d(x, wcat[C_out:], None, stride, padding, dilation)
+    p = pref.expand(x.shape[0], T) if pref.shape[0] == 1 else pref
+    for t in range(T):
+        upd = F.conv2d(h[:, t * r:(t + 1) * r], up[:, t * r:(t + 1) * r, None, None])
+        y = y + scale * p[:, t, None, None, None] * upd
+    return torch.cat([y, h], dim=1)
+
+
+CONV_CASES = [  # N, C_in, H, W, C_out, (kh, kw), stride, padding, dilation, T, r
+    (2, 5, 9, 11, 7, (3, 3), (1, 1), (1, 1), (1, 1), 2, 3),
+    (3, 4, 13, 10, 70, (3, 2), (2, 1), (1, 0), (1, 2), 3, 2),   # ragged 70 = 64 + 6 channels
+    (2, 3, 8, 8, 5, (1, 1), (1, 1), (0, 0), (1, 1), 1, 1),      # 1x1, one task, rank 1
+    (5, 6, 12, 12, 9, (5, 5), (3, 3), (2, 2), (1, 1), 4, 9),    # R = 36 > 32
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: f"{c[1]}to{c[4]}k{c[5][0]}{c[5][1]}s{c[6][0]}")
+def test_lora_conv2d_matches_fp64_reference(lib, case, dtype):
+    N, C_in, H, W, C_out, (kh, kw), stride, padding, dilation, T, r = case
+    g = torch.Generator().manual_seed(C_in * 100 + C_out)
+    R = T * r
+    x = torch.randn(N, C_in, H, W, generator=g).to(dtype)
+    wcat = (torch.randn(C_out + R, C_in, kh, kw, generator=g) / math.sqrt(C_in * kh * kw)).to(dtype)
+    bias = torch.randn(C_out, generator=g).to(dtype)
+    up = torch.randn(C_out, R, generator=g).to(dtype)
+    for P, xin in ((1, x), (N, x.contiguous(memory_format=torch.channels_last))):
+        pref = torch.rand(P, T, generator=g)
+        z = cuda_sim.lora_conv2d_sim(xin, wcat, bias, up, pref, stride, padding, dilation, 0.8, lib=lib)
+        exp = ref_lora_conv2d(x, wcat, bias, up, pref, stride, padding, dilation, 0.8)
+        assert_rel_close(z, exp, dtype, f"lora_conv2d P={P}")
+
+
+# ---- layers, forward and backward with PALORA_BACKEND=cuda_sim ------------------------------
+
+def _grads_close(layer, ref_params, ref_pref, pref, dtype, what):
+    for name, p in layer.named_parameters():
+        assert_rel_close(p.grad, ref_params[name].grad, dtype, f"{what} d{name}")
+    if pref is not None and pref.grad is not None:
+        assert_rel_close(pref.grad, ref_pref.grad, dtype, f"{what} dpref")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("per_sample", [False, True], ids=["per_batch", "per_sample"])
+def test_palora_linear_fwd_bwd(lib, monkeypatch, dtype, per_sample):
+    monkeypatch.setenv("PALORA_BACKEND", "cuda_sim")
+    torch.manual_seed(0)
+    B, Lseq, in_f, out_f, T, r = 3, 11, 45, 70, 3, 3
+    layer = PaLoRALinear(in_f, out_f, num_tasks=T, rank=r, lora_alpha=6.0)
+    with torch.no_grad():
+        layer.lora_B.normal_()                     # B is zero-initialised: make the adapters count
+    layer = layer.to(dtype)
+    x = torch.randn(B, Lseq, in_f).to(dtype).requires_grad_()
+    pref = (torch.rand(B, T) if per_sample else torch.rand(T)).requires_grad_()
+    before = _launches(lib)
+    y = layer(x, pref)
+    (y.float() * torch.linspace(-1, 1, out_f)).sum().backward()
+    assert _launches(lib) - before == 4           # forward (shrink + fused) + dX (shrink + fused)
+
+    ref = {n: p.detach().double().requires_grad_() for n, p in layer.named_parameters()}
+    xr = x.detach().double().requires_grad_()
+    pr = pref.detach().double().requires_grad_()
+    yr = reference.palora_linear(xr, ref["weight"], ref["bias"], ref["lora_A"], ref["lora_B"], pr, layer.scaling)
+    (yr * torch.linspace(-1, 1, out_f, dtype=torch.float64)).sum().backward()
+    assert_rel_close(y, yr, dtype, "y")
+    assert_rel_close(x.grad, xr.grad, dtype, "dx")
+    _grads_close(layer, ref, pr, pref, dtype, "linear")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("per_sample", [False, True], ids=["per_batch", "per_sample"])
+def test_palora_conv2d_fwd_bwd(lib, monkeypatch, dtype, per_sample):
+    monkeypatch.setenv("PALORA_BACKEND", "cuda_sim")
+    torch.manual_seed(1)
+    N, C_in, C_out, T, r = 3, 4, 9, 2, 3
+    layer = PaLoRAConv2d(C_in, C_out, 3, stride=2, padding=1, num_tasks=T, rank=r, lora_alpha=3.0)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    layer = layer.to(dtype)
+    x = torch.randn(N, C_in, 11, 9).to(dtype).requires_grad_()
+    pref = (torch.rand(N, T) if per_sample else torch.rand(T)).requires_grad_()
+    before = _launches(lib)
+    y = layer(x, pref)
+    y.float().square().sum().backward()
+    assert _launches(lib) - before == 2           # forward; the conv backward is convolution_backward
+
+    ref = {n: p.detach().double().requires_grad_() for n, p in layer.named_parameters()}
+    xr = x.detach().double().requires_grad_()
+    pr = pref.detach().double().requires_grad_()
+    yr = reference.palora_conv2d(xr, ref["weight"], ref["bias"], ref["lora_A"], ref["lora_B"], pr, layer.scaling,
+                                 stride=2, padding=1)
+    yr.square().sum().backward()
+    assert_rel_close(y, yr, dtype, "y")
+    assert_rel_close(x.grad, xr.grad, dtype, "dx")
+    _grads_close(layer, ref, pr, pref, dtype, "conv")
+
+
+def test_cuda_sim_selected_by_env_and_refused_on_cuda_tensors(monkeypatch):
+    monkeypatch.setenv("PALORA_BACKEND", "cuda_sim")
+    assert dispatch.select_backend(torch.device("cpu")) == "cuda_sim"
+    assert "CPU tensors" in dispatch.unavailable_reason("cuda_sim", torch.device("cuda"))
+
+
+# ---- the emulator is not vacuous -------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_broken_barrier_gives_wrong_result(lib, dtype):
+    """The same kernels built without their tile-loop __syncthreads(): wrong under the emulator."""
+    broken = cuda_sim.build(("PALORA_BREAK_BARRIER",))
+    assert broken.palora_emu_barrier_broken() == 1 and lib.palora_emu_barrier_broken() == 0
+    args = _mm_inputs(113, 203, 150, 3, 3, 1, dtype, "forward")
+    expected = ref_lora_mm(*args, 1.7)
+    good = cuda_sim.lora_mm_sim(*args, 1.7, lib=lib)
+    assert rel_err(good, expected) <= TOL[dtype]
+    bad = cuda_sim.lora_mm_sim(*args, 1.7, lib=broken, verify=False)
+    err = rel_err(bad, expected)
+    assert math.isnan(err) or err > 100 * TOL[dtype], f"race went unnoticed: rel err {err:.3g}"
+
+
+def test_race_free_kernels_are_schedule_independent(lib):
+    args = _mm_inputs(65, 33, 65, 3, 7, 5, torch.float16, "forward")
+    outs = []
+    try:
+        for name, seed in (("forward", 0), ("reverse", 0), ("shuffle", 1), ("shuffle", 2)):
+            cuda_sim.set_schedule(lib, name, seed)
+            outs.append(cuda_sim.lora_mm_sim(*args, 1.0, lib=lib))
+    finally:
+        cuda_sim.set_schedule(lib, "forward")
+    for o in outs[1:]:
+        assert torch.equal(o, outs[0])
+
+
+def test_emulator_barrier_divergence_and_wmma_checks(lib):
+    out = torch.zeros(2)
+    assert lib.palora_emu_selftest(0, out.data_ptr()) is None
+    assert out.tolist() == [8128.0, 8128.0]      # sum(range(128)) per block: every barrier held
+    err = lib.palora_emu_selftest(1, out.data_ptr())
+    assert err is not None and b"barrier divergence" in err
+    err = lib.palora_emu_selftest(2, out.data_ptr())
+    assert err is not None and b"256-bit aligned" in err
+    s = cuda_sim.stats(lib)
+    assert s["barriers"] > 0 and s["switches"] > s["blocks"]
