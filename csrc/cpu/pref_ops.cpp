@@ -5,7 +5,7 @@
 // preference) or over row blocks with a per-thread partial (per-batch preference).
 #include <ATen/Parallel.h>
 #include <torch/library.h>
-#include <torch/torch.h>
+#include <ATen/ATen.h>
 
 #include <vector>
 
