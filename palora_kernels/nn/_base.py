@@ -58,7 +58,9 @@ class PaLoRALayerMixin:
                 f"preference: {type(self).__name__} needs a preference of shape ({self.num_tasks},) or "
                 f"(batch, {self.num_tasks}): pass forward(x, preference=...), or use "
                 "palora_kernels.set_preference(model, p) / `with palora_kernels.preference(model, p):`")
-        if p.device != self.weight.device:
+        # move a preference to the layer's device for convenience, but leave what cannot be moved
+        # (not a tensor, a meta tensor) to the functional API's checks, which raise a clear error
+        if isinstance(p, torch.Tensor) and p.device != self.weight.device and not p.is_meta:
             p = p.to(self.weight.device)
         return p
 
