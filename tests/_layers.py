@@ -48,7 +48,8 @@ def _leaves(layer, dtype):
 
 def _backward(y, leaves, xb, pb, dy_seed):
     g = torch.Generator().manual_seed(dy_seed)
-    dy = torch.randn(y.shape, generator=g, dtype=torch.float64).to(y.dtype)
+    # bf16-representable values: the same upstream gradient whatever dtype y has
+    dy = torch.randn(y.shape, generator=g, dtype=torch.float64).to(torch.bfloat16).to(y.dtype)
     y.backward(dy)
     grads = {n: t.grad for n, t in leaves.items()}
     grads["x"] = xb.grad
