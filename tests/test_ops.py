@@ -1,5 +1,9 @@
 """The palora:: custom ops: torch.library.opcheck (schema, fake impl, autograd registration,
 AOT dispatch) and the C++ CPU kernel of palora::pref_grad against the torch formula."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch.library import opcheck
@@ -8,6 +12,7 @@ import palora_kernels  # noqa: F401  (registers palora::)
 from conftest import assert_rel_close, rel_err
 from palora_kernels import _ext, _math
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EPS = {torch.float64: 1e-14, torch.float32: 1e-6, torch.bfloat16: 1e-3}
 needs_C = pytest.mark.skipif(not _ext._C_AVAILABLE, reason=f"palora_kernels._C is not built: {_ext._C_ERROR}")
 
@@ -118,3 +123,18 @@ def test_cpp_pref_grad_checks_its_arguments():
         torch.ops.palora.pref_grad(h, h, torch.rand(4, 2), 2, 2, 1.0)
     with pytest.raises(RuntimeError, match=r"h and dg must be \(N, R\) of one shape"):
         torch.ops.palora.pref_grad(h, h[:5], torch.rand(1, 2), 6, 2, 1.0)
+
+
+@needs_C
+def test_cpp_pref_grad_empty_batch():
+    """N = 0 with P = 1 (per-batch) and P = 0 (per-sample, no samples). Run in a child process:
+    the first build wrote past a (0, T) output here and crashed the interpreter."""
+    code = ("import torch, palora_kernels\n"
+            "h = torch.randn(0, 6)\n"
+            "for P in (1, 0):\n"
+            "    out = torch.ops.palora.pref_grad(h, h, torch.rand(P, 3), 1, 2, 1.0)\n"
+            "    assert out.shape == (P, 3) and not out.any(), out\n"
+            "print('ok')\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT] + sys.path)}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", (res.returncode, res.stderr[-2000:])
