@@ -147,3 +147,21 @@ def test_export_merged_single_layer(kind):
     assert_rel_close(plain(x), _ref(layer, x, p), torch.float32, "exported layer")
     with pytest.raises(ValueError, match=r"preference: merging needs one preference"):
         pk.export_merged(layer, torch.rand(2, T))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_merged_layer_checks_its_preference(kind):
+    """A merged layer validates a passed preference like an unmerged one, and exporting a merged
+    layer at another preference raises instead of silently exporting the merged one."""
+    layer, x, p = _layer(kind), _x(kind), torch.tensor([0.2, 0.5, 0.3])
+    layer.merge(p)
+    snap = snapshot(layer)
+    with pytest.raises(TypeError, match=r"preference: expected a torch.Tensor .*got list"):
+        layer(x, [0.2, 0.5, 0.3])
+    with pytest.raises(ValueError, match=r"preference: expected shape \(3,\) or \(batch, 3\), got \(2,\)"):
+        layer(x, torch.rand(2))
+    with pytest.raises(ValueError, match=r"preference: the layer is merged at"):
+        pk.export_merged(layer, torch.tensor([0.3, 0.5, 0.2]))
+    assert_unchanged(layer, snap)
+    plain = pk.export_merged(layer, p)                          # the merged preference itself is fine
+    assert_rel_close(plain(x), layer(x), torch.float32, "export of a merged layer")

@@ -104,6 +104,8 @@ class PaLoRALayerMixin:
         self._merged_preference = None
 
     def _check_merged_call(self, preference) -> None:
+        if preference is not None:
+            check_preference(preference, self.num_tasks, None, None)   # a list, NaN, wrong T: clear errors
         if preference is not None and not (preference.dim() == 1 and torch.equal(
                 preference.to(self._merged_preference), self._merged_preference)):
             raise ValueError(f"preference: the layer is merged at {self._merged_preference.tolist()}; "
