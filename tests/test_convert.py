@@ -7,7 +7,7 @@ from torch import nn
 
 import palora_kernels as pk
 from conftest import assert_rel_close
-from _layers import randomize_, reference_with_grads
+from _layers import randomize_
 
 
 class Block(nn.Module):

@@ -113,7 +113,8 @@ def test_layers_route_through_the_selected_backend(kind, pref_kind):
     if kind == "linear":
         direct = reference.palora_linear(*args)
     else:
-        direct = reference.palora_conv2d(*args, layer.stride, layer.padding, layer.dilation, layer.parameterization)
+        direct = reference.palora_conv2d(*args, layer.stride, layer.padding, layer.dilation,
+                                         layer.parameterization)
     with use_backend("reference"):
         y_ref_backend = layer(x, p)
     assert torch.equal(y_ref_backend, direct)           # the reference backend IS the reference loop

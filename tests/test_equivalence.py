@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import TOL, assert_rel_close, rel_err
+from conftest import assert_rel_close
 from _layers import fused_with_grads, make_conv, make_linear, reference_with_grads
 from palora_kernels import use_backend
 
