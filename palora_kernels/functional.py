@@ -159,7 +159,8 @@ def _loralib_conv2d(x, weight, bias, lora_A, lora_B, preference, scale, stride, 
     z = F.conv2d(x, wbig, None, stride, padding, dilation)
     N, _, Ho, Wo = z.shape
     coef = torch.cat([x.new_ones(N, 1), preference.to(x.dtype) * scale], dim=1)   # (N, T+1)
-    y = torch.bmm(coef[:, None, :], z.view(N, T + 1, C_out * Ho * Wo)).view(N, C_out, Ho, Wo)
+    # reshape, not view: a channels_last x gives a channels_last z
+    y = torch.bmm(coef[:, None, :], z.reshape(N, T + 1, C_out * Ho * Wo)).view(N, C_out, Ho, Wo)
     return y if bias is None else y + bias.view(1, -1, 1, 1)
 
 

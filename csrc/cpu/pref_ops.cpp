@@ -61,6 +61,8 @@ at::Tensor pref_grad_cpu(const at::Tensor& h, const at::Tensor& dg, const at::Te
   auto gc = dg.to(h.scalar_type()).contiguous();
   const bool f64 = h.scalar_type() == at::kDouble;
   auto out = at::zeros({P, T}, h.options().dtype(f64 ? at::kDouble : at::kFloat));
+  // empty batch: nothing to sum (and with P == 0 the per-batch branch would write out[0..T))
+  if (N == 0 || P == 0) return out.to(pref.scalar_type());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "pref_grad", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     pref_grad_kernel<scalar_t, acc_t>(hc.data_ptr<scalar_t>(), gc.data_ptr<scalar_t>(), N, R, T, rank, P,

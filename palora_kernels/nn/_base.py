@@ -58,7 +58,9 @@ class PaLoRALayerMixin:
                 f"preference: {type(self).__name__} needs a preference of shape ({self.num_tasks},) or "
                 f"(batch, {self.num_tasks}): pass forward(x, preference=...), or use "
                 "palora_kernels.set_preference(model, p) / `with palora_kernels.preference(model, p):`")
-        if p.device != self.weight.device:
+        # move a preference to the layer's device for convenience, but leave what cannot be moved
+        # (not a tensor, a meta tensor) to the functional API's checks, which raise a clear error
+        if isinstance(p, torch.Tensor) and p.device != self.weight.device and not p.is_meta:
             p = p.to(self.weight.device)
         return p
 
@@ -102,6 +104,8 @@ class PaLoRALayerMixin:
         self._merged_preference = None
 
     def _check_merged_call(self, preference) -> None:
+        if preference is not None:
+            check_preference(preference, self.num_tasks, None, None)   # a list, NaN, wrong T: clear errors
         if preference is not None and not (preference.dim() == 1 and torch.equal(
                 preference.to(self._merged_preference), self._merged_preference)):
             raise ValueError(f"preference: the layer is merged at {self._merged_preference.tolist()}; "

@@ -105,6 +105,8 @@ class PaLoRAConv2d(PaLoRALayerMixin, nn.Module):
 
     def to_conv2d(self, preference: torch.Tensor) -> nn.Conv2d:
         """A plain nn.Conv2d computing this layer at ``preference`` (T,)."""
+        if self.merged:
+            self._check_merged_call(preference)      # merged at another preference: raise, don't export it
         w = self.weight.detach() if self.merged else self.merged_weight(preference)
         conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, bias=self.bias is not None,
                          device=w.device, dtype=w.dtype, **self._conv_kwargs())

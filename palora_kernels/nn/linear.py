@@ -64,6 +64,8 @@ class PaLoRALinear(PaLoRALayerMixin, nn.Module):
 
     def to_linear(self, preference: torch.Tensor) -> nn.Linear:
         """A plain nn.Linear computing this layer at ``preference`` (T,)."""
+        if self.merged:
+            self._check_merged_call(preference)      # merged at another preference: raise, don't export it
         w = self.weight.detach() if self.merged else self.merged_weight(preference)
         lin = nn.Linear(self.in_features, self.out_features, self.bias is not None,
                         device=w.device, dtype=w.dtype)
