@@ -70,7 +70,8 @@ def unavailable_reason(backend: str, device: torch.device) -> Optional[str]:
 
 @contextlib.contextmanager
 def use_backend(name: Optional[str]):
-    """Force a backend inside the block (None restores automatic choice)."""
+    """Force a backend inside the block. ``None`` lifts an enclosing ``use_backend`` for the block
+    (``PALORA_BACKEND``, if set, then applies; otherwise the choice is automatic)."""
     if name is not None:
         _check_name(name, "use_backend(name)")
     prev = getattr(_local, "backend", None)
