@@ -123,25 +123,39 @@ def compile_row(name, fn, constexprs, units, cfg, arch) -> dict:
     return row
 
 
-def triton_rows(archs=("sm_80", "sm_90")):
+def _compile_job(job):
+    name, arch, cfg = job
+    for vname, fn, const, units, _ in _variants():
+        if vname == name:
+            return compile_row(name, fn, const, units, cfg, arch)
+    raise KeyError(name)
+
+
+def triton_rows(archs=("sm_80", "sm_90"), workers=None):
     """Every Triton kernel x shipped config (the arch family's plus the default family's) x arch."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
     import triton
-    rows = []
-    # a fresh cache, so ptxas really runs and its -v log (registers, spills) is there to read
+    jobs = []
+    for name, _, _, _, configs in _variants():
+        for arch in archs:
+            seen = []
+            for cfg in configs(arch) + configs("default"):
+                if _cfg_parts(cfg) not in seen:
+                    seen.append(_cfg_parts(cfg))
+                    jobs.append((name, arch, cfg))
+    # a fresh cache, so ptxas really runs and its -v log (registers, spills) is there to read;
+    # forked workers inherit both knobs (one ptxas per core: ~1 s per config)
     with tempfile.TemporaryDirectory() as cache:
         prev, triton.knobs.cache.dir = triton.knobs.cache.dir, cache
         prev_log, triton.knobs.nvidia.dump_ptxas_log = triton.knobs.nvidia.dump_ptxas_log, True
         try:
-            for name, fn, const, units, configs in _variants():
-                for arch in archs:
-                    seen = []
-                    for cfg in configs(arch) + configs("default"):
-                        if _cfg_parts(cfg) not in seen:
-                            seen.append(_cfg_parts(cfg))
-                            rows.append(compile_row(name, fn, const, units, cfg, arch))
+            with ProcessPoolExecutor(workers or os.cpu_count() or 1,
+                                     mp_context=multiprocessing.get_context("fork")) as pool:
+                return list(pool.map(_compile_job, jobs))
         finally:
             triton.knobs.cache.dir, triton.knobs.nvidia.dump_ptxas_log = prev, prev_log
-    return rows
 
 
 def problems(row) -> list:
