@@ -6,11 +6,13 @@ For each (kernel, config, arch) it reads the registers and spill bytes from the 
 shared memory from the compiled kernel's metadata, and looks for tensor-core instructions
 (sm_80: mma.sync / HMMA, sm_90: wgmma / HGMMA) in the PTX and the SASS (cuobjdump from the triton
 wheel). Prints one table and exits 1 if any config fails to compile, spills, exceeds the shared
-memory of its arch, or (a bf16 kernel) runs without tensor cores.
+memory of its arch, or (a bf16 kernel) runs without tensor cores. fp32 (IEEE) and fp64 run on FMA
+units by design: their rows say so and are not failures for it.
 Rows of palora_kernels.ops.cuda_report.cuda_rows() (the CUDA C++ kernels), if that module
 exists, are checked and printed the same way.
 
-Compiled for bf16 (the training dtype), T=3 tasks of rank 8 (R=24 -> BLOCK_R=32), contiguous
+Compiled for bf16 (the tensor-core configs; fp16 tiles are the same size) and fp32 / fp64 (the
+FMA configs), T=3 tasks of rank 8 (R=24 -> BLOCK_R=32), contiguous
 forward strides (the unit strides specialised as at launch), 16-byte aligned pointers/sizes.
 """
 from __future__ import annotations
@@ -30,26 +32,36 @@ TC = {"sm_80": ("mma.sync.aligned", "HMMA"), "sm_90": ("wgmma.mma_async", "HGMMA
 KEYS = ("kernel", "config", "arch", "registers", "spills", "smem", "tensor_core")
 
 
+DTYPES = ("bf16", "fp32", "fp64")    # one per MMA class: tensor cores, IEEE fp32 FMA, fp64 FMA
+
+
 def _variants():
-    """(name, jit fn, constexprs, unit strides, configs per arch family) of every shipped kernel."""
+    """(name, jit fn, constexprs, unit strides, configs(arch family)) of every shipped kernel x dtype."""
     import triton.language as tl
     from .triton import linear as L
 
-    common = dict(UPCAST=False, ACC_DTYPE=tl.float32, INPUT_PRECISION="ieee", BLOCK_R=L.block_r(24))
     mm_units = ("stride_xk", "stride_wk", "stride_dk", "stride_ur", "stride_pt", "stride_on", "stride_hr")
     out = []
-    for name, inloop, expand, per_sample in (("lora_mm[inloop, per-sample p]", True, True, True),
-                                             ("lora_mm[inloop, per-batch p]", True, True, False),
-                                             ("lora_mm[split, per-sample p]", False, True, True),
-                                             ("lora_mm[merged GEMM]", False, False, False)):
-        c = dict(common, HAS_BIAS=True, PER_SAMPLE_PREF=per_sample, SHRINK_IN_LOOP=inloop, EXPAND=expand)
-        out.append((name, L._lora_mm_kernel.fn, c, mm_units, lambda f: L.configs_for(f)))
-    out.append(("lora_shrink", L._lora_shrink_kernel.fn, dict(common), ("stride_xk", "stride_dk", "stride_hr"),
-                lambda f: L.skinny_configs_for(f)))
-    merge_cfg = {"kwargs": {k: v for k, v in L.MERGE_TILE.items() if k != "num_warps"},
-                 "num_warps": L.MERGE_TILE["num_warps"], "num_stages": 2}
-    out.append(("lora_merge", L._lora_merge_kernel, dict(common),
-                ("stride_wk", "stride_dk", "stride_ur", "stride_pt", "stride_en"), lambda f: [merge_cfg]))
+    for dt in DTYPES:
+        mma = L.mma_class(dt)
+        common = dict(UPCAST=False, ACC_DTYPE=tl.float64 if dt == "fp64" else tl.float32,
+                      INPUT_PRECISION="ieee", BLOCK_R=L.block_r(24), _dtype=dt)
+        for name, inloop, expand, per_sample in (("lora_mm[inloop, per-sample p]", True, True, True),
+                                                 ("lora_mm[inloop, per-batch p]", True, True, False),
+                                                 ("lora_mm[split, per-sample p]", False, True, True),
+                                                 ("lora_mm[merged GEMM]", False, False, False)):
+            c = dict(common, HAS_BIAS=True, PER_SAMPLE_PREF=per_sample, SHRINK_IN_LOOP=inloop, EXPAND=expand)
+            out.append((f"{name} {dt}", L._lora_mm_kernel.fn, c, mm_units, lambda f, m=mma: L.configs_for(f, m)))
+            if inloop and per_sample and dt == "bf16":   # the in-loop limit R = 64: most registers
+                out.append((f"lora_mm[inloop, per-sample p, R=64] {dt}", L._lora_mm_kernel.fn,
+                            dict(c, BLOCK_R=L.block_r(64)), mm_units, lambda f, m=mma: L.configs_for(f, m)))
+        out.append((f"lora_shrink {dt}", L._lora_shrink_kernel.fn, dict(common),
+                    ("stride_xk", "stride_dk", "stride_hr"), lambda f, m=mma: L.skinny_configs_for(f, m)))
+        t = L.MERGE_TILE[mma]
+        merge_cfg = {"kwargs": {"BLOCK_K": t["BLOCK_K"], "BLOCK_N": t["BLOCK_N"]}, "num_warps": t["num_warps"],
+                     "num_stages": 2}
+        out.append((f"lora_merge {dt}", L._lora_merge_kernel, dict(common),
+                    ("stride_wk", "stride_dk", "stride_ur", "stride_pt", "stride_en"), lambda f, c=merge_cfg: [c]))
     return out
 
 
@@ -59,15 +71,15 @@ def _cfg_parts(cfg):
     return cfg.kwargs, cfg.num_warps, cfg.num_stages
 
 
-def _signature(fn, constexprs):
+def _signature(fn, constexprs, dt):
     sig = {}
     for n in fn.arg_names:
         if n in constexprs:
             sig[n] = "constexpr"
         elif n == "ps_ptr":
-            sig[n] = "*fp32"
+            sig[n] = "*fp64" if dt == "fp64" else "*fp32"
         elif n.endswith("_ptr"):
-            sig[n] = "*bf16"
+            sig[n] = "*" + dt
         else:
             sig[n] = "i32"
     # what a launch on aligned, multiple-of-16 tensors specialises: pointers and sizes divisible by 16
@@ -96,11 +108,12 @@ def compile_row(name, fn, constexprs, units, cfg, arch) -> dict:
 
     kwargs, warps, stages = _cfg_parts(cfg)
     const = dict(constexprs, **kwargs, **{u: 1 for u in units})
-    sig, attrs = _signature(fn, const)
+    dt = const.pop("_dtype")
+    sig, attrs = _signature(fn, const, dt)
     label = " ".join(f"{'B' + k[6:] if k.startswith('BLOCK_') else k}={v}" for k, v in kwargs.items())
     label += f" w{warps} s{stages}"
     row = dict(kernel=name, config=label, arch=arch, registers=None, spills=None, smem=None,
-               tensor_core=None, error=None)
+               tensor_core=None, error=None, expect_tc=dt in ("bf16", "fp16"))
     log = io.StringIO()
     try:
         with contextlib.redirect_stdout(log):
@@ -119,7 +132,8 @@ def compile_row(name, fn, constexprs, units, cfg, arch) -> dict:
     in_ptx = ptx_op in k.asm["ptx"]
     in_sass = _sass_has(k.asm["cubin"], sass_op)
     found = in_ptx and in_sass is not False
-    row["tensor_core"] = (f"{ptx_op.split('.')[0]}/{sass_op}" if found else "none")
+    row["tensor_core"] = (f"{ptx_op.split('.')[0]}/{sass_op}" if found else
+                          "none" if row["expect_tc"] else "none (IEEE FMA)")
     return row
 
 
@@ -169,7 +183,7 @@ def problems(row) -> list:
     limit = SMEM_LIMIT.get(str(row.get("arch")))
     if limit is not None and (row.get("smem") is None or row["smem"] > limit):
         out.append(f"smem {row.get('smem')} > {limit}")
-    if row.get("tensor_core") in (None, "none", False):
+    if row.get("expect_tc") and row.get("tensor_core") in (None, "none", False):
         out.append("no tensor-core instruction")
     return out
 

@@ -33,42 +33,63 @@ _TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float
 
 
 # ----------------------------------------------------------------------------------------------
-# autotune configs: one function per GPU family, pruned by keep() at launch time
+# autotune configs: one function per GPU family, pruned by keep() at launch time.
+# Each config serves one MMA class: "tc" (bf16/fp16 tiles on tensor cores) or "fp32"/"fp64"
+# (IEEE FMA: no tensor cores, 2-4x the smem per tile, so much smaller tiles; kernel_report measured
+# the 128x128 tc tiles in fp32 at 255 registers + 8 KB spills, in fp64 over the smem limit).
 # ----------------------------------------------------------------------------------------------
-def _cfg(bm, bn, bk, warps, stages, family, group_m=8):
+def _cfg(bm, bn, bk, warps, stages, family, mma="tc", group_m=8):
     c = triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m},
                       num_warps=warps, num_stages=stages)
-    c.family = family
+    c.family, c.mma = family, mma
     return c
+
+
+def _fma_configs(family):
+    # fp64 64x64 with 8 warps spilled 24 bytes in-loop (sm_80); 32x64 with 4 warps does not
+    return [_cfg(64, 64, 32, 8, 3, family, "fp32"), _cfg(32, 64, 32, 4, 3, family, "fp64")]
 
 
 def configs_sm80():
     # A100: 164 KB smem. 128x128 needs 8 warps: with 4, acc (128 fp32/thread) + the in-loop
     # H accumulator spilled 168 bytes (kernel_report, ptxas 13).
-    return [_cfg(128, 128, 32, 8, 4, "sm_80"), _cfg(64, 64, 64, 4, 4, "sm_80")]
+    return [_cfg(128, 128, 32, 8, 4, "sm_80"), _cfg(64, 64, 64, 4, 4, "sm_80")] + _fma_configs("sm_80")
 
 
 def configs_sm90():
     # H100: 228 KB smem; BLOCK_M 128 with 8 warps = two warpgroups for wgmma.
-    return [_cfg(128, 128, 64, 8, 3, "sm_90"), _cfg(64, 128, 64, 4, 4, "sm_90")]
+    return [_cfg(128, 128, 64, 8, 3, "sm_90"), _cfg(64, 128, 64, 4, 4, "sm_90")] + _fma_configs("sm_90")
 
 
 def configs_default():
     # unknown GPUs (sm_86/89 have ~100 KB smem): one modest tile.
-    return [_cfg(64, 64, 32, 4, 3, "default")]
+    return [_cfg(64, 64, 32, 4, 3, "default")] + _fma_configs("default")
 
 
 def configs_interpreter():
     # one config (autotuning needs a GPU). Small tiles so the tests cross tile edges in M, N, K.
-    return [_cfg(16, 32, 16, 4, 1, "interpreter", group_m=2)]
+    return [_cfg(16, 32, 16, 4, 1, "interpreter", "any", group_m=2)]
 
 
-def configs_for(family: str):
-    return {"sm_80": configs_sm80, "sm_90": configs_sm90, "default": configs_default,
+def configs_for(family: str, mma: str = None):
+    cfgs = {"sm_80": configs_sm80, "sm_90": configs_sm90, "default": configs_default,
             "interpreter": configs_interpreter}[family]()
+    return [c for c in cfgs if mma is None or c.mma in (mma, "any")]
 
 
 ALL_FAMILIES = ("sm_80", "sm_90", "default", "interpreter")
+
+
+def mma_class(dtype) -> str:
+    """'tc' for 16-bit tiles, 'fp32' / 'fp64' for the IEEE FMA path (torch or tl dtype)."""
+    name = str(dtype).split(".")[-1]
+    return {"float32": "fp32", "fp32": "fp32", "float64": "fp64", "fp64": "fp64"}.get(name, "tc")
+
+
+def _mine(configs, named_args):
+    family = "interpreter" if INTERPRET else cost_model.gpu_family(named_args["x_ptr"].device)
+    mma = mma_class(named_args["x_ptr"].dtype)
+    return [c for c in configs if c.family == family and c.mma in (mma, "any")]
 
 
 def _keep(cfg, M, N):
@@ -78,11 +99,8 @@ def _keep(cfg, M, N):
 
 
 def _prune(configs, named_args, **kwargs):
-    family = "interpreter" if INTERPRET else cost_model.gpu_family(named_args["x_ptr"].device)
-    mine = [c for c in configs if c.family == family]
-    M = named_args["M"]
-    N = named_args.get("N", kwargs.get("N", 1 << 30))
-    kept = [c for c in mine if _keep(c, M, N)]
+    mine = _mine(configs, named_args)
+    kept = [c for c in mine if _keep(c, named_args["M"], named_args["N"])]
     return kept or mine[-1:]
 
 
@@ -212,24 +230,26 @@ def _lora_mm_kernel(
 
 
 def _prune_skinny(configs, named_args, **kwargs):
-    family = "interpreter" if INTERPRET else cost_model.gpu_family(named_args["x_ptr"].device)
-    mine = [c for c in configs if c.family == family]
+    mine = _mine(configs, named_args)
     kept = [c for c in mine if c.kwargs["BLOCK_M"] <= max(32, triton.next_power_of_2(named_args["M"]))]
     return kept or mine[-1:]
 
 
-def _skinny_cfg(bm, bk, warps, stages, family):
+def _skinny_cfg(bm, bk, warps, stages, family, mma="tc"):
     c = triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
-    c.family = family
+    c.family, c.mma = family, mma
     return c
 
 
-def skinny_configs_for(family: str):
+def skinny_configs_for(family: str, mma: str = None):
     # memory-bound (reads x once, R <= 64 columns per program): long K tiles, many rows in flight
-    return {"sm_80": [_skinny_cfg(64, 128, 4, 4, "sm_80")],
-            "sm_90": [_skinny_cfg(128, 128, 8, 4, "sm_90"), _skinny_cfg(64, 128, 4, 4, "sm_90")],
-            "default": [_skinny_cfg(64, 64, 4, 3, "default")],
-            "interpreter": [_skinny_cfg(16, 16, 4, 1, "interpreter")]}[family]
+    # fp64 32x64 spilled 8 bytes on sm_90 (kernel_report); 32x32 does not
+    fma = [_skinny_cfg(64, 64, 4, 3, family, "fp32"), _skinny_cfg(32, 32, 4, 3, family, "fp64")]
+    cfgs = {"sm_80": [_skinny_cfg(64, 128, 4, 4, "sm_80")] + fma,
+            "sm_90": [_skinny_cfg(128, 128, 8, 4, "sm_90"), _skinny_cfg(64, 128, 4, 4, "sm_90")] + fma,
+            "default": [_skinny_cfg(64, 64, 4, 3, "default")] + fma,
+            "interpreter": [_skinny_cfg(16, 16, 4, 1, "interpreter", "any")]}[family]
+    return [c for c in cfgs if mma is None or c.mma in (mma, "any")]
 
 
 @triton.autotune(configs=[c for f in ALL_FAMILIES for c in skinny_configs_for(f)],
@@ -302,8 +322,11 @@ def _lora_merge_kernel(
              acc.to(weff_ptr.dtype.element_ty), mask=mask_k[:, None] & mask_n[None, :])
 
 
-MERGE_TILE = {"BLOCK_K": 64, "BLOCK_N": 64, "num_warps": 4}
-MERGE_TILE_INTERPRETER = {"BLOCK_K": 32, "BLOCK_N": 32, "num_warps": 4}
+# merge: one fixed tile per MMA class (run once per preference, ~R/N of the GEMM's FLOPs)
+MERGE_TILE = {"tc": {"BLOCK_K": 64, "BLOCK_N": 64, "num_warps": 4},
+              "fp32": {"BLOCK_K": 64, "BLOCK_N": 64, "num_warps": 4},
+              "fp64": {"BLOCK_K": 32, "BLOCK_N": 64, "num_warps": 4},
+              "interpreter": {"BLOCK_K": 32, "BLOCK_N": 32, "num_warps": 4}}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -335,9 +358,9 @@ def _precision(dtype: torch.dtype) -> tuple:
         raise TypeError(f"x: expected float16, bfloat16, float32 or float64, got {dtype}")
     upcast = INTERPRET and dtype == torch.bfloat16
     acc = tl.float64 if dtype == torch.float64 else tl.float32
-    # fp32 follows torch's matmul setting (default: IEEE fp32, as the tests require for 1e-5)
-    tf32 = dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and not INTERPRET
-    return upcast, acc, ("tf32" if tf32 else "ieee")
+    # fp32 is IEEE fp32 (torch's default matmul precision; 1e-5 in the tests). tf32 is not offered:
+    # its tiles were not verified by kernel_report (4-byte tiles double the smem of the tc configs).
+    return upcast, acc, "ieee"
 
 
 def pick_path(N, K, M, R, T, dtype, device, per_batch, bias) -> str:
@@ -348,8 +371,7 @@ def pick_path(N, K, M, R, T, dtype, device, per_batch, bias) -> str:
             raise ValueError(f"path: 'inloop' supports R <= {cost_model.MAX_INLOOP_R}, got R = {R}")
         return _forced_path
     family = "default" if INTERPRET else cost_model.gpu_family(device)
-    return cost_model.choose_path(N, K, M, R, T, dtype, family, per_batch=per_batch, bias=bias,
-                                  allow_tf32=_precision(dtype)[2] == "tf32")
+    return cost_model.choose_path(N, K, M, R, T, dtype, family, per_batch=per_batch, bias=bias)
 
 
 def _check(x, wm, bias, down, up, pref, rows_per_sample):
@@ -399,7 +421,7 @@ def lora_mm(x, wm, bias, down, up, pref, rows_per_sample, scale, path: Optional[
     w = wm
     if path == "merged":
         w = torch.empty((K, M), dtype=x.dtype, device=x.device)
-        t = MERGE_TILE_INTERPRETER if INTERPRET else MERGE_TILE
+        t = MERGE_TILE["interpreter" if INTERPRET else mma_class(x.dtype)]
         _lora_merge_kernel[(triton.cdiv(K, t["BLOCK_K"]), triton.cdiv(M, t["BLOCK_N"]))](
             wm, down, up, ps, w, K, M, R, R // T,
             wm.stride(0), wm.stride(1), down.stride(0), down.stride(1), up.stride(0), up.stride(1),
