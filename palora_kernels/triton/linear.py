@@ -36,7 +36,7 @@ _TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float
 # autotune configs: one function per GPU family, pruned by keep() at launch time.
 # Each config serves one MMA class: "tc" (bf16/fp16 tiles on tensor cores) or "fp32"/"fp64"
 # (IEEE FMA: no tensor cores, 2-4x the smem per tile, so much smaller tiles; kernel_report measured
-# the 128x128 tc tiles in fp32 at 255 registers + 8 KB spills, in fp64 over the smem limit).
+# the 128x128 tc tiles in fp32 at 128-255 registers + 8-11 KB spills, in fp64 over the smem limit).
 # ----------------------------------------------------------------------------------------------
 def _cfg(bm, bn, bk, warps, stages, family, mma="tc", group_m=8):
     c = triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m},
