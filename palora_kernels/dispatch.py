@@ -15,6 +15,7 @@ import contextlib
 import importlib
 import logging
 import os
+import sys
 import threading
 from typing import Callable, Optional
 
@@ -60,10 +61,11 @@ def unavailable_reason(backend: str, device: torch.device) -> Optional[str]:
     if backend == "reference":
         return None
     module = _BACKEND_MODULES[backend]
-    try:
-        importlib.import_module(module)
-    except Exception as exc:  # ImportError, a failed extension load, a missing toolchain
-        return f"importing {module} failed: {exc}"
+    if module not in sys.modules:   # already imported: no importlib call for torch.compile to trace
+        try:
+            importlib.import_module(module)
+        except Exception as exc:  # ImportError, a failed extension load, a missing toolchain
+            return f"importing {module} failed: {exc}"
     check = _availability.get(backend)
     return check(device) if check is not None else None
 

@@ -1,0 +1,441 @@
+"""Triton kernels of palora::lora_mm:  z = [x @ wm + bias + ((x @ down) * S) @ up  |  x @ down].
+
+Inside the kernels the GEMM is named as in Triton tutorial 03, C (M, N) = A (M, K) @ B (K, N):
+M = rows of x (the op's N), N = output columns (the op's M), K = reduction, R = T * r.
+The same kernels serve the forward (wm, down, up) = (W^T, A_cat^T, B_cat^T) and dX
+(W, B_cat, A_cat): only the strides differ.
+
+Three paths (palora_kernels.cost_model chooses, :func:`use_path` forces):
+  inloop  _lora_mm_kernel(SHRINK_IN_LOOP): H accumulates from the x tile already loaded for
+          the base GEMM; the programs of the first column tile write H. One launch.
+  split   _lora_shrink_kernel writes H, then _lora_mm_kernel starts its accumulator from the
+          (H*S) @ up tile and adds x @ wm. No (N, out) temporary, x read twice.
+  merged  _lora_merge_kernel: W_eff = wm + (down*S) @ up (per-batch preference only), then
+          _lora_shrink_kernel for H (the backward needs it) and a plain GEMM with W_eff.
+None of the kernels accumulates into memory it did not zero itself, so autotuning is safe.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import cost_model
+
+# The interpreter replaces @triton.jit at decoration time, so read the knob right here.
+INTERPRET = bool(triton.knobs.runtime.interpret)
+
+_TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,
+             torch.float64: tl.float64}
+
+
+# ----------------------------------------------------------------------------------------------
+# autotune configs: one function per GPU family, pruned by keep() at launch time.
+# Each config serves one MMA class: "tc" (bf16/fp16 tiles on tensor cores) or "fp32"/"fp64"
+# (IEEE FMA: no tensor cores, 2-4x the smem per tile, so much smaller tiles; kernel_report measured
+# the 128x128 tc tiles in fp32 at 128-255 registers + 8-11 KB spills, in fp64 over the smem limit).
+# ----------------------------------------------------------------------------------------------
+def _cfg(bm, bn, bk, warps, stages, family, mma="tc", group_m=8):
+    c = triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m},
+                      num_warps=warps, num_stages=stages)
+    c.family, c.mma = family, mma
+    return c
+
+
+def _fma_configs(family):
+    # fp64 64x64 with 8 warps spilled 24 bytes in-loop (sm_80); 32x64 with 4 warps does not
+    return [_cfg(64, 64, 32, 8, 3, family, "fp32"), _cfg(32, 64, 32, 4, 3, family, "fp64")]
+
+
+def configs_sm80():
+    # A100: 164 KB smem. 128x128 needs 8 warps: with 4, acc (128 fp32/thread) + the in-loop
+    # H accumulator spilled 168 bytes (kernel_report, ptxas 13).
+    return [_cfg(128, 128, 32, 8, 4, "sm_80"), _cfg(64, 64, 64, 4, 4, "sm_80")] + _fma_configs("sm_80")
+
+
+def configs_sm90():
+    # H100: 228 KB smem; BLOCK_M 128 with 8 warps = two warpgroups for wgmma.
+    return [_cfg(128, 128, 64, 8, 3, "sm_90"), _cfg(64, 128, 64, 4, 4, "sm_90")] + _fma_configs("sm_90")
+
+
+def configs_default():
+    # unknown GPUs (sm_86/89 have ~100 KB smem): one modest tile.
+    return [_cfg(64, 64, 32, 4, 3, "default")] + _fma_configs("default")
+
+
+def configs_interpreter():
+    # one config (autotuning needs a GPU). Small tiles so the tests cross tile edges in M, N, K.
+    return [_cfg(16, 32, 16, 4, 1, "interpreter", "any", group_m=2)]
+
+
+def configs_for(family: str, mma: str = None):
+    cfgs = {"sm_80": configs_sm80, "sm_90": configs_sm90, "default": configs_default,
+            "interpreter": configs_interpreter}[family]()
+    return [c for c in cfgs if mma is None or c.mma in (mma, "any")]
+
+
+ALL_FAMILIES = ("sm_80", "sm_90", "default", "interpreter")
+
+
+def mma_class(dtype) -> str:
+    """'tc' for 16-bit tiles, 'fp32' / 'fp64' for the IEEE FMA path (torch or tl dtype)."""
+    name = str(dtype).split(".")[-1]
+    return {"float32": "fp32", "fp32": "fp32", "float64": "fp64", "fp64": "fp64"}.get(name, "tc")
+
+
+def _mine(configs, named_args):
+    family = "interpreter" if INTERPRET else cost_model.gpu_family(named_args["x_ptr"].device)
+    mma = mma_class(named_args["x_ptr"].dtype)
+    return [c for c in configs if c.family == family and c.mma in (mma, "any")]
+
+
+def _keep(cfg, M, N):
+    """Drop tiles far larger than the problem (a 128-row tile for 20 rows wastes the MMA)."""
+    kw = cfg.kwargs
+    return kw["BLOCK_M"] <= max(64, triton.next_power_of_2(M)) and kw["BLOCK_N"] <= max(64, triton.next_power_of_2(N))
+
+
+def _prune(configs, named_args, **kwargs):
+    mine = _mine(configs, named_args)
+    kept = [c for c in mine if _keep(c, named_args["M"], named_args["N"])]
+    return kept or mine[-1:]
+
+
+_ALL_CONFIGS = [c for f in ALL_FAMILIES for c in configs_for(f)]
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _dot(a, b, acc, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    # The interpreter returns garbage for bf16 tl.dot (STYLE.md): upcast there only; on a GPU
+    # the tiles stay bf16/fp16 and hit the tensor cores.
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+
+
+@triton.jit
+def _scale_tile(ps_ptr, offs_m, offs_r, mask_m, mask_r, rows_per_sample, rank, stride_pp, stride_pt,
+                ACC_DTYPE: tl.constexpr, PER_SAMPLE_PREF: tl.constexpr):
+    # S[m, j] = (scale * pref)[m // rows_per_sample, j // rank]; ps = scale * pref, made on the host
+    col = offs_r // rank
+    if PER_SAMPLE_PREF:
+        row = offs_m // rows_per_sample
+        s = tl.load(ps_ptr + row[:, None] * stride_pp + col[None, :] * stride_pt,
+                    mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+    else:
+        s = tl.load(ps_ptr + col * stride_pt, mask=mask_r, other=0.0)[None, :]
+    return s.to(ACC_DTYPE)
+
+
+# ----------------------------------------------------------------------------------------------
+# kernels
+# ----------------------------------------------------------------------------------------------
+@triton.autotune(configs=_ALL_CONFIGS, key=["M_BUCKET", "N", "K", "R", "SHRINK_IN_LOOP", "EXPAND"],
+                 prune_configs_by={"early_config_prune": _prune})
+@triton.jit
+def _lora_mm_kernel(
+    # pointers
+    x_ptr,      # (M, K)
+    w_ptr,      # (K, N)   wm, or W_eff on the merged path
+    bias_ptr,   # (N,)     read when HAS_BIAS
+    down_ptr,   # (K, R)   read when SHRINK_IN_LOOP
+    up_ptr,     # (R, N)   read when EXPAND
+    ps_ptr,     # (P, T)   scale * pref
+    out_ptr,    # (M, N)   z[:, :N]
+    h_ptr,      # (M, R)   z[:, N:]: written when SHRINK_IN_LOOP, read otherwise (split)
+    # sizes
+    M, N, K, R, rank, rows_per_sample,
+    # strides
+    stride_xm, stride_xk, stride_wk, stride_wn, stride_dk, stride_dr, stride_ur, stride_un,
+    stride_pp, stride_pt, stride_om, stride_on, stride_hm, stride_hr,
+    M_BUCKET,   # next_pow2(M): autotune key only, so a new batch size does not retune
+    # features
+    HAS_BIAS: tl.constexpr, PER_SAMPLE_PREF: tl.constexpr, SHRINK_IN_LOOP: tl.constexpr,
+    EXPAND: tl.constexpr, UPCAST: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    # tiles
+    BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    # grouped ordering: GROUP_M row tiles share each column tile of w while it is in L2
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)   # int64: M*K may pass 2^31
+    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+
+    if EXPAND and not SHRINK_IN_LOOP:
+        # split: start from (H * S) @ up, R in chunks of BLOCK_R
+        for r0 in range(0, R, BLOCK_R):
+            rr = r0 + offs_r
+            mask_r = rr < R
+            h = tl.load(h_ptr + offs_m[:, None] * stride_hm + rr[None, :] * stride_hr,
+                        mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+            g = h.to(ACC_DTYPE) * _scale_tile(ps_ptr, offs_m, rr, mask_m, mask_r, rows_per_sample, rank,
+                                              stride_pp, stride_pt, ACC_DTYPE, PER_SAMPLE_PREF)
+            u = tl.load(up_ptr + rr[:, None] * stride_ur + offs_n[None, :] * stride_un,
+                        mask=mask_r[:, None] & mask_n[None, :], other=0.0)
+            acc = _dot(g.to(u.dtype), u, acc, UPCAST, INPUT_PRECISION)
+
+    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk
+    w_ptrs = w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn
+    if SHRINK_IN_LOOP:
+        mask_r = offs_r < R
+        d_ptrs = down_ptr + offs_k[:, None] * stride_dk + offs_r[None, :] * stride_dr
+        h_acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=ACC_DTYPE)
+    for k0 in range(0, K, BLOCK_K):
+        mask_k = offs_k < K - k0
+        x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        acc = _dot(x, w, acc, UPCAST, INPUT_PRECISION)
+        if SHRINK_IN_LOOP:
+            d = tl.load(d_ptrs, mask=mask_k[:, None] & mask_r[None, :], other=0.0)
+            h_acc = _dot(x, d, h_acc, UPCAST, INPUT_PRECISION)
+            d_ptrs += BLOCK_K * stride_dk
+        x_ptrs += BLOCK_K * stride_xk
+        w_ptrs += BLOCK_K * stride_wk
+
+    if SHRINK_IN_LOOP:
+        if EXPAND:
+            g = h_acc * _scale_tile(ps_ptr, offs_m, offs_r, mask_m, mask_r, rows_per_sample, rank,
+                                    stride_pp, stride_pt, ACC_DTYPE, PER_SAMPLE_PREF)
+            u = tl.load(up_ptr + offs_r[:, None] * stride_ur + offs_n[None, :] * stride_un,
+                        mask=mask_r[:, None] & mask_n[None, :], other=0.0)
+            acc = _dot(g.to(u.dtype), u, acc, UPCAST, INPUT_PRECISION)
+        if pid_n == 0:
+            tl.store(h_ptr + offs_m[:, None] * stride_hm + offs_r[None, :] * stride_hr,
+                     h_acc.to(h_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_r[None, :])
+
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(ACC_DTYPE)[None, :]
+    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on,
+             acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+def _prune_skinny(configs, named_args, **kwargs):
+    mine = _mine(configs, named_args)
+    kept = [c for c in mine if c.kwargs["BLOCK_M"] <= max(32, triton.next_power_of_2(named_args["M"]))]
+    return kept or mine[-1:]
+
+
+def _skinny_cfg(bm, bk, warps, stages, family, mma="tc"):
+    c = triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
+    c.family, c.mma = family, mma
+    return c
+
+
+def skinny_configs_for(family: str, mma: str = None):
+    # memory-bound (reads x once, R <= 64 columns per program): long K tiles, many rows in flight
+    # fp64 32x64 spilled 8 bytes on sm_90 (kernel_report); 32x32 does not
+    fma = [_skinny_cfg(64, 64, 4, 3, family, "fp32"), _skinny_cfg(32, 32, 4, 3, family, "fp64")]
+    cfgs = {"sm_80": [_skinny_cfg(64, 128, 4, 4, "sm_80")] + fma,
+            "sm_90": [_skinny_cfg(128, 128, 8, 4, "sm_90"), _skinny_cfg(64, 128, 4, 4, "sm_90")] + fma,
+            "default": [_skinny_cfg(64, 64, 4, 3, "default")] + fma,
+            "interpreter": [_skinny_cfg(16, 16, 4, 1, "interpreter", "any")]}[family]
+    return [c for c in cfgs if mma is None or c.mma in (mma, "any")]
+
+
+@triton.autotune(configs=[c for f in ALL_FAMILIES for c in skinny_configs_for(f)],
+                 key=["M_BUCKET", "K", "R"], prune_configs_by={"early_config_prune": _prune_skinny})
+@triton.jit
+def _lora_shrink_kernel(
+    x_ptr,      # (M, K)
+    down_ptr,   # (K, R)
+    h_ptr,      # (M, R)   z[:, N:]
+    M, K, R,
+    stride_xm, stride_xk, stride_dk, stride_dr, stride_hm, stride_hr,
+    M_BUCKET,
+    UPCAST: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # grid (row tiles, R chunks): H[m, r0:r0+BLOCK_R] = x[m, :] @ down[:, r0:r0+BLOCK_R]
+    pid_m = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    mask_r = offs_r < R
+    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk
+    d_ptrs = down_ptr + offs_k[:, None] * stride_dk + offs_r[None, :] * stride_dr
+    h = tl.zeros((BLOCK_M, BLOCK_R), dtype=ACC_DTYPE)
+    for k0 in range(0, K, BLOCK_K):
+        mask_k = offs_k < K - k0
+        x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        d = tl.load(d_ptrs, mask=mask_k[:, None] & mask_r[None, :], other=0.0)
+        h = _dot(x, d, h, UPCAST, INPUT_PRECISION)
+        x_ptrs += BLOCK_K * stride_xk
+        d_ptrs += BLOCK_K * stride_dk
+    tl.store(h_ptr + offs_m[:, None] * stride_hm + offs_r[None, :] * stride_hr,
+             h.to(h_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_r[None, :])
+
+
+@triton.jit
+def _lora_merge_kernel(
+    w_ptr,      # (K, N)   wm
+    down_ptr,   # (K, R)
+    up_ptr,     # (R, N)
+    ps_ptr,     # (1, T)   scale * pref (per-batch)
+    weff_ptr,   # (K, N)   out: wm + (down * S) @ up
+    K, N, R, rank,
+    stride_wk, stride_wn, stride_dk, stride_dr, stride_ur, stride_un, stride_pt, stride_ek, stride_en,
+    UPCAST: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # K*N*R FLOPs once per preference; one fixed config (it is ~1/N of the GEMM's work)
+    pid_k = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_k = pid_k.to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_k = offs_k < K
+    mask_n = offs_n < N
+    acc = tl.load(w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn,
+                  mask=mask_k[:, None] & mask_n[None, :], other=0.0).to(ACC_DTYPE)
+    for r0 in range(0, R, BLOCK_R):
+        rr = r0 + offs_r
+        mask_r = rr < R
+        s = tl.load(ps_ptr + (rr // rank) * stride_pt, mask=mask_r, other=0.0).to(ACC_DTYPE)
+        d = tl.load(down_ptr + offs_k[:, None] * stride_dk + rr[None, :] * stride_dr,
+                    mask=mask_k[:, None] & mask_r[None, :], other=0.0)
+        u = tl.load(up_ptr + rr[:, None] * stride_ur + offs_n[None, :] * stride_un,
+                    mask=mask_r[:, None] & mask_n[None, :], other=0.0)
+        acc = _dot((d.to(ACC_DTYPE) * s[None, :]).to(u.dtype), u, acc, UPCAST, INPUT_PRECISION)
+    tl.store(weff_ptr + offs_k[:, None] * stride_ek + offs_n[None, :] * stride_en,
+             acc.to(weff_ptr.dtype.element_ty), mask=mask_k[:, None] & mask_n[None, :])
+
+
+# merge: one fixed tile per MMA class (run once per preference, ~R/N of the GEMM's FLOPs)
+MERGE_TILE = {"tc": {"BLOCK_K": 64, "BLOCK_N": 64, "num_warps": 4},
+              "fp32": {"BLOCK_K": 64, "BLOCK_N": 64, "num_warps": 4},
+              "fp64": {"BLOCK_K": 32, "BLOCK_N": 64, "num_warps": 4},
+              "interpreter": {"BLOCK_K": 32, "BLOCK_N": 32, "num_warps": 4}}
+
+
+# ----------------------------------------------------------------------------------------------
+# host side
+# ----------------------------------------------------------------------------------------------
+_forced_path: Optional[str] = None
+
+
+@contextlib.contextmanager
+def use_path(path: Optional[str]):
+    """Force 'inloop' | 'split' | 'merged' for every lora_mm in the block (tests, benchmarks)."""
+    global _forced_path
+    if path is not None and path not in cost_model.PATHS:
+        raise ValueError(f"path: expected one of {', '.join(cost_model.PATHS)} or None, got {path!r}")
+    prev, _forced_path = _forced_path, path
+    try:
+        yield
+    finally:
+        _forced_path = prev
+
+
+def block_r(R: int) -> int:
+    return cost_model.padded_rank(R) if R <= cost_model.MAX_INLOOP_R else 64
+
+
+def _precision(dtype: torch.dtype) -> tuple:
+    """(UPCAST, ACC_DTYPE, INPUT_PRECISION) for an input dtype."""
+    if dtype not in _TL_DTYPE:
+        raise TypeError(f"x: expected float16, bfloat16, float32 or float64, got {dtype}")
+    upcast = INTERPRET and dtype == torch.bfloat16
+    acc = tl.float64 if dtype == torch.float64 else tl.float32
+    # fp32 is IEEE fp32 (torch's default matmul precision; 1e-5 in the tests). tf32 is not offered:
+    # its tiles were not verified by kernel_report (4-byte tiles double the smem of the tc configs).
+    return upcast, acc, "ieee"
+
+
+def pick_path(N, K, M, R, T, dtype, device, per_batch, bias) -> str:
+    if _forced_path is not None:
+        if _forced_path == "merged" and not per_batch:
+            raise ValueError("path: 'merged' needs a per-batch preference (pref.shape[0] == 1)")
+        if _forced_path == "inloop" and R > cost_model.MAX_INLOOP_R:
+            raise ValueError(f"path: 'inloop' supports R <= {cost_model.MAX_INLOOP_R}, got R = {R}")
+        return _forced_path
+    family = "default" if INTERPRET else cost_model.gpu_family(device)
+    return cost_model.choose_path(N, K, M, R, T, dtype, family, per_batch=per_batch, bias=bias)
+
+
+def _check(x, wm, bias, down, up, pref, rows_per_sample):
+    N, K = x.shape
+    M, R = wm.shape[1], down.shape[1]
+    for name, t, shape in (("wm", wm, (K, M)), ("down", down, (K, R)), ("up", up, (R, M))):
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{name}: expected shape {shape}, got {tuple(t.shape)}")
+        if t.dtype != x.dtype:
+            raise TypeError(f"{name}: expected dtype {x.dtype} (x's), got {t.dtype}")
+    if bias is not None and (tuple(bias.shape) != (M,) or bias.dtype != x.dtype):
+        raise ValueError(f"bias: expected shape ({M},) dtype {x.dtype}, got {tuple(bias.shape)} {bias.dtype}")
+    P, T = pref.shape
+    if R % T:
+        raise ValueError(f"down: expected R = down.shape[1] divisible by T = {T}, got {R}")
+    if P != 1 and P * rows_per_sample != N:
+        raise ValueError(f"pref: expected pref.shape[0] * rows_per_sample == N = {N}, "
+                         f"got {P} * {rows_per_sample}")
+
+
+def lora_mm(x, wm, bias, down, up, pref, rows_per_sample, scale, path: Optional[str] = None):
+    """z (N, M+R) = [x wm + bias + ((x down) * S) up | x down]; see palora_kernels._ops.
+
+    x: (N, K); wm: (K, M); bias: (M,) or None; down: (K, R); up: (R, M); pref: (P, T).
+    """
+    _check(x, wm, bias, down, up, pref, rows_per_sample)
+    N, K = x.shape
+    M, R = wm.shape[1], down.shape[1]
+    P, T = pref.shape
+    z = x.new_empty(N, M + R)
+    if N == 0:
+        return z
+    out, h = z[:, :M], z[:, M:]
+    per_batch = P == 1
+    path = path or pick_path(N, K, M, R, T, x.dtype, x.device, per_batch, bias is not None)
+    upcast, acc_dt, prec = _precision(x.dtype)
+    ps = pref.to(torch.float64 if x.dtype == torch.float64 else torch.float32) * scale   # (P, T), tiny
+    BR = block_r(R)
+    m_bucket = triton.next_power_of_2(N)
+
+    if path in ("split", "merged"):
+        grid = lambda META: (triton.cdiv(N, META["BLOCK_M"]), triton.cdiv(R, BR))  # noqa: E731
+        _lora_shrink_kernel[grid](
+            x, down, h, N, K, R,
+            x.stride(0), x.stride(1), down.stride(0), down.stride(1), h.stride(0), h.stride(1), m_bucket,
+            UPCAST=upcast, ACC_DTYPE=acc_dt, INPUT_PRECISION=prec, BLOCK_R=BR)
+    w = wm
+    if path == "merged":
+        w = torch.empty((K, M), dtype=x.dtype, device=x.device)
+        t = MERGE_TILE["interpreter" if INTERPRET else mma_class(x.dtype)]
+        _lora_merge_kernel[(triton.cdiv(K, t["BLOCK_K"]), triton.cdiv(M, t["BLOCK_N"]))](
+            wm, down, up, ps, w, K, M, R, R // T,
+            wm.stride(0), wm.stride(1), down.stride(0), down.stride(1), up.stride(0), up.stride(1),
+            ps.stride(1), w.stride(0), w.stride(1),
+            UPCAST=upcast, ACC_DTYPE=acc_dt, INPUT_PRECISION=prec, BLOCK_R=BR,
+            BLOCK_K=t["BLOCK_K"], BLOCK_N=t["BLOCK_N"], num_warps=t["num_warps"])
+
+    grid = lambda META: (triton.cdiv(N, META["BLOCK_M"]) * triton.cdiv(M, META["BLOCK_N"]),)  # noqa: E731
+    _lora_mm_kernel[grid](
+        x, w, bias if bias is not None else x, down, up, ps, out, h,
+        N, M, K, R, R // T, rows_per_sample,
+        x.stride(0), x.stride(1), w.stride(0), w.stride(1), down.stride(0), down.stride(1),
+        up.stride(0), up.stride(1), ps.stride(0), ps.stride(1), out.stride(0), out.stride(1),
+        h.stride(0), h.stride(1), m_bucket,
+        HAS_BIAS=bias is not None, PER_SAMPLE_PREF=not per_batch, SHRINK_IN_LOOP=path == "inloop",
+        EXPAND=path != "merged", UPCAST=upcast, ACC_DTYPE=acc_dt, INPUT_PRECISION=prec, BLOCK_R=BR)
+    return z

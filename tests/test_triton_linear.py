@@ -1,0 +1,283 @@
+"""Triton backend of PaLoRALinear, run on CPU tensors under the Triton interpreter.
+
+Every kernel path (in-loop shrink, split shrink, merged), every dtype, both preference kinds,
+bias and no bias, ragged shapes, forward and backward, against the fp64 reference on the same
+(rounded) inputs with the conftest TOL table. TRITON_INTERPRET=1 is set in conftest.py.
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import palora_kernels as pk
+from palora_kernels import cost_model, dispatch, reference
+from conftest import TOL, assert_rel_close, rel_err
+
+triton_linear = pytest.importorskip("palora_kernels.triton.linear")
+pytestmark = pytest.mark.skipif(not triton_linear.INTERPRET,
+                                reason="needs TRITON_INTERPRET=1 before triton is imported (conftest sets it)")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+CASES = [("inloop", "batch"), ("inloop", "sample"), ("split", "batch"), ("split", "sample"), ("merged", "batch")]
+SCALE = 0.7                               # not a power of two: catches a scale rounded to fp32 in fp64 runs
+
+
+def make(shape_x, in_f, out_f, T, r, dtype, pref_kind, bias=True, seed=0):
+    """Inputs rounded to ``dtype`` (the reference sees exactly the same values, in fp64)."""
+    g = torch.Generator().manual_seed(seed)
+    rnd = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    x = rnd(*shape_x, in_f)
+    w = rnd(out_f, in_f) / in_f ** 0.5
+    b = rnd(out_f) if bias else None
+    A = rnd(T, r, in_f) / in_f ** 0.5
+    B = rnd(T, out_f, r) / r ** 0.5       # non-zero B, so the adapter path matters
+    p = torch.rand(T, generator=g, dtype=torch.float64) if pref_kind == "batch" else \
+        torch.rand(shape_x[0], T, generator=g, dtype=torch.float64)
+    pdt = torch.float64 if dtype == torch.float64 else torch.float32
+    return [t if t is None else t.to(dtype) for t in (x, w, b, A, B)] + [p.to(pdt)]
+
+
+def stacked_args(x, w, b, A, B, p):
+    """The forward lora_mm arguments of palora_linear (functional.py), for direct kernel calls."""
+    x2 = x.reshape(-1, x.shape[-1])
+    pref = p.reshape(1, -1) if p.dim() == 1 else p
+    L = x2.shape[0] if p.dim() == 1 else x2.shape[0] // p.shape[0]
+    A_cat, B_cat = pk._math.stack_A(A), pk._math.stack_B(B)
+    return x2, w.t(), b, A_cat.t(), B_cat.t(), pref, L
+
+
+def expected_z(x2, wm, b, down, up, pref, L):
+    """[y | H] in fp64 from the reference loop over adapters (one rank-r block per task)."""
+    T = pref.shape[1]
+    R = down.shape[1]
+    r = R // T
+    d = lambda t: None if t is None else t.double()  # noqa: E731
+    A = d(down).t().reshape(T, r, -1)
+    B = d(up).t().reshape(-1, T, r).permute(1, 0, 2)
+    p = d(pref)
+    pref_arg = p[0] if p.shape[0] == 1 else p
+    xs = d(x2) if p.shape[0] == 1 else d(x2).reshape(p.shape[0], L, -1)
+    y = reference.palora_linear(xs, d(wm).t(), d(b), A, B, pref_arg, SCALE).reshape(x2.shape[0], -1)
+    return torch.cat([y, d(x2) @ d(down)], dim=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# forward: the kernel itself, every path x dtype x preference kind x bias, ragged shapes
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("path,pref_kind", CASES)
+def test_lora_mm_forward(path, pref_kind, dtype, bias):
+    shape_x = (37,) if pref_kind == "batch" else (5, 8)   # per-sample: samples cross 16-row tiles
+    args = stacked_args(*make(shape_x, 50, 70, 2, 3, dtype, pref_kind, bias))
+    z = triton_linear.lora_mm(*args, SCALE, path=path)
+    assert z.dtype == dtype and z.shape == (args[0].shape[0], 70 + 6)
+    exp = expected_z(*args)
+    assert_rel_close(z[:, :70], exp[:, :70], dtype, f"{path} y")
+    assert_rel_close(z[:, 70:], exp[:, 70:], dtype, f"{path} H")
+
+
+@pytest.mark.parametrize("path", ["inloop", "split", "merged"])
+@pytest.mark.parametrize("T,r", [(1, 1), (1, 5), (3, 24)], ids=["T1r1", "T1r5", "T3r24_R72"])
+def test_lora_mm_ranks(path, T, r):
+    """Rank 1, one task, and R = 72 > 64 (split/merged loop over R in chunks; in-loop refuses)."""
+    args = stacked_args(*make((21,), 33, 19, T, r, torch.float32, "batch"))
+    if path == "inloop" and T * r > cost_model.MAX_INLOOP_R:
+        with pytest.raises(ValueError, match="inloop"), triton_linear.use_path("inloop"):
+            triton_linear.lora_mm(*args, SCALE)
+        return
+    with triton_linear.use_path(path):
+        z = triton_linear.lora_mm(*args, SCALE)
+    assert_rel_close(z, expected_z(*args), torch.float32, f"{path} T={T} r={r}")
+
+
+def test_lora_mm_strided_and_empty():
+    """Non-contiguous x and weights are read through their strides; an empty batch returns (0, M+R)."""
+    x, w, b, A, B, p = make((40,), 48, 24, 2, 4, torch.float32, "batch")
+    x_nc = x.t().contiguous().t()                     # column-major (40, 48)
+    args = stacked_args(x_nc, w, b, A, B, p)
+    assert args[0].stride(-1) != 1 and args[1].stride(0) == 1
+    for path in ("inloop", "split", "merged"):
+        z = triton_linear.lora_mm(*args, SCALE, path=path)
+        assert_rel_close(z, expected_z(*args), torch.float32, f"strided {path}")
+    empty = triton_linear.lora_mm(args[0][:0], *args[1:], SCALE)
+    assert empty.shape == (0, 24 + 8)
+
+
+def test_lora_mm_bad_input_names_argument():
+    args = list(stacked_args(*make((8,), 16, 16, 2, 2, torch.float32, "batch")))
+    args[3] = args[3][:, :3]                          # down (K, 3), R not divisible by T = 2
+    with pytest.raises(ValueError, match="up: expected shape"):
+        triton_linear.lora_mm(*args, SCALE)
+    with pytest.raises(ValueError, match="merged"), triton_linear.use_path("merged"):
+        triton_linear.lora_mm(*stacked_args(*make((4, 2), 16, 16, 2, 2, torch.float32, "sample")), SCALE)
+
+
+def test_bf16_upcasts_only_under_interpreter(monkeypatch):
+    """bf16 tl.dot is wrong in the interpreter; the upcast flag is on there and off on a GPU."""
+    assert triton_linear._precision(torch.bfloat16)[0] is True
+    monkeypatch.setattr(triton_linear, "INTERPRET", False)
+    assert triton_linear._precision(torch.bfloat16)[0] is False
+    assert triton_linear._precision(torch.float16)[0] is False
+
+
+# ---------------------------------------------------------------------------------------------
+# forward + backward through palora_linear (dX goes through the same fused kernel)
+# ---------------------------------------------------------------------------------------------
+def pref_grad_scale(x, A, B, p, dy):
+    """s * sum_{rows of p} sum_j |H[n, t*r+j]| |dG[n, t*r+j]|  (P, T), in fp64.
+
+    dp is a sum of N*r products that cancel (for a per-batch p: over every row), so its error is
+    bounded by eps * this sum, not by eps * |dp|: the standard bound for a rounded dot product.
+    The torch backend has the same error (fp16 1.3e-2, bf16 5.7e-2 of max|dp| on the nobias data)."""
+    T, r = A.shape[:2]
+    P = 1 if p.dim() == 1 else p.shape[0]
+    H = x.reshape(-1, x.shape[-1]).double() @ pk._math.stack_A(A).double().t()
+    dG = dy.reshape(-1, dy.shape[-1]).double() @ pk._math.stack_B(B).double()
+    return (H.abs() * dG.abs()).reshape(P, -1, T, r).sum(dim=(1, 3)) * SCALE
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("path,pref_kind", CASES)
+def test_palora_linear_fwd_bwd(path, pref_kind, dtype, bias):
+    shape_x = (37,) if pref_kind == "batch" else (5, 8)
+    inputs = make(shape_x, 50, 70, 2, 3, dtype, pref_kind, bias, seed=1)
+    leaves = [t if t is None else t.clone().requires_grad_() for t in inputs]
+    refs = [t if t is None else t.detach().double().requires_grad_() for t in inputs]
+    dy = torch.randn(*shape_x, 70, generator=torch.Generator().manual_seed(2), dtype=torch.float64).to(dtype)
+
+    with triton_linear.use_path(path):
+        y = pk.palora_linear(*leaves, SCALE, backend="triton")
+        y.backward(dy)
+    y_ref = reference.palora_linear(*refs, SCALE)
+    y_ref.backward(dy.double())
+
+    assert y.dtype == dtype
+    assert_rel_close(y, y_ref, dtype, "y")
+    for name, t, r in zip(("x", "weight", "bias", "lora_A", "lora_B"), leaves, refs):
+        if t is not None:
+            assert_rel_close(t.grad, r.grad, dtype, f"d{name}")
+    x, _, _, A, B, p = refs
+    dp_err = ((leaves[5].grad.double() - p.grad).abs() / pref_grad_scale(x, A, B, p, dy)).max().item()
+    assert dp_err <= TOL[dtype], f"dpreference: error {dp_err:.3g} of s*sum|H||dG| > {TOL[dtype]:g}"
+    if dtype == torch.float32:
+        assert_rel_close(leaves[5].grad, p.grad, dtype, "dpreference")
+
+
+def test_gradcheck_fp64_triton():
+    """Hand-written backward vs finite differences, fp64, per-sample preference, both fused shapes."""
+    inputs = make((2, 3), 5, 6, 2, 2, torch.float64, "sample", seed=3)
+    leaves = [t.clone().requires_grad_() for t in inputs]
+    for path in ("inloop", "split"):
+        with triton_linear.use_path(path):
+            assert torch.autograd.gradcheck(
+                lambda *a: pk.palora_linear(*a, SCALE, backend="triton"), leaves, eps=1e-6, atol=1e-7)
+
+
+# ---------------------------------------------------------------------------------------------
+# custom op, torch.compile, dispatch
+# ---------------------------------------------------------------------------------------------
+def test_opcheck_lora_mm_triton():
+    for pref_kind in ("batch", "sample"):
+        x2, wm, b, down, up, pref, L = stacked_args(*make((6, 4) if pref_kind == "sample" else (24,),
+                                                          32, 20, 2, 4, torch.float32, pref_kind))
+        torch.library.opcheck(torch.ops.palora.lora_mm.default,
+                              (x2, wm, b, down, up, pref, L, SCALE, "triton"))
+
+
+def test_compile_fullgraph_mlp_trains_one_step_triton(monkeypatch):
+    """torch.compile(fullgraph=True) of 3 PaLoRALinear layers, Triton backend under the interpreter."""
+    calls = []
+    kernel = dispatch.kernel("triton", "lora_mm")
+    monkeypatch.setitem(dispatch._kernels, ("triton", "lora_mm"),
+                        lambda *a: calls.append(a[0].shape) or kernel(*a))
+    torch.manual_seed(0)
+    layers = [pk.PaLoRALinear(16, 32, num_tasks=2, rank=2), pk.PaLoRALinear(32, 32, num_tasks=2, rank=2),
+              pk.PaLoRALinear(32, 8, num_tasks=2, rank=2)]
+    for layer in layers:
+        torch.nn.init.normal_(layer.lora_B, std=0.1)   # so the adapters carry gradient
+    model = torch.nn.ModuleList(layers)
+    ref = [pk.PaLoRALinear(l.in_features, l.out_features, num_tasks=2, rank=2) for l in layers]
+    for a, b in zip(ref, layers):
+        a.load_state_dict(b.state_dict())
+
+    def mlp(mods, x, p):
+        h = torch.relu(mods[0](x, p))
+        h = torch.relu(mods[1](h, p))
+        return mods[2](h, p)
+
+    x = torch.randn(4, 3, 16)
+    p = torch.tensor([[0.2, 0.8], [0.5, 0.5], [0.9, 0.1], [0.0, 1.0]])
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    torch._dynamo.reset()
+    step = torch.compile(lambda x, p: mlp(model, x, p).square().mean(), fullgraph=True)
+    with pk.use_backend("triton"):
+        loss = step(x, p)
+        loss.backward()
+    with pk.use_backend("reference"):
+        loss_ref = mlp(ref, x, p).square().mean()
+        loss_ref.backward()
+    # 3 forwards + dX of layers 2 and 3 (x of layer 1 needs no grad) ran the Triton kernels
+    assert len(calls) == 5, calls
+    assert rel_err(loss, loss_ref) <= TOL[torch.float32]
+    for (name, a), b in zip(model.named_parameters(), [q for m in ref for q in m.parameters()]):
+        assert_rel_close(a.grad, b.grad, torch.float32, f"grad {name}")
+    before = [q.detach().clone() for q in model.parameters()]
+    opt.step()
+    assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_dispatch_triton_cpu_under_interpreter():
+    assert dispatch.unavailable_reason("triton", torch.device("cpu")) is None
+    assert dispatch.select_backend(torch.device("cpu"), "triton") == "triton"
+
+
+def test_dispatch_reason_without_interpreter():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    code = ("import torch, palora_kernels as pk\n"
+            "print(pk.dispatch.unavailable_reason('triton', torch.device('cpu')))\n")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "TRITON_INTERPRET=1" in out.stdout and "before triton is imported" in out.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# cost model and the reports built on it
+# ---------------------------------------------------------------------------------------------
+def test_cost_model_choices():
+    kw = dict(per_batch=True, bias=True)
+    # H100, bf16, T=3 r=8, 4096 x 4096: the fused GEMM is memory bound at N=256 (in-loop recompute
+    # is free), compute bound at N=16384 (split avoids ceil(4096/128)=32x recomputing H)
+    assert cost_model.choose_path(256, 4096, 4096, 24, 3, torch.bfloat16, "sm_90", **kw) == "inloop"
+    assert cost_model.choose_path(16384, 4096, 4096, 24, 3, torch.bfloat16, "sm_90", **kw) == "split"
+    assert cost_model.allowed_paths(72, per_batch=True) == ["split", "merged"]
+    assert "merged" not in cost_model.allowed_paths(24, per_batch=False)
+    unf = cost_model.path_cost("unfused", 4096, 4096, 4096, 24, 3, 2)
+    fused = cost_model.path_cost("split", 4096, 4096, 4096, 24, 3, 2)
+    assert unf.bytes > 2 * fused.bytes
+
+
+def test_estimate_h100_runs():
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "estimate_h100.py")], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "ESTIMATE" in out.stdout and "N=16384" in out.stdout and "unfused" in out.stdout
+
+
+def test_kernel_report_all_configs_compile_without_spills():
+    """Ahead-of-time compile for sm_80 and sm_90 (~50 s on 2 cores): exit 0 = no failure, no spill."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    out = subprocess.run([sys.executable, "-m", "palora_kernels.kernel_report"], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    lines = [l for l in out.stdout.splitlines() if l.startswith("| lora_")]
+    assert any("sm_80" in l and "mma/HMMA" in l for l in lines)
+    assert any("sm_90" in l and "wgmma/HGMMA" in l for l in lines)
+    assert len(lines) >= 30 and all(l.split("|")[-2].strip() == "ok" for l in lines)
