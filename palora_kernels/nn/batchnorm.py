@@ -132,9 +132,9 @@ def convert_batchnorm(model: nn.Module, num_groups: int = 1) -> nn.Module:
     same parameters and buffers; returns ``model``. A bare BatchNorm module is returned converted."""
     def swap(bn):
         cls = RayGroupBatchNorm2d if isinstance(bn, nn.BatchNorm2d) else RayGroupBatchNorm1d
+        like = bn.weight if bn.weight is not None else bn.running_mean     # None: nothing to match
         new = cls(bn.num_features, num_groups, bn.eps, bn.momentum, bn.affine, bn.track_running_stats,
-                  device=(bn.weight.device if bn.weight is not None else None),
-                  dtype=(bn.weight.dtype if bn.weight is not None else None))
+                  device=None if like is None else like.device, dtype=None if like is None else like.dtype)
         new.load_state_dict(bn.state_dict())
         new.train(bn.training)
         return new

@@ -24,8 +24,9 @@ class MultiLeNet(nn.Module):
 
     def __init__(self, classes: Sequence[int], batchnorm: bool = False, image_size: int = 14):
         super().__init__()
-        self.conv1 = nn.Conv2d(1, 10, 5, padding=2)
-        self.conv2 = nn.Conv2d(10, 20, 5, padding=2)
+        # no conv bias before a BatchNorm: BN removes it (its gradient is exactly zero)
+        self.conv1 = nn.Conv2d(1, 10, 5, padding=2, bias=not batchnorm)
+        self.conv2 = nn.Conv2d(10, 20, 5, padding=2, bias=not batchnorm)
         self.bn1 = RayGroupBatchNorm2d(10) if batchnorm else nn.Identity()
         self.bn2 = RayGroupBatchNorm2d(20) if batchnorm else nn.Identity()
         side = image_size // 2 // 2
