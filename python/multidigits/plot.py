@@ -40,7 +40,7 @@ def plot_front(result: dict, path: str) -> None:
         ax.grid(alpha=0.3)
         better = "up and right is better" if metric == "accuracy" else "down and left is better"
         ax.set_title(f"{metric} ({better})", fontsize=10)
-        ax.legend(fontsize=7.5, loc="lower left" if metric == "accuracy" else "upper right")
+        ax.legend(fontsize=7.5, loc="best", framealpha=0.85)
     cbar = fig.colorbar(sc, ax=axes[0].tolist(), fraction=0.025, pad=0.02)
     cbar.set_label("ray weight of task 1")
     he, hl = hv["errors"], hv["losses"]
