@@ -1,5 +1,6 @@
 """2-process DDP (gloo, CPU, loopback via torchrun --standalone) gives the weights of 1 process
 with the same global batch."""
+import json
 import os
 import subprocess
 import sys
@@ -31,6 +32,7 @@ def _run(cmd, tmp_path, name):
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed gloo")
 def test_two_process_ddp_matches_one_process(tmp_path):
+    pytest.importorskip("sklearn")
     _, single = _run([sys.executable], tmp_path, "single")
     proc, ddp = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"],
                      tmp_path, "ddp")
@@ -52,3 +54,23 @@ def test_two_process_ddp_matches_one_process(tmp_path):
         assert diff <= tol, f"{name}: |single - ddp| = {diff:.3g} > {tol:.3g}"
         moved = max(moved, (w - init[name]).abs().max().item())
     assert moved > 100 * tol, "training did not move the weights: the comparison would test nothing"
+
+
+def test_two_process_fsdp2_matches_one_process(tmp_path):
+    """The FSDP recipe of docs/training.md: fully_shard each PaLoRA layer, then the root."""
+    try:
+        from torch.distributed.fsdp import fully_shard  # noqa: F401
+    except ImportError:
+        pytest.skip("torch.distributed.fsdp.fully_shard (FSDP2) is not in this torch")
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("needs torch.distributed gloo")
+    out = tmp_path / "fsdp.json"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(ROOT / "tests" / "_fsdp_worker.py"), str(out)],
+                          env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    tol = 1e-3 * res["lr"] * res["steps"]              # as for DDP above
+    assert res["max_abs_diff"] <= tol, res
+    assert res["moved"] > 100 * tol, res

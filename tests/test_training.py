@@ -142,6 +142,8 @@ def test_ray_groups_context_restores():
 
 
 def _script(tmp_path, *extra):
+    pytest.importorskip("sklearn")
+    pytest.importorskip("matplotlib")
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     cmd = [sys.executable, str(ROOT / "python" / "train_multidigits.py"), "--out", str(tmp_path),
            "--epochs", "1", "--train-size", "512", "--val-size", "100", "--test-size", "100",
