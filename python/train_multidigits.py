@@ -273,13 +273,15 @@ def _summary(result: dict) -> None:
         for r in result["palora"]["rays"]:
             print("  " + " ".join(f"{v:.2f}" for v in r["ray"]) + " -> " +
                   " ".join(f"{a:.4f}" for a in r["test"]["accuracy"]))
-    if result.get("baselines", {}).get("equal_weight"):
-        print("equal-weight test accuracy:", [round(a, 4) for a in result["baselines"]["equal_weight"]["test"]["accuracy"]])
-        print("single-task test accuracy:", [round(s["test"]["accuracy"][0], 4) for s in result["baselines"]["single_task"]])
+    base = result.get("baselines", {})
+    if base.get("equal_weight"):
+        print("equal-weight test accuracy:", [round(a, 4) for a in base["equal_weight"]["test"]["accuracy"]])
+        print("single-task test accuracy:", [round(s["test"]["accuracy"][0], 4) for s in base["single_task"]])
     if "hypervolume" in result:
         for k in ("errors", "losses"):
             h = result["hypervolume"][k]
-            print(f"hypervolume of {k}: PaLoRA {h['palora']:.4f}, equal-weight {h.get('equal_weight', float('nan')):.4f}")
+            print(f"hypervolume of {k}: PaLoRA {h['palora']:.4f}, "
+                  f"equal-weight {h.get('equal_weight', float('nan')):.4f}")
     if "throughput_memory" in result:
         for name, c in result["throughput_memory"]["configs"].items():
             mem = c.get("cuda_peak_step_bytes", c.get("cpu_peak_rss_growth_bytes", 0)) / 2**20

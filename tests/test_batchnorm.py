@@ -9,6 +9,17 @@ from conftest import TOL, rel_err
 from palora_kernels.nn import (RayGroupBatchNorm1d, RayGroupBatchNorm2d, convert_batchnorm, ray_groups,
                                set_ray_groups)
 
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: a second OpenMP thread only adds spin-waits, and under load from other processes
+    2 threads ran these tests ~3x slower here (170 s vs 55 s for the training/BN/data/DDP files)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 CASES = [  # (class, plain class, shape of one group's batch without the batch dim)
     (RayGroupBatchNorm2d, nn.BatchNorm2d, (3, 5, 4)),
     (RayGroupBatchNorm1d, nn.BatchNorm1d, (7,)),
