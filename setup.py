@@ -78,7 +78,7 @@ setup(
         "triton": ["triton>=3.0"],
         "test": ["pytest", "pytest-benchmark", "hypothesis", "ninja", "matplotlib"],
         "bench": ["pytest-benchmark", "matplotlib"],
-        "examples": ["scikit-learn", "matplotlib", "tqdm"],
+        "examples": ["scikit-learn", "matplotlib", "tqdm", "moocore"],
     },
     entry_points={"console_scripts": ["palora-bench=palora_kernels.bench:main"]},
     ext_modules=ext_modules,

@@ -1,4 +1,7 @@
+from .batchnorm import (RayGroupBatchNorm1d, RayGroupBatchNorm2d, convert_batchnorm, ray_groups,
+                        set_ray_groups)
 from .conv import PaLoRAConv2d
 from .linear import PaLoRALinear
 
-__all__ = ["PaLoRAConv2d", "PaLoRALinear"]
+__all__ = ["PaLoRAConv2d", "PaLoRALinear", "RayGroupBatchNorm1d", "RayGroupBatchNorm2d",
+           "convert_batchnorm", "ray_groups", "set_ray_groups"]

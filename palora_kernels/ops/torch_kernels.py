@@ -43,6 +43,11 @@ def lora_conv2d(x, wcat, bias, up, pref, stride, padding, dilation, scale):
     N, _, Ho, Wo = z.shape
     y = z[:, :C_out].view(N, C_out, Ho * Wo)                  # a view: the expand lands in z
     h = z[:, C_out:].view(N, R, Ho * Wo)
-    up_s = up[None] * row_scale(pref.to(up.dtype), rank, scale)[:, None, :]   # (P, C_out, R)
-    y.baddbmm_(up_s.expand(N, C_out, R), h)
+    S = row_scale(pref.to(up.dtype), rank, scale)             # (P, R)
+    # 2-D @ 3-D matmul (one GEMM) plus an add, not baddbmm_ into the strided view y: that falls back
+    # to one addmm_ per image, 4x slower (N=1280, C_out=10, R=4, 14x14, CPU, 2 threads: 40 vs 10 ms)
+    if pref.shape[0] == 1:
+        y.add_(torch.matmul(up * S, h))
+    else:
+        y.add_(torch.matmul(up, h * S[:, :, None]))
     return z

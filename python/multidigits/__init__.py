@@ -1,0 +1,1 @@
+"""MultiDigits example: data, MultiLeNet, ray-stacked PaLoRA training, hypervolume, plots (see docs/training.md)."""

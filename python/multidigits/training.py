@@ -1,0 +1,183 @@
+"""Losses, the ray-stacked and M-pass PaLoRA steps, the training loop and evaluation.
+
+Linear scalarisation (DESIGN.md section 3): the loss of ray m is sum_t lambda_{m,t} L_t with
+L_t the mean cross-entropy of task t over the batch; the M ray losses are summed.
+
+Ray-stacked step: the batch x (B, ...) is repeated M times (ray-major: rows [m*B, (m+1)*B)
+are copy m) with the per-sample preference rays.repeat_interleave(B); ONE forward and ONE
+backward. Since L_{m,t} = mean over copy m, the summed loss is
+    sum_n pref[n, t] * l[n, t] / B,
+the same scalar as the loop's, and every gradient is the same sum of the same terms.
+RayGroupBatchNorm layers are given M groups so each copy is normalised on its own.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import palora_kernels
+from palora_kernels.nn import ray_groups
+
+
+def per_sample_task_losses(logits: list, labels: torch.Tensor) -> torch.Tensor:
+    """logits: T tensors (N, C_t); labels: (N, T) -> cross-entropies (N, T)."""
+    return torch.stack([F.cross_entropy(lg, labels[:, t], reduction="none") for t, lg in enumerate(logits)], 1)
+
+
+def ray_loss_stacked(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, rays: torch.Tensor):
+    """All M rays in one pass. x: (B, ...), labels: (B, T), rays: (M, T).
+    Returns (summed scalarised loss, per-ray task losses (M, T) detached)."""
+    M, T = rays.shape
+    B = x.shape[0]
+    xs = x.repeat(M, *([1] * (x.dim() - 1)))
+    pref = rays.to(x.dtype).repeat_interleave(B, dim=0)                    # (M*B, T)
+    with palora_kernels.preference(model, pref), ray_groups(model, M):
+        losses = per_sample_task_losses(model(xs), labels.repeat(M, 1))    # (M*B, T)
+    task = losses.view(M, B, T).mean(dim=1)                                # (M, T)
+    return (rays.to(task.dtype) * task).sum(), task.detach()
+
+
+def ray_loss_loop(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, rays: torch.Tensor):
+    """The PaLoRA reference: one pass per ray, same return values as :func:`ray_loss_stacked`."""
+    total, tasks = 0.0, []
+    for ray in rays:
+        with palora_kernels.preference(model, ray.to(x.dtype)):
+            task = per_sample_task_losses(model(x), labels).mean(dim=0)   # (T,)
+        total = total + (ray.to(task.dtype) * task).sum()
+        tasks.append(task.detach())
+    return total, torch.stack(tasks)
+
+
+def weighted_loss(weights: torch.Tensor, tasks: Optional[list] = None):
+    """A plain network's loss: sum_t w_t L_t over the tasks its heads predict (``tasks``: label
+    columns of its heads, default all)."""
+    def loss_fn(model, x, labels, step):
+        y = labels if tasks is None else labels[:, tasks]
+        task = per_sample_task_losses(model(x), y).mean(dim=0)
+        return (weights.to(task.dtype) * task).sum(), task.detach()[None]
+    return loss_fn
+
+
+def palora_loss(sampler, stacked: bool = True):
+    step_fn = ray_loss_stacked if stacked else ray_loss_loop
+
+    def loss_fn(model, x, labels, step):
+        return step_fn(model, x, labels, sampler(step, dtype=x.dtype, device=x.device))
+    return loss_fn
+
+
+# -- distribution ----------------------------------------------------------------------------
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def shard(idx: torch.Tensor, dist: Dist) -> torch.Tensor:
+    """This rank's contiguous share of a global batch of indices (equal shares)."""
+    b = idx.shape[0] // dist.world
+    return idx[dist.rank * b:(dist.rank + 1) * b]
+
+
+def steps_per_epoch(n: int, batch_size: int) -> int:
+    return n // batch_size          # drop_last: every step sees a full global batch
+
+
+# -- training loop ---------------------------------------------------------------------------
+@dataclass
+class TrainResult:
+    steps: int
+    seconds: float
+    images_per_s: float
+    last_loss: float
+    history: list
+
+
+def train(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, loss_fn: Callable, *,
+          epochs: int, batch_size: int, lr: float, seed: int, dist: Dist = Dist(),
+          max_steps: Optional[int] = None, progress: bool = True, desc: str = "train",
+          backend: Optional[str] = None, log_every: int = 10) -> TrainResult:
+    """Adam on ``loss_fn(model, x, labels, step) -> (loss, per-ray task losses)``.
+
+    The global batch ``batch_size`` is split evenly over ``dist.world`` ranks; the epoch order is
+    a permutation drawn from (seed, epoch), identical on every rank, so 1 process and N
+    processes see the same global batches. ``model`` may be wrapped in DDP.
+    """
+    if batch_size % dist.world:
+        raise ValueError(f"batch_size: expected a multiple of the world size {dist.world}, got {batch_size}")
+    n = images.shape[0]
+    spe = steps_per_epoch(n, batch_size)
+    if spe == 0:
+        raise ValueError(f"batch_size: expected <= the training set size {n}, got {batch_size}")
+    total = epochs * spe if max_steps is None else min(max_steps, epochs * spe)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    model.train()
+    bar = None
+    if progress and dist.main:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True, leave=True)
+    step, history, loss_val = 0, [], float("nan")
+    t0 = time.perf_counter()
+    with palora_kernels.use_backend(backend):
+        for epoch in range(epochs):
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+            for s in range(spe):
+                if step >= total:
+                    break
+                idx = shard(order[s * batch_size:(s + 1) * batch_size], dist)
+                x, y = images[idx].to(dist.device), labels[idx].to(dist.device)
+                loss, task = loss_fn(model, x, y, step)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                step += 1
+                if step % log_every == 0 or step == total:
+                    loss_val = float(loss.detach())
+                    history.append({"step": step, "loss": loss_val, "task_losses": task.mean(0).tolist()})
+                    if bar is not None:
+                        rate = step * batch_size / (time.perf_counter() - t0)
+                        bar.set_postfix(loss=f"{loss_val:.4f}", img_s=f"{rate:.0f}", refresh=False)
+                if bar is not None:
+                    bar.update(1)
+    seconds = time.perf_counter() - t0
+    if bar is not None:
+        bar.close()
+    return TrainResult(step, seconds, step * batch_size / max(seconds, 1e-9), loss_val, history)
+
+
+# -- evaluation ------------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, ray: Optional[torch.Tensor] = None,
+             batch_size: int = 1000, device=torch.device("cpu")) -> dict:
+    """Per-task accuracy and mean cross-entropy of ``model`` (at preference ``ray`` (T,) when
+    given) over a data set; ``labels`` columns must match the model's heads."""
+    model.eval()
+    n, T = labels.shape
+    loss_sum = torch.zeros(T, dtype=torch.float64)
+    correct = torch.zeros(T, dtype=torch.float64)
+    ctx = palora_kernels.preference(model, ray.to(device)) if ray is not None else contextlib.nullcontext()
+    with ctx:
+        for i in range(0, n, batch_size):
+            x, y = images[i:i + batch_size].to(device), labels[i:i + batch_size].to(device)
+            logits = model(x)
+            loss_sum += per_sample_task_losses(logits, y).sum(0).double().cpu()
+            correct += torch.stack([(lg.argmax(1) == y[:, t]).sum() for t, lg in enumerate(logits)]).double().cpu()
+    model.train()
+    return {"accuracy": (correct / n).tolist(), "loss": (loss_sum / n).tolist()}
+
+
+def loss_reference_point(classes) -> list:
+    """Hypervolume reference for losses: ln(C_t), the cross-entropy of a uniform prediction."""
+    return [math.log(c) for c in classes]

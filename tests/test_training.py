@@ -1,0 +1,193 @@
+"""Ray-stacked PaLoRA training (one pass, per-sample preferences) against the M-pass loop,
+and a tiny end-to-end run of python/train_multidigits.py."""
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import TOL, assert_rel_close, rel_err
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "python"))
+
+import palora_kernels  # noqa: E402
+from multidigits.nets import MultiLeNet  # noqa: E402
+from multidigits.training import ray_loss_loop, ray_loss_stacked  # noqa: E402
+from palora_kernels.nn import RayGroupBatchNorm2d  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: a second OpenMP thread only adds spin-waits, and under load from other processes
+    2 threads ran these tests ~3x slower here (170 s vs 55 s for the training/BN/data/DDP files)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+
+def _model(T, batchnorm, dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    classes = [10, 10, 2][:T]
+    m = palora_kernels.convert(MultiLeNet(classes, batchnorm=batchnorm), num_tasks=T, rank=2, lora_alpha=2.0)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if "lora_B" in name:            # B = 0 at init would make every dA (and the ray mixing) zero
+                p.normal_(0, 0.3)
+            if "bn" in name:                # non-trivial affine BN parameters
+                p.uniform_(0.5, 1.5) if name.endswith("weight") else p.normal_(0, 0.2)
+    return m.to(dtype).train()
+
+
+def _batch(T, B=6, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(B, 1, 14, 14, generator=g)
+    y = torch.stack([torch.randint(0, c, (B,), generator=g) for c in [10, 10, 2][:T]], 1)
+    return x, y
+
+
+def _rays(T, M):
+    r = torch.rand(M, T, generator=torch.Generator().manual_seed(2), dtype=torch.float64) + 0.05
+    return r / r.sum(1, keepdim=True)
+
+
+def _run(model, fn, x, y, rays, backend):
+    model.zero_grad(set_to_none=True)
+    with palora_kernels.use_backend(backend):
+        loss, task = fn(model, x, y, rays)
+        loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+    buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
+    return loss.detach(), task, grads, buffers
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+@pytest.mark.parametrize("batchnorm", [False, True], ids=["noBN", "BN"])
+@pytest.mark.parametrize("T", [2, 3])
+def test_stacked_step_matches_m_pass_loop(T, batchnorm, backend):
+    M = 3
+    base = _model(T, batchnorm)
+    x, y = _batch(T)
+    rays = _rays(T, M)
+    stacked, loop = copy.deepcopy(base), copy.deepcopy(base)
+    oracle = copy.deepcopy(base).double()
+    ls, ts, gs, bs = _run(stacked, ray_loss_stacked, x, y, rays.float(), backend)
+    ll, tl, gl, bl = _run(loop, ray_loss_loop, x, y, rays.float(), backend)
+    lo, to, go, bo = _run(oracle, ray_loss_loop, x.double(), y, rays, "reference")
+
+    tol = TOL[torch.float32]
+    assert rel_err(ls, ll) <= tol, "loss: stacked vs loop"
+    assert_rel_close(ls, lo, torch.float32, "loss: stacked vs fp64 loop")
+    assert_rel_close(ts, to, torch.float32, "per-ray task losses")
+    assert set(gs) == set(go) and len(gs) > 0
+    scale = max(float(g.abs().max()) for g in go.values())
+    for name in go:
+        assert go[name].abs().max() > 1e-6 * scale, f"{name}: zero gradient, the comparison would test nothing"
+        assert rel_err(gs[name], gl[name]) <= tol, f"grad {name}: stacked vs loop {rel_err(gs[name], gl[name]):.3g}"
+        assert_rel_close(gs[name], go[name], torch.float32, f"grad {name}: stacked vs fp64 loop")
+    if batchnorm:
+        assert any("running_mean" in n for n in bs)
+        for name in bo:
+            if name.endswith("num_batches_tracked"):
+                assert int(bs[name]) == int(bl[name]) == M
+            else:
+                assert_rel_close(bs[name], bo[name], torch.float32, f"buffer {name}: stacked vs fp64 loop")
+                assert rel_err(bs[name], bl[name]) <= tol, f"buffer {name}"
+
+
+def test_pooled_batchnorm_would_not_match():
+    """Negative control: with the BN statistics pooled over all rays (num_groups left at 1 during
+    the stacked pass) the gradients differ from the loop, so the test above can fail."""
+    T, M = 2, 3
+    base = _model(T, True)
+    x, y = _batch(T)
+    rays = _rays(T, M).float()
+    pooled, loop = copy.deepcopy(base), copy.deepcopy(base)
+    with palora_kernels.use_backend("torch"):
+        xs = x.repeat(M, 1, 1, 1)
+        pref = rays.repeat_interleave(x.shape[0], 0)
+        with palora_kernels.preference(pooled, pref):
+            from multidigits.training import per_sample_task_losses
+            task = per_sample_task_losses(pooled(xs), y.repeat(M, 1)).view(M, -1, T).mean(1)
+        (rays * task).sum().backward()
+    _, _, gl, _ = _run(loop, ray_loss_loop, x, y, rays, "torch")
+    worst = max(rel_err(p.grad, gl[n]) for n, p in pooled.named_parameters())
+    assert worst > 1e-3
+
+
+def test_stacked_step_trains_like_loop_for_several_sgd_steps():
+    """Five SGD-momentum steps of each path from the same start stay together (BN on), buffers
+    included. (Adam is left out here: g / (sqrt(v) + eps) turns the ~1e-7 rounding of near-zero
+    gradient entries into updates of up to ~lr, so its weights agree to ~lr, not to 1e-5.)"""
+    T, M = 2, 3
+    a, b = _model(T, True), _model(T, True)
+    x, y = _batch(T, B=8)
+    rays = _rays(T, M).float()
+    opts = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for m in (a, b)]
+    for _ in range(5):
+        for m, fn, opt in ((a, ray_loss_stacked, opts[0]), (b, ray_loss_loop, opts[1])):
+            opt.zero_grad()
+            fn(m, x, y, rays)[0].backward()
+            opt.step()
+    moved = max(rel_err(pa, p0) for pa, p0 in zip(a.parameters(), _model(T, True).parameters()))
+    assert moved > 1e-3                                    # the steps did change the weights
+    for (n, pa), pb in zip(a.named_parameters(), b.parameters()):
+        assert rel_err(pa, pb) <= 1e-5, n
+    for (n, ba), bb in zip(a.named_buffers(), b.buffers()):
+        assert rel_err(ba.double(), bb.double()) <= 1e-5, n
+
+
+def test_ray_groups_context_restores():
+    m = _model(2, True)
+    bns = [mod for mod in m.modules() if isinstance(mod, RayGroupBatchNorm2d)]
+    assert len(bns) == 2
+    with palora_kernels.nn.ray_groups(m, 4):
+        assert all(b.num_groups == 4 for b in bns)
+    assert all(b.num_groups == 1 for b in bns)
+
+
+def _script(tmp_path, *extra):
+    pytest.importorskip("sklearn")
+    pytest.importorskip("matplotlib")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, str(ROOT / "python" / "train_multidigits.py"), "--out", str(tmp_path),
+           "--epochs", "1", "--train-size", "512", "--val-size", "100", "--test-size", "100",
+           "--batch-size", "64", "--no-progress", *extra]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    with open(tmp_path / "multidigits.json") as f:
+        return json.load(f), proc
+
+
+def test_script_end_to_end_two_tasks(tmp_path):
+    res, proc = _script(tmp_path, "--rays", "3", "--eval-rays", "5", "--bench-steps", "1", "--bench-rounds", "1")
+    assert res["palora"]["train"]["steps"] == 512 // 64
+    rays = res["palora"]["rays"]
+    assert len(rays) == 5 and rays[0]["ray"] == [0.0, 1.0] and rays[-1]["ray"] == [1.0, 0.0]
+    for r in rays:
+        for s in ("val", "test"):
+            assert all(0 <= a <= 1 for a in r[s]["accuracy"]) and all(v > 0 for v in r[s]["loss"])
+    assert len(res["baselines"]["single_task"]) == 2 and res["baselines"]["equal_weight"] is not None
+    hv = res["hypervolume"]
+    assert hv["errors"]["ref"] == [1.0, 1.0] and 0 < hv["errors"]["palora"] <= 1
+    assert set(res["throughput_memory"]["configs"]) == {"fused/stacked", "unfused/stacked", "unfused/loop",
+                                                        "fused/loop"}
+    for c in res["throughput_memory"]["configs"].values():
+        assert c["images_per_s"] > 0 and c["saved_for_backward_bytes"] > 0
+    assert (tmp_path / "multidigits_front.png").stat().st_size > 10_000
+    assert "hypervolume of errors" in proc.stdout
+
+
+def test_script_three_tasks_unfused_with_batchnorm(tmp_path):
+    res, _ = _script(tmp_path, "--tasks", "3", "--rays", "3", "--eval-rays", "3", "--impl", "unfused",
+                     "--batchnorm", "--no-bench", "--max-steps", "3")
+    assert res["palora"]["train"]["steps"] == 3
+    assert len(res["palora"]["rays"]) == 6                  # triangular grid, 2 divisions per edge
+    assert len(res["hypervolume"]["errors"]["ref"]) == 3
+    assert (tmp_path / "multidigits_front.png").exists()
