@@ -83,5 +83,9 @@ def lora_conv2d(x, wcat, bias, up, pref, stride, padding, dilation, scale):
     y = z[:, :C_out].view(N, C_out, Ho * Wo)                  # a view: the expand lands in z
     h = z[:, C_out:].view(N, R, Ho * Wo)
     up_s = up[None] * row_scale(pref.to(up.dtype), rank, scale)[:, None, :]   # (P, C_out, R)
-    y.baddbmm_(up_s.expand(N, C_out, R), h)
+    # one batched GEMM into a temporary, then one add: in-place baddbmm_ on the strided y runs as
+    # N separate addmm_ calls, 63.8 ms vs 16.2 ms median (min 58.6 vs 9.2) for N=8, C_out=64,
+    # R=12, 64x64 (15 interleaved rounds, loaded 2-core CPU); the (N, C_out, HW) temporary is
+    # freed before the backward, below the fwd+bwd peak.
+    y.add_(torch.bmm(up_s, h))
     return z
