@@ -52,7 +52,8 @@ class PaLoRALinearFunction(torch.autograd.Function):
                 dW = dy.t() @ x
             if need_b and has_bias:
                 db = dy.sum(0)
-            dA, dB, dp = weight_space_grads(dW, A_cat, B_cat, pref, rank, scale, need_A, need_B, need_p)
+            if need_A or need_B or need_p:
+                dA, dB, dp = weight_space_grads(dW, A_cat, B_cat, pref, rank, scale, need_A, need_B, need_p)
             dA = None if dA is None else dA.view(T, rank, in_f)
             dB = None if dB is None else unstack_B(dB, T)
             return dx, (dW if need_w else None), db, dA, dB, dp, None, None, None
