@@ -69,3 +69,36 @@ def merged_delta(A_cat: torch.Tensor, B_cat: torch.Tensor, pref_vec: torch.Tenso
     """s * B_cat diag(p) A_cat for a per-batch preference p (T,): (out, in). Costs out*in*R."""
     S = row_scale(pref_vec.reshape(1, -1).to(A_cat.dtype), rank, scale)[0]   # (R,)
     return (B_cat * S) @ A_cat
+
+
+def weight_space_grads(dW: torch.Tensor, A_cat: torch.Tensor, B_cat: torch.Tensor,
+                       pref_vec: torch.Tensor, rank: int, scale: float, need_A: bool, need_B: bool,
+                       need_p: bool):
+    """Adapter gradients of a per-batch preference from the base weight gradient.
+
+    With one p for the batch the layer is y = x W_eff^T + b, W_eff = W + B_cat diag(S) A_cat, so
+    dW_eff = dW and, with M = B_cat^T dW (R, in):
+        dA_cat = diag(S) M      dB_cat = dW A_cat^T diag(S)      dp_t = s sum_{j, i} M[tr+j, i] A_cat[tr+j, i]
+    dW (out, in) and A_cat (R, in) are flattened (conv: in = C_in*kh*kw). Costs ~3*out*in*R flops,
+    independent of the number of rows N. Returns (dA_cat, dB_cat, dp (1, T)), None where not needed.
+    """
+    S = row_scale(pref_vec.reshape(1, -1).to(dW.dtype), rank, scale)[0]          # (R,)
+    dA = dB = dp = None
+    if need_A or need_p:
+        M = B_cat.t() @ dW                                                       # (R, in)
+        if need_A:
+            dA = M * S[:, None]
+        if need_p:
+            dp = ((M * A_cat).sum(1).view(-1, rank).sum(1) * scale).reshape(1, -1).to(pref_vec.dtype)
+    if need_B:
+        dB = (dW @ A_cat.t()) * S
+    return dA, dB, dp
+
+
+def use_weight_space(rows: int, in_features: int, out_features: int, dtype: torch.dtype,
+                     per_batch: bool) -> bool:
+    """The weight-space backward (weight_space_grads) costs ~4*in*out*R flops, the row-space one
+    ~2*N*R*(in+out): pick the first when N >= 2*in*out/(in+out). fp32/fp64 only: in fp16/bf16 the
+    rounded dW would feed the adapter gradients."""
+    return (per_batch and dtype in (torch.float32, torch.float64)
+            and rows * (in_features + out_features) >= 2 * in_features * out_features)

@@ -10,13 +10,18 @@ Backward, the chain rule written once (per image n, HW flattened):
     (dX, [dW; dA_cat], [db; -]) = convolution_backward(dZ, x, wcat)    one pass over x and dZ
     dB_cat = sum_n dY_n (H_n * S_n)^T
     dp[n, t] = s * sum_{j, hw} H[n, t*r+j] dG[n, t*r+j]   (summed over n for a per-batch p)
+
+Per-batch preference with N*Ho*Wo >= 2*K*C_out/(K+C_out), K = C_in*kh*kw (fp32/fp64): the layer is
+conv(x, W_eff) + b with W_eff = W + B_cat diag(S) A_cat, so ONE convolution_backward on C_out
+channels gives dX (with W_eff) and dW = dW_eff; dA, dB, dp are weight-sized products
+(_math.weight_space_grads). H is not saved and no (N, C_out+R, Ho, Wo) dZ is built.
 """
 from __future__ import annotations
 
 import torch
 
 from .. import _ops
-from .._math import row_scale, stack_A, stack_B, unstack_B
+from .._math import row_scale, stack_A, stack_B, unstack_B, use_weight_space, weight_space_grads
 
 
 class PaLoRAConv2dFunction(torch.autograd.Function):
@@ -26,17 +31,22 @@ class PaLoRAConv2dFunction(torch.autograd.Function):
         wcat = torch.cat([weight, stack_A(lora_A)])
         z = _ops.lora_conv2d(x, wcat, bias, stack_B(lora_B), pref, stride, padding, dilation,
                              scale, backend)
-        h = z[:, C_out:].contiguous()                         # (N, R, Ho, Wo)
+        N, _, Ho, Wo = z.shape
+        ws = use_weight_space(N * Ho * Wo, weight[0].numel(), C_out, x.dtype, pref.shape[0] == 1)
+        h = None if ws else z[:, C_out:].contiguous()         # (N, R, Ho, Wo)
         ctx.save_for_backward(x, weight, lora_A, lora_B, pref, h)
-        ctx.conf = (stride, padding, dilation, scale, bias is not None)
+        ctx.conf = (stride, padding, dilation, scale, bias is not None, ws)
         return z[:, :C_out]
 
     @staticmethod
     def backward(ctx, dy):
         x, weight, lora_A, lora_B, pref, h = ctx.saved_tensors
-        stride, padding, dilation, scale, has_bias = ctx.conf
+        stride, padding, dilation, scale, has_bias, ws = ctx.conf
         need_x, need_w, need_b, need_A, need_B, need_p = ctx.needs_input_grad[:6]
         T, rank = lora_A.shape[:2]
+        if ws:
+            return _weight_space_backward(dy, x, weight, lora_A, lora_B, pref, stride, padding, dilation,
+                                          scale, has_bias, ctx.needs_input_grad[:6])
         N, R, Ho, Wo = h.shape
         C_out = weight.shape[0]
         B_cat = stack_B(lora_B)                                           # (C_out, R)
@@ -62,3 +72,26 @@ class PaLoRAConv2dFunction(torch.autograd.Function):
             dp = dp.sum(0, keepdim=True) if pref.shape[0] == 1 else dp
             dp = dp.to(pref.dtype)
         return dx, dW, db, dA, dB, dp, None, None, None, None, None
+
+
+def _weight_space_backward(dy, x, weight, lora_A, lora_B, pref, stride, padding, dilation, scale,
+                           has_bias, needs):
+    """Per-batch p: the plain conv's backward with W_eff, then weight-sized adapter gradients."""
+    need_x, need_w, need_b, need_A, need_B, need_p = needs
+    T, rank = lora_A.shape[:2]
+    C_out = weight.shape[0]
+    A_cat, B_cat = stack_A(lora_A).flatten(1), stack_B(lora_B)          # (R, K), (C_out, R)
+    S = row_scale(pref.to(weight.dtype), rank, scale)[0]                 # (R,)
+    w_eff = torch.addmm(weight.flatten(1), B_cat * S, A_cat).view_as(weight)
+    need_dw = need_w or need_A or need_B or need_p
+    dx, dW, db = torch.ops.aten.convolution_backward(
+        dy, x, w_eff, [C_out] if has_bias else None, stride, padding, dilation,
+        False, [0, 0], 1, [need_x, need_dw, need_b and has_bias])
+    dA = dB = dp = None
+    if need_dw:
+        dA, dB, dp = weight_space_grads(dW.flatten(1), A_cat, B_cat, pref, rank, scale,
+                                        need_A, need_B, need_p)
+        dA = None if dA is None else dA.view(lora_A.shape)
+        dB = None if dB is None else unstack_B(dB, T)
+    return (dx, dW if need_w else None, db if has_bias else None, dA, dB, dp,
+            None, None, None, None, None)

@@ -1,0 +1,14 @@
+"""PaLoRALinear: base / unfused / fused / merged, fwd and fwd+bwd, per-batch and per-sample p."""
+import pytest
+
+from palora_kernels.bench import MODES, PREFS, PROVIDERS
+
+from .conftest import run_benchmark
+
+
+@pytest.mark.parametrize("pref", PREFS)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("case", ["linear"])
+def test_linear(benchmark, case, provider, mode, pref):
+    run_benchmark(benchmark, case, provider, mode, pref)
