@@ -10,14 +10,7 @@ from palora_kernels.nn import (RayGroupBatchNorm1d, RayGroupBatchNorm2d, convert
                                set_ray_groups)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: a second OpenMP thread only adds spin-waits, and under load from other processes
-    2 threads ran these tests ~3x slower here (170 s vs 55 s for the training/BN/data/DDP files)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 CASES = [  # (class, plain class, shape of one group's batch without the batch dim)

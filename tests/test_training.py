@@ -21,14 +21,7 @@ from multidigits.training import ray_loss_loop, ray_loss_stacked  # noqa: E402
 from palora_kernels.nn import RayGroupBatchNorm2d  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: a second OpenMP thread only adds spin-waits, and under load from other processes
-    2 threads ran these tests ~3x slower here (170 s vs 55 s for the training/BN/data/DDP files)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 
