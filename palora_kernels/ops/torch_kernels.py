@@ -10,15 +10,12 @@ import torch
 import torch.nn.functional as F
 
 from .._math import apply_row_scale, row_scale
+from .._ops import lora_mm_row_stride
 from ..dispatch import register_kernel
 
 
 def _padded_bias(bias, R):
     return None if bias is None else torch.cat([bias, bias.new_zeros(R)])
-
-
-def _round_up(n: int, m: int) -> int:
-    return (n + m - 1) // m * m
 
 
 def _stack_cols(wm, down, width):
@@ -47,7 +44,7 @@ def lora_mm(x, wm, bias, down, up, pref, rows_per_sample, scale):
     # Base and shrink in ONE GEMM over x, its width padded to a multiple of 16 floats (one 64-byte
     # line per row end): a (4096, 1036) output ran 1.30x slower than (4096, 1040) or (4096, 1024)
     # with MKL (min of 11, N=K=4096x1024, R=12, 2 threads); padding costs 0.4% more flops.
-    width = _round_up(M + R, 16)
+    width = lora_mm_row_stride(M, R, "torch")
     wcat = _stack_cols(wm, down, width)
     bcat = None if bias is None else torch.cat([bias, bias.new_zeros(width - M)])
     zp = torch.mm(x, wcat) if bcat is None else torch.addmm(bcat, x, wcat)
@@ -59,8 +56,8 @@ def lora_mm(x, wm, bias, down, up, pref, rows_per_sample, scale):
         y.addmm_(h, up * row_scale(pref.to(up.dtype), rank, scale).t())
     else:
         y.addmm_(apply_row_scale(h, pref, rows_per_sample, rank, scale), up)
-    # the op returns a dense (N, M+R): one copy (~3% of the GEMM) beats the 1.3x GEMM above
-    return zp if width == M + R else zp[:, :M + R].contiguous()
+    # the (N, M+R) view of the padded buffer: no extra pass over z (its fake has the same strides)
+    return zp[:, :M + R]
 
 
 @register_kernel("torch", "lora_conv2d")
