@@ -8,7 +8,7 @@ import sys
 
 here = os.path.dirname(os.path.abspath(__file__))
 env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-report = subprocess.run([sys.executable, "-m", "palora_kernels.kernel_report"], env=env,
+report = subprocess.run([sys.executable, "-m", "palora_kernels.tools.kernel_report"], env=env,
                         capture_output=True, text=True)
 estimate = subprocess.run([sys.executable, os.path.join(here, "..", "benchmarks", "estimate_h100.py")],
                           env=env, capture_output=True, text=True, check=True)

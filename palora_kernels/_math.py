@@ -1,4 +1,4 @@
-"""The math every backend shares (DESIGN.md section 1), in one place.
+"""The math every backend shares (docs/design.md section 1), in one place.
 
 Stacked form: one LoRA of rank R = T*r.
 
@@ -53,13 +53,12 @@ def pref_grad(h: torch.Tensor, dg: torch.Tensor, pref: torch.Tensor,
               rows_per_sample: int, rank: int, scale: float) -> torch.Tensor:
     """dp[p, t] = scale * sum_{rows n of p} sum_j H[n, t*r+j] * dG[n, t*r+j]  -> (P, T).
 
-    The C++ kernel (palora::pref_grad, one pass, no (N, R) temporary) runs when built."""
+    The formula in torch ops (the ``torch`` backend's pref_grad); the ``cpp`` backend's C++ kernel
+    makes one pass with no (N, R) product temporary."""
     N, R = h.shape
     P, T = pref.shape
     if N == 0:
         return torch.zeros_like(pref)
-    if h.device.type == "cpu" and hasattr(torch.ops.palora, "pref_grad"):
-        return torch.ops.palora.pref_grad(h, dg, pref, rows_per_sample, rank, scale)
     prod = (h * dg).reshape(P, -1, T, rank)          # (P, L, T, r); L = N // P
     return (prod.sum(dim=(1, 3)) * scale).to(pref.dtype)
 
@@ -71,34 +70,53 @@ def merged_delta(A_cat: torch.Tensor, B_cat: torch.Tensor, pref_vec: torch.Tenso
     return (B_cat * S) @ A_cat
 
 
-def weight_space_grads(dW: torch.Tensor, A_cat: torch.Tensor, B_cat: torch.Tensor,
-                       pref_vec: torch.Tensor, rank: int, scale: float, need_A: bool, need_B: bool,
-                       need_p: bool):
-    """Adapter gradients of a per-batch preference from the base weight gradient.
+def loralib_delta(lora_A: torch.Tensor, lora_B: torch.Tensor, weight_shape) -> torch.Tensor:
+    """loralib conv adapters (T, r*k, C_in*k) x (T, C_out*k, r*k) -> weight deltas (T, *weight_shape)."""
+    return torch.bmm(lora_B, lora_A).view(lora_A.shape[0], *weight_shape)
 
-    With one p for the batch the layer is y = x W_eff^T + b, W_eff = W + B_cat diag(S) A_cat, so
-    dW_eff = dW and, with M = B_cat^T dW (R, in):
-        dA_cat = diag(S) M      dB_cat = dW A_cat^T diag(S)      dp_t = s sum_{j, i} M[tr+j, i] A_cat[tr+j, i]
-    dW (out, in) and A_cat (R, in) are flattened (conv: in = C_in*kh*kw). Costs ~3*out*in*R flops,
-    independent of the number of rows N. Returns (dA_cat, dB_cat, dp (1, T)), None where not needed.
+
+def merged_deltas(A_cat: torch.Tensor, B_cat: torch.Tensor, pref: torch.Tensor, rank: int, scale: float) -> torch.Tensor:
+    """s * B_cat diag(p_n) A_cat for each row of pref (P, T): (P, out, in). Costs P*out*in*R."""
+    S = row_scale(pref.to(A_cat.dtype), rank, scale)                             # (P, R)
+    return torch.matmul(B_cat, S[:, :, None] * A_cat)
+
+
+def weight_space_grads(dW: torch.Tensor, A_cat: torch.Tensor, B_cat: torch.Tensor,
+                       pref: torch.Tensor, rank: int, scale: float, need_A: bool, need_B: bool,
+                       need_p: bool):
+    """Adapter gradients from the gradients of the effective weights.
+
+    With one preference p_n per group of rows, each group computes y = x W_n^T + b with
+    W_n = W + B_cat diag(S_n) A_cat, so dW_n is that group's weight gradient and, with
+    M_n = B_cat^T dW_n (R, in):
+        dA_cat = sum_n diag(S_n) M_n      dB_cat = sum_n dW_n A_cat^T diag(S_n)
+        dp[n, t] = s sum_{j, i} M_n[tr+j, i] A_cat[tr+j, i]
+    dW: (P, out, in) or (out, in) for P = 1; A_cat (R, in) and the weights flattened (conv: in =
+    C_in*kh*kw); pref (P, T). Costs ~3*P*out*in*R flops, independent of the rows. Returns
+    (dA_cat, dB_cat, dp (P, T)), None where not needed.
     """
-    S = row_scale(pref_vec.reshape(1, -1).to(dW.dtype), rank, scale)[0]          # (R,)
+    dW3 = dW if dW.dim() == 3 else dW[None]
+    S = row_scale(pref.to(dW.dtype), rank, scale)                                 # (P, R)
     dA = dB = dp = None
     if need_A or need_p:
-        M = B_cat.t() @ dW                                                       # (R, in)
+        M = torch.matmul(B_cat.t(), dW3)                                         # (P, R, in)
         if need_A:
-            dA = M * S[:, None]
+            dA = (M * S[:, :, None]).sum(0)
         if need_p:
-            dp = ((M * A_cat).sum(1).view(-1, rank).sum(1) * scale).reshape(1, -1).to(pref_vec.dtype)
+            P = dW3.shape[0]
+            dp = ((M * A_cat).sum(-1).view(P, -1, rank).sum(-1) * scale).to(pref.dtype)
     if need_B:
-        dB = (dW @ A_cat.t()) * S
+        dB = (torch.matmul(dW3, A_cat.t()) * S[:, None, :]).sum(0)
     return dA, dB, dp
 
 
-def use_weight_space(rows: int, in_features: int, out_features: int, dtype: torch.dtype,
-                     per_batch: bool) -> bool:
-    """The weight-space backward (weight_space_grads) costs ~4*in*out*R flops, the row-space one
-    ~2*N*R*(in+out): pick the first when N >= 2*in*out/(in+out). fp32/fp64 only: in fp16/bf16 the
-    rounded dW would feed the adapter gradients."""
-    return (per_batch and dtype in (torch.float32, torch.float64)
-            and rows * (in_features + out_features) >= 2 * in_features * out_features)
+def use_weight_space(rows: int, in_features: int, out_features: int, dtype: torch.dtype) -> bool:
+    """Whether to run a layer through its effective weights W_n = W + B_cat diag(S_n) A_cat.
+
+    rows: how many rows share one effective weight (all N rows for a per-batch preference, one
+    image's Ho*Wo for a per-sample one). Forming W_n and the weight-space gradients cost ~4*in*out*R
+    flops per weight, the shrink and expand ~2*rows*R*(in+out): take weights when
+    rows >= 2*in*out/(in+out). fp32/fp64 only: in fp16/bf16 the rounded W_n and dW would feed the
+    result and the adapter gradients."""
+    return (dtype in (torch.float32, torch.float64)
+            and rows > 0 and rows * (in_features + out_features) >= 2 * in_features * out_features)

@@ -1,20 +1,28 @@
-"""Every ``palora::`` custom op: schema, typed wrapper and fake (meta) implementation.
+"""Every ``palora::`` custom op: schema, the contract check, and the fake (meta) implementation.
 
-The ops are opaque to ``torch.compile``; their implementation looks up the kernel of
-the backend named by the ``backend`` argument (chosen once, in the autograd Function,
-by :func:`palora_kernels.dispatch.select_backend`).
+The ops are opaque to ``torch.compile``; their implementation runs the kernel of the backend named
+by the ``backend`` argument (chosen once, in the functional API, by
+:func:`palora_kernels.dispatch.select_backend`). The contract is checked here, once, by the
+same function in eager mode and under tracing; backends trust it.
 
-lora_mm     z = [x @ wm + bias + ((x @ down) * S) @ up  |  x @ down]        (N, M + R)
+lora_mm     (y, H) with  y = x @ wm + bias + ((x @ down) * S) @ up   (N, M), dense
+                         H = x @ down                                (N, R), row stride padded
             x (N, K), wm (K, M), bias (M,) or None, down (K, R), up (R, M),
             pref (P, T), S[n, t*r + j] = scale * pref[n // rows_per_sample, t], r = R // T.
-            Forward: (wm, down, up) = (W^T, A_cat^T, B_cat^T); dX: (W, B_cat, A_cat).
-lora_conv2d z = [conv(x, W) + bias + B_cat diag(S_n) H_n  |  H_n]            (N, C_out + R, Ho, Wo)
-            wcat = [W; A_cat] (C_out + R, C_in, kh, kw), up = B_cat (C_out, R),
-            H = conv(x, A_cat) (unscaled), pref (P, T) with P == 1 or P == N.
+            Forward: (wm, down, up) = (W^T, A_cat^T, B_cat^T); dX: (W, B_cat, A_cat) gives
+            (dX, dG) with dG = dY B_cat.
+lora_conv2d (y, H) with  y = conv(x, W) + bias + B_cat diag(S_n) H_n   (N, C_out, Ho, Wo)
+                         H = conv(x, A_cat), unscaled                 (N, R, Ho, Wo)
+            weight (C_out, C_in, kh, kw), down = A_cat (R, C_in, kh, kw), up = B_cat (C_out, R),
+            pref (P, T) with P == 1 or P == N. y and H are dense in x's memory format
+            (channels_last when x is), as nn.Conv2d returns them.
+
+H's row stride (lora_mm) is a multiple of the backend record's ``h_row_align`` elements: the
+backward reads H again with a GEMM.
 """
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -22,44 +30,137 @@ from torch import Tensor
 from . import dispatch
 
 
+def _same(name: str, t: Tensor, x: Tensor) -> None:
+    torch._check(t.dtype == x.dtype, lambda: f"{name}: expected dtype {x.dtype} (x's), got {t.dtype}")
+    torch._check(t.device == x.device, lambda: f"{name}: expected device {x.device} (x's), got {t.device}")
+
+
+def _check_pref(pref: Tensor, x: Tensor, R: int, what: str) -> None:
+    torch._check(pref.dim() == 2 and pref.shape[1] >= 1,
+                 lambda: f"pref: expected (P, T) with T >= 1, got shape {tuple(pref.shape)}")
+    torch._check(pref.is_floating_point(), lambda: f"pref: expected a floating dtype, got {pref.dtype}")
+    torch._check(pref.device == x.device, lambda: f"pref: expected device {x.device} (x's), got {pref.device}")
+    T = pref.shape[1]
+    torch._check(R % T == 0, lambda: f"{what}: expected R = T * rank with T = {T} (pref.shape[1]), got R = {R}")
+
+
+def check_lora_mm(x, wm, bias, down, up, pref, rows_per_sample) -> None:
+    torch._check(x.dim() == 2, lambda: f"x: expected (N, K), got shape {tuple(x.shape)}")
+    N, K = x.shape
+    torch._check(wm.dim() == 2 and wm.shape[0] == K, lambda: f"wm: expected ({K}, M), got {tuple(wm.shape)}")
+    M = wm.shape[1]
+    torch._check(down.dim() == 2 and down.shape[0] == K, lambda: f"down: expected ({K}, R), got {tuple(down.shape)}")
+    R = down.shape[1]
+    torch._check(tuple(up.shape) == (R, M), lambda: f"up: expected ({R}, {M}), got {tuple(up.shape)}")
+    for name, t in (("wm", wm), ("down", down), ("up", up)) + ((("bias", bias),) if bias is not None else ()):
+        _same(name, t, x)
+    if bias is not None:
+        torch._check(tuple(bias.shape) == (M,), lambda: f"bias: expected ({M},), got {tuple(bias.shape)}")
+    _check_pref(pref, x, R, "down")
+    P = pref.shape[0]
+    torch._check(rows_per_sample >= 1 or N == 0,
+                 lambda: f"rows_per_sample: expected >= 1, got {rows_per_sample}")
+    torch._check(P == 1 or P * rows_per_sample == N,
+                 lambda: f"pref: expected 1 row or pref.shape[0] * rows_per_sample == N = {N}, "
+                         f"got {P} * {rows_per_sample}")
+
+
+def lora_mm_layout(x: Tensor, M: int, R: int, backend: str) -> Tuple[Tensor, Tensor]:
+    """Empty (y, H) in the layout of the contract: y dense, H with the backend's padded row stride."""
+    N = x.shape[0]
+    y = x.new_empty((N, M))
+    h = x.new_empty_strided((N, R), (dispatch.record(backend).h_row_stride(R), 1))
+    return y, h
+
+
 @torch.library.custom_op("palora::lora_mm", mutates_args=())
 def lora_mm(x: Tensor, wm: Tensor, bias: Optional[Tensor], down: Tensor, up: Tensor,
-            pref: Tensor, rows_per_sample: int, scale: float, backend: str) -> Tensor:
-    return dispatch.kernel(backend, "lora_mm")(x, wm, bias, down, up, pref, rows_per_sample, scale)
-
-
-def lora_mm_row_stride(M: int, R: int, backend: str) -> int:
-    """Row stride of lora_mm's z: the torch backend pads rows to a multiple of 16 elements and
-    returns the (N, M+R) view, so no copy to a dense z is needed (MKL ran a (4096, 1036) output
-    1.30x slower than (4096, 1040)); the GPU backends return a dense z."""
-    return (M + R + 15) // 16 * 16 if backend == "torch" else M + R
+            pref: Tensor, rows_per_sample: int, scale: float, backend: str) -> Tuple[Tensor, Tensor]:
+    check_lora_mm(x, wm, bias, down, up, pref, rows_per_sample)
+    y, h = dispatch.kernel(backend, "lora_mm")(x, wm, bias, down, up, pref, rows_per_sample, scale)
+    _check_layout("lora_mm", backend, (y, h), lora_mm_layout(x.to("meta"), wm.shape[1], down.shape[1], backend))
+    return y, h
 
 
 @lora_mm.register_fake
 def _(x, wm, bias, down, up, pref, rows_per_sample, scale, backend):
-    M, R = wm.shape[1], down.shape[1]
-    return x.new_empty_strided((x.shape[0], M + R), (lora_mm_row_stride(M, R, backend), 1))
+    check_lora_mm(x, wm, bias, down, up, pref, rows_per_sample)
+    return lora_mm_layout(x, wm.shape[1], down.shape[1], backend)
 
 
 def conv_out_size(size: int, k: int, stride: int, padding: int, dilation: int) -> int:
     return (size + 2 * padding - dilation * (k - 1) - 1) // stride + 1
 
 
+def conv_memory_format(x: Tensor) -> torch.memory_format:
+    """channels_last when x is (and is not also plain contiguous, as for C == 1 or H == W == 1)."""
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def check_lora_conv2d(x, weight, down, bias, up, pref, stride, padding, dilation) -> Tuple[int, int]:
+    """Checks the contract; returns (Ho, Wo)."""
+    torch._check(x.dim() == 4, lambda: f"x: expected (N, C_in, H, W), got shape {tuple(x.shape)}")
+    N, C_in, H, W = x.shape
+    torch._check(weight.dim() == 4 and weight.shape[1] == C_in,
+                 lambda: f"weight: expected (C_out, {C_in}, kh, kw), got {tuple(weight.shape)}")
+    C_out, _, kh, kw = weight.shape
+    torch._check(down.dim() == 4 and tuple(down.shape[1:]) == (C_in, kh, kw),
+                 lambda: f"down: expected (R, {C_in}, {kh}, {kw}), got {tuple(down.shape)}")
+    R = down.shape[0]
+    torch._check(tuple(up.shape) == (C_out, R), lambda: f"up: expected ({C_out}, {R}), got {tuple(up.shape)}")
+    for name, t in (("weight", weight), ("down", down), ("up", up)) + ((("bias", bias),) if bias is not None else ()):
+        _same(name, t, x)
+    if bias is not None:
+        torch._check(tuple(bias.shape) == (C_out,), lambda: f"bias: expected ({C_out},), got {tuple(bias.shape)}")
+    _check_pref(pref, x, R, "down")
+    torch._check(pref.shape[0] in (1, N), lambda: f"pref: expected 1 or N = {N} rows, got {pref.shape[0]}")
+    for name, v, lo in (("stride", stride, 1), ("padding", padding, 0), ("dilation", dilation, 1)):
+        torch._check(len(v) == 2 and min(v) >= lo, lambda: f"{name}: expected 2 values >= {lo}, got {list(v)}")
+    Ho = conv_out_size(H, kh, stride[0], padding[0], dilation[0])
+    Wo = conv_out_size(W, kw, stride[1], padding[1], dilation[1])
+    torch._check(Ho >= 1 and Wo >= 1,
+                 lambda: f"x: input {H}x{W} (padding {list(padding)}) is smaller than the dilated kernel "
+                         f"{(kh - 1) * dilation[0] + 1}x{(kw - 1) * dilation[1] + 1}")
+    return Ho, Wo
+
+
+def lora_conv2d_layout(x: Tensor, C_out: int, R: int, Ho: int, Wo: int) -> Tuple[Tensor, Tensor]:
+    fmt = conv_memory_format(x)
+    N = x.shape[0]
+    kw = dict(dtype=x.dtype, device=x.device, memory_format=fmt)
+    return torch.empty((N, C_out, Ho, Wo), **kw), torch.empty((N, R, Ho, Wo), **kw)
+
+
 @torch.library.custom_op("palora::lora_conv2d", mutates_args=())
-def lora_conv2d(x: Tensor, wcat: Tensor, bias: Optional[Tensor], up: Tensor, pref: Tensor,
+def lora_conv2d(x: Tensor, weight: Tensor, down: Tensor, bias: Optional[Tensor], up: Tensor, pref: Tensor,
                 stride: List[int], padding: List[int], dilation: List[int], scale: float,
-                backend: str) -> Tensor:
-    return dispatch.kernel(backend, "lora_conv2d")(x, wcat, bias, up, pref, stride, padding,
+                backend: str) -> Tuple[Tensor, Tensor]:
+    Ho, Wo = check_lora_conv2d(x, weight, down, bias, up, pref, stride, padding, dilation)
+    y, h = dispatch.kernel(backend, "lora_conv2d")(x, weight, down, bias, up, pref, stride, padding,
                                                    dilation, scale)
+    _check_layout("lora_conv2d", backend, (y, h),
+                  lora_conv2d_layout(x.to("meta"), weight.shape[0], down.shape[0], Ho, Wo))
+    return y, h
 
 
 @lora_conv2d.register_fake
-def _(x, wcat, bias, up, pref, stride, padding, dilation, scale, backend):
-    N, _, H, W = x.shape
-    kh, kw = wcat.shape[2:]
-    Ho = conv_out_size(H, kh, stride[0], padding[0], dilation[0])
-    Wo = conv_out_size(W, kw, stride[1], padding[1], dilation[1])
-    return x.new_empty(N, wcat.shape[0], Ho, Wo)
+def _(x, weight, down, bias, up, pref, stride, padding, dilation, scale, backend):
+    Ho, Wo = check_lora_conv2d(x, weight, down, bias, up, pref, stride, padding, dilation)
+    return lora_conv2d_layout(x, weight.shape[0], down.shape[0], Ho, Wo)
+
+
+def _check_layout(op: str, backend: str, got, like) -> None:
+    """A backend returned tensors in the layout of the contract (``like``: meta tensors, no data).
+    Shapes, dtypes and the strides of every dimension longer than 1 must agree."""
+    for name, g, e in zip(("y", "H"), got, like):
+        ok = g.shape == e.shape and g.dtype == e.dtype and all(
+            gs == es for n, gs, es in zip(g.shape, g.stride(), e.stride()) if n > 1)
+        if not ok:
+            raise RuntimeError(f"{op}: backend {backend!r} returned {name} of shape {tuple(g.shape)}, strides "
+                               f"{g.stride()}, {g.dtype}; the contract is shape {tuple(e.shape)}, strides "
+                               f"{e.stride()}, {e.dtype}")
 
 
 def _register_cpp_fakes() -> None:

@@ -1,73 +1,60 @@
-"""One function decides the backend of every op: :func:`select_backend`.
+"""One function decides which backend runs an op: :func:`select_backend`.
 
-Automatic choice: CUDA tensor + Triton -> ``triton``; CUDA tensor + built CUDA
-extension -> ``cuda``; otherwise ``torch`` (the CPU composition of stacked GEMMs).
-``PALORA_BACKEND`` or ``with use_backend(name):`` override it; an explicitly
-requested backend that cannot run raises with the reason, while automatic selection
-falls back and logs why at debug level.
-
-Backends register kernels per op name with :func:`register_kernel`; each backend lives
-in a module that is imported the first time it is selected.
+It reads the records the backends declare (:mod:`palora_kernels.backends`: ops, dtypes, devices,
+layout) and nothing else. Requested backend: the ``backend=`` argument, else ``with
+use_backend(name):``, else ``PALORA_BACKEND``. A requested backend that cannot run the op raises
+with the reason; automatic choice takes the first backend, by priority, that can, and logs at
+debug level why it skipped the others.
 """
 from __future__ import annotations
 
 import contextlib
-import importlib
 import logging
 import os
-import sys
 import threading
-from typing import Callable, Optional
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
+from .backends import RECORDS, Backend
+from .backends._record import load
+
 log = logging.getLogger("palora_kernels")
 
-BACKENDS = ("reference", "torch", "triton", "cuda", "cuda_sim")
-
-# backend name -> module that registers its kernels on import
-_BACKEND_MODULES = {
-    "torch": "palora_kernels.ops.torch_kernels",
-    "triton": "palora_kernels.triton",
-    "cuda": "palora_kernels.ops.cuda_kernels",
-    "cuda_sim": "palora_kernels.ops.cuda_sim",
-}
-_kernels: dict[tuple[str, str], Callable] = {}
-_availability: dict[str, Callable[[torch.device], Optional[str]]] = {}
+BACKENDS = tuple(RECORDS)
+OPS = ("lora_mm", "lora_conv2d", "loralib_conv2d", "pref_grad")
 _local = threading.local()
+# (backend, device, op, dtype) -> reason or None. Availability does not change while a process
+# runs; the cache keeps a layer call free of imports (and so traceable by torch.compile).
+_why_not: Dict[Tuple[str, torch.device, str, torch.dtype], Optional[str]] = {}
+_kernels: Dict[Tuple[str, str], Callable] = {}
 
 
-def register_kernel(backend: str, op: str):
-    """Decorator: ``@register_kernel("torch", "lora_mm")``."""
-    def deco(fn):
-        _kernels[(backend, op)] = fn
-        return fn
-    return deco
+def record(name: str) -> Backend:
+    return RECORDS[_check_name(name, "backend")]
 
 
-def register_availability(backend: str, check: Callable[[torch.device], Optional[str]]):
-    """``check(device)`` returns None when the backend can run there, else the reason."""
-    _availability[backend] = check
+def clear_cache() -> None:
+    """Forget availability answers (tests that pretend to be another machine call this)."""
+    _why_not.clear()
+    _kernels.clear()
 
 
 def _check_name(name: str, source: str) -> str:
-    if name not in BACKENDS:
+    if name not in RECORDS:
         raise ValueError(f"{source}: expected one of {', '.join(BACKENDS)}, got {name!r}")
     return name
 
 
-def unavailable_reason(backend: str, device: torch.device) -> Optional[str]:
-    """Why ``backend`` cannot run on ``device`` (None if it can)."""
-    if backend == "reference":
-        return None
-    module = _BACKEND_MODULES[backend]
-    if module not in sys.modules:   # already imported: no importlib call for torch.compile to trace
+def why_not(name: str, device: torch.device, op: str, dtype: torch.dtype) -> Optional[str]:
+    """Why backend ``name`` cannot run ``op`` on ``dtype`` tensors on ``device`` (None if it can)."""
+    key = (name, device, op, dtype)
+    if key not in _why_not:
         try:
-            importlib.import_module(module)
-        except Exception as exc:  # ImportError, a failed extension load, a missing toolchain
-            return f"importing {module} failed: {exc}"
-    check = _availability.get(backend)
-    return check(device) if check is not None else None
+            _why_not[key] = RECORDS[name].why_not(device, op, dtype)
+        except Exception as exc:  # a failed import or extension load is a reason, not a crash
+            _why_not[key] = f"its availability check failed: {type(exc).__name__}: {exc}"
+    return _why_not[key]
 
 
 @contextlib.contextmanager
@@ -95,30 +82,47 @@ def requested_backend(explicit: Optional[str] = None) -> Optional[str]:
     return _check_name(env, "PALORA_BACKEND") if env else None
 
 
-def select_backend(device: torch.device, explicit: Optional[str] = None) -> str:
-    """The backend that runs an op whose tensors live on ``device``."""
+def select_backend(device, op: str = "lora_mm", dtype: torch.dtype = torch.float32,
+                   explicit: Optional[str] = None, *, fallback: bool = False) -> str:
+    """The backend that runs ``op`` on ``dtype`` tensors living on ``device``.
+
+    fallback=True: a requested backend that lacks the op yields to automatic choice instead of
+    raising (for the helper ops a layer's backward needs, such as pref_grad).
+    """
+    device = torch.device(device)
+    if op not in OPS:
+        raise ValueError(f"op: expected one of {', '.join(OPS)}, got {op!r}")
     want = requested_backend(explicit)
     if want is not None:
-        reason = unavailable_reason(want, device)
-        if reason is not None:
-            raise RuntimeError(f"backend {want!r} was requested but cannot run on {device}: {reason}")
-        return want
-    if device.type == "cuda":
-        for name in ("triton", "cuda"):
-            reason = unavailable_reason(name, device)
-            if reason is None:
-                return name
-            log.debug("palora: backend %s skipped on %s: %s", name, device, reason)
-    return "torch"
+        reason = why_not(want, device, op, dtype)
+        if reason is None:
+            return want
+        if not fallback:
+            raise RuntimeError(f"backend {want!r} was requested for op {op!r} on {device} "
+                               f"({str(dtype).replace('torch.', '')}) but cannot run it: {reason}")
+        log.debug("palora: requested backend %s cannot run %s: %s", want, op, reason)
+    for name in sorted((n for n, r in RECORDS.items() if r.automatic_on(device)),
+                       key=lambda n: RECORDS[n].priority):
+        reason = why_not(name, device, op, dtype)
+        if reason is None:
+            return name
+        log.debug("palora: backend %s skipped for %s on %s: %s", name, op, device, reason)
+    raise RuntimeError(f"no backend runs op {op!r} on {device} ({dtype})")
 
 
 def kernel(backend: str, op: str) -> Callable:
-    """The registered implementation of ``op`` for ``backend``."""
-    try:
-        return _kernels[(backend, op)]
-    except KeyError:
-        importlib.import_module(_BACKEND_MODULES[backend])
-        try:
-            return _kernels[(backend, op)]
-        except KeyError:
-            raise NotImplementedError(f"backend {backend!r} has no kernel for op {op!r}") from None
+    """The implementation of ``op`` that backend ``backend`` declares (imported on first use)."""
+    key = (backend, op)
+    fn = _kernels.get(key)
+    if fn is None:
+        rec = record(backend)
+        if op not in rec.kernels:
+            raise NotImplementedError(f"backend {backend!r} has no kernel for op {op!r} "
+                                      f"(it runs: {', '.join(sorted(rec.kernels))})")
+        fn = _kernels[key] = load(rec.kernels[op])
+    return fn
+
+
+def is_composite(backend: str, op: str) -> bool:
+    """True when the backend's ``op`` is the whole layer as a differentiable torch composition."""
+    return op in record(backend).composite

@@ -8,10 +8,9 @@ import math
 from typing import Optional, Tuple, Union
 
 import torch
-import torch.nn.functional as F
 
-from . import dispatch, reference
-from ._math import merged_delta, stack_A, stack_B
+from . import dispatch
+from ._math import loralib_delta, merged_delta, stack_A, stack_B
 from .ops.conv2d import PaLoRAConv2dFunction
 from .ops.linear import PaLoRALinearFunction
 
@@ -25,12 +24,12 @@ def _pair(v: IntPair, name: str) -> list:
     return out
 
 
-def _is_compiling() -> bool:
-    return torch.compiler.is_compiling()
-
-
 def check_preference(preference, num_tasks: int, batch: Optional[int], device, name="preference"):
-    """Raise a ValueError/TypeError naming ``name`` unless it is (T,) or (batch, T), finite."""
+    """Raise a ValueError/TypeError naming ``name`` unless it is a float tensor (T,) or (batch, T).
+
+    Shapes, dtype and device only: reading the values would synchronise with the GPU on every
+    layer call. Finiteness is checked where a preference is set (:func:`check_finite`); a NaN or
+    inf passed straight to ``forward`` propagates into the output, as in the naive loop."""
     if not isinstance(preference, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor of shape ({num_tasks},) or (batch, {num_tasks}), "
                         f"got {type(preference).__name__}")
@@ -44,7 +43,11 @@ def check_preference(preference, num_tasks: int, batch: Optional[int], device, n
                          f"{batch} rows (x.shape[0]), got {preference.shape[0]}")
     if device is not None and preference.device != torch.device(device):
         raise ValueError(f"{name}: expected device {device} (the input's), got {preference.device}")
-    if not _is_compiling() and preference.numel() and not bool(torch.isfinite(preference).all()):
+
+
+def check_finite(preference: torch.Tensor, name: str = "preference") -> None:
+    """Raise unless every value is finite. Reads the values (a GPU sync): for set-up, not per call."""
+    if preference.numel() and not bool(torch.isfinite(preference).all()):
         raise ValueError(f"{name}: expected finite values, got {preference.tolist()}")
 
 
@@ -63,11 +66,13 @@ def _check_common(x, weight, lora_A, lora_B, x_dim_name: str, x_feat: int, in_fe
 
 
 def _autocast(x, *params):
-    """Under autocast, run in the autocast dtype (fp32 parameters, fp16/bf16 compute)."""
+    """Under autocast, run in the autocast dtype as nn.Linear / nn.Conv2d do: floating tensors are
+    cast to it, except fp64 ones, which autocast leaves alone."""
     dev = x.device.type
     if torch.is_autocast_enabled(dev) and dev in ("cuda", "cpu"):
         dt = torch.get_autocast_dtype(dev)
-        return (x.to(dt),) + tuple(None if p is None else p.to(dt) for p in params)
+        cast = lambda t: t if t is None or t.dtype == torch.float64 else t.to(dt)  # noqa: E731
+        x, params = cast(x), tuple(cast(p) for p in params)
     for p in params:
         if p is not None and p.dtype != x.dtype:
             raise TypeError(f"x: expected dtype {p.dtype} (the layer's parameters), got {x.dtype}")
@@ -96,10 +101,10 @@ def palora_linear(x, weight, bias, lora_A, lora_B, preference, scale: float, *,
     if per_sample and x.dim() < 2:
         raise ValueError(f"x: a per-sample preference needs x of shape (batch, ..., in), got {tuple(x.shape)}")
     check_preference(preference, lora_A.shape[0], x.shape[0] if x.dim() >= 2 else None, x.device)
-    name = dispatch.select_backend(x.device, backend)
     x, weight, bias, lora_A, lora_B = _autocast(x, weight, bias, lora_A, lora_B)
-    if name == "reference":
-        return reference.palora_linear(x, weight, bias, lora_A, lora_B, preference, scale)
+    name = dispatch.select_backend(x.device, "lora_mm", x.dtype, backend)
+    if dispatch.is_composite(name, "lora_mm"):
+        return dispatch.kernel(name, "lora_mm")(x, weight, bias, lora_A, lora_B, preference, scale)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     if x2.stride(-1) != 1:
@@ -107,11 +112,6 @@ def palora_linear(x, weight, bias, lora_A, lora_B, preference, scale: float, *,
     pref, L = _pref_rows(preference, x2.shape[0], x.shape[0] if per_sample else 1, x.dtype)
     y = PaLoRALinearFunction.apply(x2, weight, bias, lora_A, lora_B, pref, L, float(scale), name)
     return y.reshape(*lead, weight.shape[0])
-
-
-def loralib_delta(lora_A, lora_B, weight_shape):
-    """(T, r*k, C_in*k) x (T, C_out*k, r*k) -> per-task weight deltas (T, *weight_shape)."""
-    return torch.bmm(lora_B, lora_A).view(lora_A.shape[0], *weight_shape)
 
 
 def palora_conv2d(x, weight, bias, lora_A, lora_B, preference, scale: float, *,
@@ -131,37 +131,15 @@ def palora_conv2d(x, weight, bias, lora_A, lora_B, preference, scale: float, *,
     _check_common(x, weight, lora_A, lora_B, "x.shape[1] (in_channels)", x.shape[1], weight.shape[1])
     check_preference(preference, lora_A.shape[0], x.shape[0], x.device)
     stride, padding, dilation = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
-    name = dispatch.select_backend(x.device, backend)
     x, weight, bias, lora_A, lora_B = _autocast(x, weight, bias, lora_A, lora_B)
-    if name == "reference":
-        return reference.palora_conv2d(x, weight, bias, lora_A, lora_B, preference, scale,
-                                       stride, padding, dilation, parameterization)
-    if parameterization == "loralib":
-        return _loralib_conv2d(x, weight, bias, lora_A, lora_B, preference, scale, stride, padding, dilation)
+    op = "loralib_conv2d" if parameterization == "loralib" else "lora_conv2d"
+    name = dispatch.select_backend(x.device, op, x.dtype, backend)
+    if dispatch.is_composite(name, op):
+        return dispatch.kernel(name, op)(x, weight, bias, lora_A, lora_B, preference, scale, stride, padding,
+                                         dilation, parameterization)
     pref, _ = _pref_rows(preference, x.shape[0], x.shape[0], x.dtype)
-    return PaLoRAConv2dFunction.apply(x.contiguous(), weight, bias, lora_A, lora_B, pref,
-                                      stride, padding, dilation, float(scale), name)
-
-
-def _loralib_conv2d(x, weight, bias, lora_A, lora_B, preference, scale, stride, padding, dilation):
-    """loralib adapters are full-rank in channel space, so:
-    per-batch p: merge once (out*in*k^2*R flops) and run ONE conv;
-    per-sample p: ONE conv with (T+1)*C_out channels [W; dW_1..dW_T] -- the (T+1)x work is
-    the floor for this parameterisation -- then mix the T+1 channel groups per image with a
-    single batched matmul (no per-task (N, C_out, Ho, Wo) temporaries).
-    """
-    deltas = loralib_delta(lora_A, lora_B, weight.shape)                  # (T, C_out, C_in, k, k)
-    if preference.dim() == 1:
-        w_eff = weight + torch.tensordot(preference.to(weight.dtype) * scale, deltas, dims=1)
-        return F.conv2d(x, w_eff, bias, stride, padding, dilation)
-    T, C_out = deltas.shape[0], weight.shape[0]
-    wbig = torch.cat([weight[None], deltas]).flatten(0, 1)                # ((T+1) C_out, C_in, k, k)
-    z = F.conv2d(x, wbig, None, stride, padding, dilation)
-    N, _, Ho, Wo = z.shape
-    coef = torch.cat([x.new_ones(N, 1), preference.to(x.dtype) * scale], dim=1)   # (N, T+1)
-    # reshape, not view: a channels_last x gives a channels_last z
-    y = torch.bmm(coef[:, None, :], z.reshape(N, T + 1, C_out * Ho * Wo)).view(N, C_out, Ho, Wo)
-    return y if bias is None else y + bias.view(1, -1, 1, 1)
+    return PaLoRAConv2dFunction.apply(x, weight, bias, lora_A, lora_B, pref, stride, padding, dilation,
+                                      float(scale), name)
 
 
 def merged_linear_weight(weight, lora_A, lora_B, preference, scale):

@@ -56,10 +56,21 @@ def test_preference_wrong_batch(kind):
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf], ids=["nan", "inf", "-inf"])
 @pytest.mark.parametrize("kind", LAYERS)
 def test_preference_not_finite(kind, bad):
+    """Set as the layer's preference: refused (checked once, there). Passed to forward: no check
+    (it would be a GPU sync per call); it propagates as in the naive loop."""
     layer = _layer(kind)
     for p in (torch.tensor([0.5, bad, 0.5]), torch.tensor([[0.2, 0.3, 0.5], [0.1, 0.1, bad]])):
-        _expect(layer, ValueError, rf"preference: expected finite values, got .*{re.escape(str(bad))}",
-                _x(kind), p)
+        before = layer._preference
+        with pytest.raises(ValueError, match=rf"preference: expected finite values, got .*{re.escape(str(bad))}"):
+            layer.set_preference(p)
+        assert layer._preference is before
+        x = _x(kind)
+        y = layer(x, p)
+        with torch.no_grad(), pk.use_backend("reference"):
+            expected = layer(x, p)
+        # non-finite exactly where the loop's output is (inf may become NaN: the fused expand sums
+        # inf * B over the rank, the loop scales each finished update)
+        assert torch.equal(y.isfinite(), expected.isfinite()) and not y.isfinite().all()
 
 
 @pytest.mark.parametrize("kind", LAYERS)
@@ -173,7 +184,7 @@ def test_conv_constructor_arguments():
 
 
 # ---------------------------------------------------------------------------- backends
-BACKEND_LIST = r"expected one of reference, torch, triton, cuda, cuda_sim, got 'bogus'"
+BACKEND_LIST = r"expected one of reference, torch, cpp, triton, cuda, cuda_sim, got 'bogus'"
 
 
 @pytest.mark.parametrize("kind", LAYERS)
@@ -202,7 +213,7 @@ def test_unknown_backend_context_manager_and_argument():
 def test_requested_backend_that_cannot_run_says_why(how, monkeypatch):
     layer = _layer("linear")
     snap = snapshot(layer)
-    reason = r"backend 'cuda' was requested but cannot run on cpu: \S+"
+    reason = r"backend 'cuda' was requested for op 'lora_mm' on cpu \(float32\) but cannot run it: \S+"
     args = (_x("linear"), layer.weight, layer.bias, layer.lora_A, layer.lora_B, torch.rand(T), 1.0)
     with pytest.raises(RuntimeError, match=reason):
         if how == "argument":

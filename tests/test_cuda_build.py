@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import palora_kernels  # noqa: F401  (loads _C)
-from palora_kernels.ops import cuda_report
+from palora_kernels.tools import cuda_report
 
 _why = cuda_report.unavailable_reason()
 pytestmark = pytest.mark.skipif(_why is not None, reason=f"no CUDA build to inspect: {_why}")

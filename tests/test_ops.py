@@ -33,20 +33,34 @@ MM_CASES = [(13, 7, 5, 3, 2, 1, True), (12, 7, 5, 3, 2, 4, False), (1, 1, 1, 1, 
 def test_opcheck_lora_mm(case):
     args = _mm_args(*case)
     opcheck(torch.ops.palora.lora_mm.default, args)
-    # and the op computes what its docstring says: [x wm + b + ((x down) * S) up | x down]
+    # and the op computes what its docstring says: (x wm + b + ((x down) * S) up, x down), y dense,
+    # H's rows padded to a multiple of 16 elements
     x, wm, bias, down, up, pref, L, scale, _ = [a.double() if isinstance(a, torch.Tensor) else a for a in args]
     h = x @ down
     S = _math.row_scale(pref, case[4], scale)
     g = h * (S if pref.shape[0] == 1 else S.repeat_interleave(L, 0))
-    expected = torch.cat([x @ wm + (0 if bias is None else bias) + g @ up, h], 1)
-    assert_rel_close(torch.ops.palora.lora_mm(*args), expected, torch.float32, "lora_mm")
+    y_got, h_got = torch.ops.palora.lora_mm(*args)
+    assert y_got.is_contiguous() and (h_got.shape[0] <= 1 or h_got.stride() == (16, 1))
+    assert_rel_close(y_got, x @ wm + (0 if bias is None else bias) + g @ up, torch.float32, "lora_mm y")
+    assert_rel_close(h_got, h, torch.float32, "lora_mm H")
+
+
+def test_lora_mm_contract_errors_name_the_argument():
+    x, wm, b, down, up, pref, L, scale, be = _mm_args(12, 7, 5, 3, 2, 4)
+    for bad, match in (((x, wm[:6], b, down, up, pref, L, scale, be), r"wm: expected \(7, M\), got \(6, 5\)"),
+                       ((x, wm, b, down, up[:5], pref, L, scale, be), r"up: expected \(6, 5\), got \(5, 5\)"),
+                       ((x, wm, b[:4], down, up, pref, L, scale, be), r"bias: expected \(5,\), got \(4,\)"),
+                       ((x, wm, b, down, up, pref, 2, scale, be), r"pref: expected 1 row or .* == N = 12, got 4 \* 2"),
+                       ((x, wm.double(), b, down, up, pref, L, scale, be), r"wm: expected dtype torch.float32")):
+        with pytest.raises(RuntimeError, match=match):
+            torch.ops.palora.lora_mm(*bad)
 
 
 def _conv_args(N, P, stride, padding, dilation, bias=True):
     g = torch.Generator().manual_seed(N + 3 * P)
     rnd = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
     C_in, C_out, T, r, k = 3, 4, 2, 2, 3
-    return (rnd(N, C_in, 7, 6), rnd(C_out + T * r, C_in, k, k), rnd(C_out) if bias else None,
+    return (rnd(N, C_in, 7, 6), rnd(C_out, C_in, k, k), rnd(T * r, C_in, k, k), rnd(C_out) if bias else None,
             rnd(C_out, T * r), torch.rand(P, T, generator=g), stride, padding, dilation, 0.5, "torch")
 
 
@@ -56,6 +70,10 @@ def test_opcheck_lora_conv2d(conf, per_sample):
     N = 3
     args = _conv_args(N, N if per_sample else 1, *conf, bias=not per_sample)
     opcheck(torch.ops.palora.lora_conv2d.default, args)
+    cl = (args[0].contiguous(memory_format=torch.channels_last),) + args[1:]
+    opcheck(torch.ops.palora.lora_conv2d.default, cl)
+    y, h = torch.ops.palora.lora_conv2d(*cl)
+    assert y.is_contiguous(memory_format=torch.channels_last) and h.is_contiguous(memory_format=torch.channels_last)
 
 
 @needs_C
@@ -92,16 +110,19 @@ def test_cpp_pref_grad_equals_torch_formula(shape, dtype):
     formula = _torch_pref_grad(h, dg, pref, L, r, 0.75)                              # same dtype
     err_cpp, err_formula = rel_err(out, exact), rel_err(formula, exact)
     print(f"pref_grad {dtype} N={N} T={T} r={r} P={P}: C++ {err_cpp:.2e}, torch formula {err_formula:.2e}")
-    # STYLE.md: at most 2x the same-dtype composition's error plus a small eps
+    # at most 2x the same-dtype composition's error plus a small eps
     assert err_cpp <= 2 * err_formula + EPS[dtype], (err_cpp, err_formula)
 
 
 @needs_C
-def test_cpp_pref_grad_used_by_math_and_threads_agree():
-    """_math.pref_grad takes the C++ path on CPU; 1 thread and 2 threads give the same sums."""
+def test_cpp_pref_grad_chosen_on_cpu_and_threads_agree():
+    """dispatch picks the C++ pref_grad on CPU; padded rows are read in place; 1 thread and 2 threads
+    give the same sums."""
+    from palora_kernels import dispatch
+    assert dispatch.select_backend(torch.device("cpu"), "pref_grad", torch.float32, fallback=True) == "cpp"
     N, T, r = 4096, 3, 4
-    h, dg, pref = torch.randn(N, T * r), torch.randn(N, T * r), torch.rand(1, T)
-    out = _math.pref_grad(h, dg, pref, N, r, 1.0)
+    h, dg, pref = torch.randn(N, 16)[:, :T * r], torch.randn(N, T * r), torch.rand(1, T)
+    out = dispatch.kernel("cpp", "pref_grad")(h, dg, pref, N, r, 1.0)
     assert_rel_close(out, _torch_pref_grad(h.double(), dg.double(), pref.double(), N, r, 1.0), torch.float32,
                      "pref_grad")
     n = torch.get_num_threads()

@@ -15,7 +15,7 @@ import palora_kernels as pk
 from palora_kernels import cost_model, dispatch, reference
 from conftest import TOL, assert_rel_close, rel_err
 
-triton_linear = pytest.importorskip("palora_kernels.triton.linear")
+triton_linear = pytest.importorskip("palora_kernels.backends.triton.linear")
 pytestmark = pytest.mark.skipif(not triton_linear.INTERPRET,
                                 reason="needs TRITON_INTERPRET=1 before triton is imported (conftest sets it)")
 
@@ -49,6 +49,16 @@ def stacked_args(x, w, b, A, B, p):
     return x2, w.t(), b, A_cat.t(), B_cat.t(), pref, L
 
 
+def run_mm(*args, **kw):
+    """triton lora_mm -> [y | H] for comparison, after checking the layout of the contract."""
+    y, h = triton_linear.lora_mm(*args, **kw)
+    assert y.is_contiguous() and (h.shape[0] <= 1 or h.stride(0) % 16 == 0) and h.stride(1) == 1
+    return torch.cat([y, h], dim=1)
+
+
+HALF = (torch.float16, torch.bfloat16)
+
+
 def expected_z(x2, wm, b, down, up, pref, L):
     """[y | H] in fp64 from the reference loop over adapters (one rank-r block per task)."""
     T = pref.shape[1]
@@ -73,7 +83,11 @@ def expected_z(x2, wm, b, down, up, pref, L):
 def test_lora_mm_forward(path, pref_kind, dtype, bias):
     shape_x = (37,) if pref_kind == "batch" else (5, 8)   # per-sample: samples cross 16-row tiles
     args = stacked_args(*make(shape_x, 50, 70, 2, 3, dtype, pref_kind, bias))
-    z = triton_linear.lora_mm(*args, SCALE, path=path)
+    if path == "merged" and dtype in HALF:       # W_eff in 16 bits would round the adapter away
+        with pytest.raises(ValueError, match="'merged' forms W_eff in the input dtype"), triton_linear.use_path(path):
+            triton_linear.lora_mm(*args, SCALE)
+        return
+    z = run_mm(*args, SCALE, path=path)
     assert z.dtype == dtype and z.shape == (args[0].shape[0], 70 + 6)
     exp = expected_z(*args)
     assert_rel_close(z[:, :70], exp[:, :70], dtype, f"{path} y")
@@ -90,7 +104,7 @@ def test_lora_mm_ranks(path, T, r):
             triton_linear.lora_mm(*args, SCALE)
         return
     with triton_linear.use_path(path):
-        z = triton_linear.lora_mm(*args, SCALE)
+        z = run_mm(*args, SCALE)
     assert_rel_close(z, expected_z(*args), torch.float32, f"{path} T={T} r={r}")
 
 
@@ -101,17 +115,17 @@ def test_lora_mm_strided_and_empty():
     args = stacked_args(x_nc, w, b, A, B, p)
     assert args[0].stride(-1) != 1 and args[1].stride(0) == 1
     for path in ("inloop", "split", "merged"):
-        z = triton_linear.lora_mm(*args, SCALE, path=path)
+        z = run_mm(*args, SCALE, path=path)
         assert_rel_close(z, expected_z(*args), torch.float32, f"strided {path}")
-    empty = triton_linear.lora_mm(args[0][:0], *args[1:], SCALE)
+    empty = run_mm(args[0][:0], *args[1:], SCALE)
     assert empty.shape == (0, 24 + 8)
 
 
 def test_lora_mm_bad_input_names_argument():
     args = list(stacked_args(*make((8,), 16, 16, 2, 2, torch.float32, "batch")))
     args[3] = args[3][:, :3]                          # down (K, 3), R not divisible by T = 2
-    with pytest.raises(ValueError, match="up: expected shape"):
-        triton_linear.lora_mm(*args, SCALE)
+    with pytest.raises(RuntimeError, match=r"up: expected \(3, 16\), got \(4, 16\)"):
+        torch.ops.palora.lora_mm(*args, SCALE, "triton")
     with pytest.raises(ValueError, match="merged"), triton_linear.use_path("merged"):
         triton_linear.lora_mm(*stacked_args(*make((4, 2), 16, 16, 2, 2, torch.float32, "sample")), SCALE)
 
@@ -150,6 +164,10 @@ def test_palora_linear_fwd_bwd(path, pref_kind, dtype, bias):
     refs = [t if t is None else t.detach().double().requires_grad_() for t in inputs]
     dy = torch.randn(*shape_x, 70, generator=torch.Generator().manual_seed(2), dtype=torch.float64).to(dtype)
 
+    if path == "merged" and dtype in HALF:
+        with pytest.raises(ValueError, match="'merged' forms W_eff"), triton_linear.use_path(path):
+            pk.palora_linear(*leaves, SCALE, backend="triton")
+        return
     with triton_linear.use_path(path):
         y = pk.palora_linear(*leaves, SCALE, backend="triton")
         y.backward(dy)
@@ -232,15 +250,17 @@ def test_compile_fullgraph_mlp_trains_one_step_triton(monkeypatch):
 
 
 def test_dispatch_triton_cpu_under_interpreter():
-    assert dispatch.unavailable_reason("triton", torch.device("cpu")) is None
-    assert dispatch.select_backend(torch.device("cpu"), "triton") == "triton"
+    cpu = torch.device("cpu")
+    assert dispatch.why_not("triton", cpu, "lora_mm", torch.float32) is None
+    assert dispatch.select_backend(cpu, explicit="triton") == "triton"
+    assert dispatch.select_backend(cpu) == "torch"        # automatic choice never takes the interpreter
 
 
 def test_dispatch_reason_without_interpreter():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     code = ("import torch, palora_kernels as pk\n"
-            "print(pk.dispatch.unavailable_reason('triton', torch.device('cpu')))\n")
+            "print(pk.dispatch.why_not('triton', torch.device('cpu'), 'lora_mm', torch.float32))\n")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "TRITON_INTERPRET=1" in out.stdout and "before triton is imported" in out.stdout
@@ -251,12 +271,20 @@ def test_dispatch_reason_without_interpreter():
 # ---------------------------------------------------------------------------------------------
 def test_cost_model_choices():
     kw = dict(per_batch=True, bias=True)
-    # H100, bf16, T=3 r=8, 4096 x 4096: the fused GEMM is memory bound at N=256 (in-loop recompute
-    # is free), compute bound at N=16384 (split avoids ceil(4096/128)=32x recomputing H)
-    assert cost_model.choose_path(256, 4096, 4096, 24, 3, torch.bfloat16, "sm_90", **kw) == "inloop"
+    # H100, bf16, T=3 r=8, 4096 x 4096: memory bound at N=16 (the in-loop recompute is free, one launch),
+    # compute bound at N=16384 (split avoids recomputing H for each of the 32 column tiles)
+    assert cost_model.choose_path(16, 4096, 4096, 24, 3, torch.bfloat16, "sm_90", **kw) == "inloop"
     assert cost_model.choose_path(16384, 4096, 4096, 24, 3, torch.bfloat16, "sm_90", **kw) == "split"
+    # with the cuBLAS composition allowed, its assumed 1/0.75 edge on sm_90 wins the large GEMMs
+    assert cost_model.choose_path(16384, 4096, 4096, 24, 3, torch.bfloat16, "sm_90", cublas=True, **kw) == "cublas"
+    t = cost_model.path_times(16384, 4096, 4096, 24, 3, torch.bfloat16, "sm_90", cublas=True, **kw)
+    assert t["cublas"] < t["split"] < t["inloop"]
     assert cost_model.allowed_paths(72, per_batch=True) == ["split", "merged"]
     assert "merged" not in cost_model.allowed_paths(24, per_batch=False)
+    assert cost_model.wave_efficiency(256, 4096, 128, 128, 132) == 64 / 132     # half the H100 idle
+    for dt in HALF:         # W_eff in 16 bits: never picked, at any size
+        assert "merged" not in cost_model.allowed_paths(24, per_batch=True, dtype=dt)
+        assert cost_model.choose_path(1 << 20, 64, 64, 2, 2, dt, "sm_90", **kw) != "merged"
     unf = cost_model.path_cost("unfused", 4096, 4096, 4096, 24, 3, 2)
     fused = cost_model.path_cost("split", 4096, 4096, 4096, 24, 3, 2)
     assert unf.bytes > 2 * fused.bytes
@@ -274,7 +302,7 @@ def test_kernel_report_all_configs_compile_without_spills():
     """Ahead-of-time compile for sm_80 and sm_90 (~50 s on 2 cores): exit 0 = no failure, no spill."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    out = subprocess.run([sys.executable, "-m", "palora_kernels.kernel_report"], env=env,
+    out = subprocess.run([sys.executable, "-m", "palora_kernels.tools.kernel_report"], env=env,
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     lines = [l for l in out.stdout.splitlines() if l.startswith("| lora_")]

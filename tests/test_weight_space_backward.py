@@ -28,16 +28,27 @@ def _conv_inputs(N, ci, co, T, r, dtype=F64, seed=0):
 
 
 def test_rule():
-    assert use_weight_space(4096, 1024, 1024, torch.float32, True)
-    assert not use_weight_space(4096, 1024, 1024, torch.float32, False)      # per-sample
-    assert not use_weight_space(4096, 1024, 1024, torch.bfloat16, True)     # low precision
-    assert not use_weight_space(8, 1024, 1024, torch.float32, True)         # few rows
+    assert use_weight_space(4096, 1024, 1024, torch.float32)
+    assert not use_weight_space(4096, 1024, 1024, torch.bfloat16)     # low precision
+    assert not use_weight_space(8, 1024, 1024, torch.float32)         # few rows
+    assert not use_weight_space(0, 4, 4, torch.float32)               # empty batch
+
+
+def test_rule_per_sample_conv():
+    """Per-image effective weights: rows = one image's Ho*Wo, K <= Ho*Wo, NCHW x, fp32/fp64."""
+    from palora_kernels.ops.conv2d import weight_space
+    w, p = torch.empty(64, 64, 3, 3), torch.rand(8, 3)
+    x = torch.empty(8, 64, 64, 64)
+    assert weight_space(x, w, p, 64, 64)
+    assert not weight_space(x.to(memory_format=torch.channels_last), w, p, 64, 64)   # would copy x
+    assert not weight_space(x[:, :, :8, :8], w, p, 8, 8)       # K = 576 > 64 pixels: N weights > output
+    assert not weight_space(x.bfloat16(), w.bfloat16(), p, 64, 64)
 
 
 @pytest.mark.parametrize("mask", ["111111", "000111", "000001", "100000", "011000"])
 def test_linear_gradcheck(mask):
     ts = _linear_inputs(40, 6, 5, 3, 2)
-    assert use_weight_space(40, 6, 5, F64, True)
+    assert use_weight_space(40, 6, 5, F64)
     for t, m in zip(ts, mask):
         t.requires_grad_(m == "1")
     assert torch.autograd.gradcheck(lambda *a: pk.palora_linear(*a, 0.7, backend="torch"), ts)
@@ -54,6 +65,21 @@ def test_conv_gradcheck(mask, stride, padding, dilation):
     assert torch.autograd.gradcheck(f, ts)
 
 
+@pytest.mark.parametrize("mask", ["111111", "000111", "100001"])
+@pytest.mark.parametrize("stride,padding,dilation", [(1, 1, 1), (1, 2, 2)])
+def test_conv_per_sample_gradcheck(mask, stride, padding, dilation):
+    """Per-sample preference through per-image effective weights (grouped convolution)."""
+    from palora_kernels.ops.conv2d import weight_space
+    ts = _conv_inputs(3, 2, 3, 2, 2)
+    ts[5] = torch.rand(3, 2, dtype=F64)
+    assert weight_space(ts[0], ts[1], ts[5], *[(s + 2 * padding - dilation * 2 - 1) // stride + 1 for s in (6, 5)])
+    for t, m in zip(ts, mask):
+        t.requires_grad_(m == "1")
+    f = lambda *a: pk.palora_conv2d(*a, 0.7, stride=stride, padding=padding, dilation=dilation,  # noqa: E731
+                                    backend="torch")
+    assert torch.autograd.gradcheck(f, ts)
+
+
 def test_conv_no_bias_gradcheck():
     ts = _conv_inputs(2, 3, 4, 2, 2)
     ts[2] = None
@@ -63,7 +89,7 @@ def test_conv_no_bias_gradcheck():
     assert torch.autograd.gradcheck(lambda *a: pk.palora_conv2d(*a, 0.7, padding=1, backend="torch"), ts)
 
 
-@pytest.mark.parametrize("op", ["linear", "conv"])
+@pytest.mark.parametrize("op", ["linear", "conv", "conv-per-sample"])
 def test_fp32_grads_vs_fp64_reference(op):
     if op == "linear":
         ts = _linear_inputs(1024, 128, 96, 3, 4, dtype=torch.float32)
@@ -71,6 +97,8 @@ def test_fp32_grads_vs_fp64_reference(op):
         fr = lambda *a: reference.palora_linear(*a, 0.5)  # noqa: E731
     else:
         ts = _conv_inputs(4, 8, 16, 3, 4, dtype=torch.float32)
+        if op == "conv-per-sample":
+            ts[5] = torch.rand(4, 3)
         f = lambda *a: pk.palora_conv2d(*a, 0.5, padding=1, backend="torch")  # noqa: E731
         fr = lambda *a: reference.palora_conv2d(*a, 0.5, 1, 1, 1)  # noqa: E731
     a32 = [t.clone().requires_grad_() for t in ts]

@@ -14,13 +14,13 @@ namespace palora {
 namespace {
 
 template <typename scalar_t, typename acc_t>
-void pref_grad_kernel(const scalar_t* h, const scalar_t* dg, int64_t N, int64_t R, int64_t T,
+void pref_grad_kernel(const scalar_t* h, int64_t ldh, const scalar_t* dg, int64_t ldg, int64_t N, int64_t T,
                       int64_t rank, int64_t P, int64_t rows_per_sample, double scale, acc_t* out) {
   // out: (P, T), zero-initialised by the caller
   auto rows = [&](int64_t begin, int64_t end, acc_t* acc /* (T,) */) {
     for (int64_t n = begin; n < end; ++n) {
-      const scalar_t* hr = h + n * R;
-      const scalar_t* gr = dg + n * R;
+      const scalar_t* hr = h + n * ldh;
+      const scalar_t* gr = dg + n * ldg;
       for (int64_t t = 0; t < T; ++t) {
         acc_t s = 0;
         for (int64_t j = 0; j < rank; ++j) s += acc_t(hr[t * rank + j]) * acc_t(gr[t * rank + j]);
@@ -57,16 +57,18 @@ at::Tensor pref_grad_cpu(const at::Tensor& h, const at::Tensor& dg, const at::Te
   TORCH_CHECK(T * rank == R, "pref_grad: R = ", R, " must equal T * rank = ", T, " * ", rank);
   TORCH_CHECK(P == 1 || P * rows_per_sample == N, "pref_grad: P * rows_per_sample = ", P, " * ",
               rows_per_sample, " must equal N = ", N, " for a per-sample preference");
-  auto hc = h.contiguous();
-  auto gc = dg.to(h.scalar_type()).contiguous();
+  // rows may be padded (H's row stride is a multiple of 16): read them in place when unit-stride
+  auto rowwise = [](const at::Tensor& t) { return t.stride(1) == 1 ? t : t.contiguous(); };
+  auto hc = rowwise(h);
+  auto gc = rowwise(dg.to(h.scalar_type()));
   const bool f64 = h.scalar_type() == at::kDouble;
   auto out = at::zeros({P, T}, h.options().dtype(f64 ? at::kDouble : at::kFloat));
   // empty batch: nothing to sum (and with P == 0 the per-batch branch would write out[0..T))
   if (N == 0 || P == 0) return out.to(pref.scalar_type());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "pref_grad", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    pref_grad_kernel<scalar_t, acc_t>(hc.data_ptr<scalar_t>(), gc.data_ptr<scalar_t>(), N, R, T, rank, P,
-                                      rows_per_sample, scale, out.data_ptr<acc_t>());
+    pref_grad_kernel<scalar_t, acc_t>(hc.data_ptr<scalar_t>(), hc.stride(0), gc.data_ptr<scalar_t>(), gc.stride(0),
+                                      N, T, rank, P, rows_per_sample, scale, out.data_ptr<acc_t>());
   });
   return out.to(pref.scalar_type());
 }

@@ -11,6 +11,7 @@
 #include <torch/library.h>
 
 #include <optional>
+#include <tuple>
 
 #include "cuda/palora_cuda.h"
 
@@ -42,7 +43,15 @@ at::Tensor pref_fp32(const char* op, const at::Tensor& pref, const at::Tensor& x
   return pref.to(at::kFloat);
 }
 
-at::Tensor lora_mm_cuda(const at::Tensor& x, const at::Tensor& wm, const std::optional<at::Tensor>& bias,
+// H's row stride: a multiple of 16 elements (palora_kernels/backends/cuda: h_row_align)
+int64_t padded_rows(int64_t R) { return (R + 15) / 16 * 16; }
+
+at::MemoryFormat conv_format(const at::Tensor& x) {
+  return x.is_contiguous(at::MemoryFormat::ChannelsLast) && !x.is_contiguous() ? at::MemoryFormat::ChannelsLast
+                                                                                : at::MemoryFormat::Contiguous;
+}
+
+std::tuple<at::Tensor, at::Tensor> lora_mm_cuda(const at::Tensor& x, const at::Tensor& wm, const std::optional<at::Tensor>& bias,
                         const at::Tensor& down, const at::Tensor& up, const at::Tensor& pref,
                         int64_t rows_per_sample, double scale) {
   const char* op = "lora_mm_cuda";
@@ -62,37 +71,44 @@ at::Tensor lora_mm_cuda(const at::Tensor& x, const at::Tensor& wm, const std::op
   }
   const at::Tensor p = pref_fp32(op, pref, x);
   c10::cuda::CUDAGuard guard(x.device());
-  at::Tensor z = at::empty({N, M + R}, x.options());
+  at::Tensor y = at::empty({N, M}, x.options());
+  at::Tensor h = at::empty_strided({N, R}, {padded_rows(R), 1}, x.options());
   LoraMMArgs a{};
   a.x = x.data_ptr(); a.wm = wm.data_ptr(); a.bias = bias ? bias->data_ptr() : nullptr;
-  a.down = down.data_ptr(); a.up = up.data_ptr(); a.pref = p.data_ptr<float>(); a.z = z.data_ptr();
+  a.down = down.data_ptr(); a.up = up.data_ptr(); a.pref = p.data_ptr<float>();
+  a.y = y.data_ptr(); a.h = h.data_ptr();
   a.dtype = dtype; a.N = N; a.K = K; a.M = M; a.R = R; a.P = p.size(0); a.T = p.size(1);
   a.rows_per_sample = rows_per_sample;
   a.stride_xn = x.stride(0); a.stride_xk = x.stride(1); a.stride_wk = wm.stride(0); a.stride_wm = wm.stride(1);
   a.stride_bias = bias ? bias->stride(0) : 0;
   a.stride_dk = down.stride(0); a.stride_dr = down.stride(1); a.stride_ur = up.stride(0); a.stride_um = up.stride(1);
-  a.stride_pp = p.stride(0); a.stride_pt = p.stride(1); a.stride_zn = z.stride(0); a.stride_zc = z.stride(1);
+  a.stride_pp = p.stride(0); a.stride_pt = p.stride(1);
+  a.stride_yn = y.stride(0); a.stride_yc = y.stride(1); a.stride_hn = h.stride(0); a.stride_hc = h.stride(1);
   a.scale = scale;
   const char* err = lora_mm_launch(a, c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == nullptr, op, ": ", err ? err : "");
-  return z;
+  return {y, h};
 }
 
-at::Tensor lora_conv2d_cuda(const at::Tensor& x, const at::Tensor& wcat, const std::optional<at::Tensor>& bias,
-                            const at::Tensor& up, const at::Tensor& pref, at::IntArrayRef stride,
+std::tuple<at::Tensor, at::Tensor> lora_conv2d_cuda(
+    const at::Tensor& x, const at::Tensor& weight, const at::Tensor& down, const std::optional<at::Tensor>& bias,
+    const at::Tensor& up, const at::Tensor& pref, at::IntArrayRef stride,
                             at::IntArrayRef padding, at::IntArrayRef dilation, double scale) {
   const char* op = "lora_conv2d_cuda";
   TORCH_CHECK(x.is_cuda(), op, ": x: expected a CUDA tensor, got device ", x.device());
   TORCH_CHECK(x.dim() == 4, op, ": x: expected (N, C_in, H, W), got shape ", x.sizes());
   const int64_t dtype = dtype_code(x);
-  check_operand(op, "wcat", wcat, x, 4);
+  check_operand(op, "weight", weight, x, 4);
+  check_operand(op, "down", down, x, 4);
   check_operand(op, "up", up, x, 2);
   TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2, op,
               ": stride, padding, dilation: expected 2 values each, got ", stride, ", ", padding, ", ", dilation);
   const int64_t N = x.size(0), C_in = x.size(1), H = x.size(2), W = x.size(3);
-  const int64_t C_out = up.size(0), R = up.size(1), kh = wcat.size(2), kw = wcat.size(3);
-  TORCH_CHECK(wcat.size(0) == C_out + R && wcat.size(1) == C_in, op, ": wcat: expected (", C_out + R, ", ", C_in,
-              ", kh, kw) = (C_out + R, C_in, kh, kw), got ", wcat.sizes());
+  const int64_t C_out = up.size(0), R = up.size(1), kh = weight.size(2), kw = weight.size(3);
+  TORCH_CHECK(weight.size(0) == C_out && weight.size(1) == C_in, op, ": weight: expected (", C_out, ", ", C_in,
+              ", kh, kw), got ", weight.sizes());
+  TORCH_CHECK(down.size(0) == R && down.size(1) == C_in && down.size(2) == kh && down.size(3) == kw, op,
+              ": down: expected (", R, ", ", C_in, ", ", kh, ", ", kw, "), got ", down.sizes());
   if (bias) {
     check_operand(op, "bias", *bias, x, 1);
     TORCH_CHECK(bias->size(0) == C_out, op, ": bias: expected (", C_out, ",), got ", bias->sizes());
@@ -102,11 +118,14 @@ at::Tensor lora_conv2d_cuda(const at::Tensor& x, const at::Tensor& wcat, const s
   const int64_t Wo = (W + 2 * padding[1] - dilation[1] * (kw - 1) - 1) / stride[1] + 1;
   TORCH_CHECK(Ho > 0 && Wo > 0, op, ": x: input ", H, "x", W, " is too small for kernel ", kh, "x", kw);
   c10::cuda::CUDAGuard guard(x.device());
-  const at::Tensor w = wcat.contiguous();  // the kernel reads wcat as (C_out + R, C_in*kh*kw)
-  at::Tensor z = at::empty({N, C_out + R, Ho, Wo}, x.options());
+  // the kernel reads weight and down as (channels, C_in*kh*kw) row-major
+  const at::Tensor w = weight.contiguous(), d = down.contiguous();
+  const auto fmt = conv_format(x);
+  at::Tensor y = at::empty({N, C_out, Ho, Wo}, x.options().memory_format(fmt));
+  at::Tensor h = at::empty({N, R, Ho, Wo}, x.options().memory_format(fmt));
   LoraConvArgs a{};
-  a.x = x.data_ptr(); a.wcat = w.data_ptr(); a.bias = bias ? bias->data_ptr() : nullptr; a.up = up.data_ptr();
-  a.pref = p.data_ptr<float>(); a.z = z.data_ptr();
+  a.x = x.data_ptr(); a.weight = w.data_ptr(); a.down = d.data_ptr(); a.bias = bias ? bias->data_ptr() : nullptr;
+  a.up = up.data_ptr(); a.pref = p.data_ptr<float>(); a.y = y.data_ptr(); a.h = h.data_ptr();
   a.dtype = dtype; a.N = N; a.C_in = C_in; a.H = H; a.W = W; a.C_out = C_out; a.R = R; a.kh = kh; a.kw = kw;
   a.P = p.size(0); a.T = p.size(1);
   a.stride_h = stride[0]; a.stride_w = stride[1]; a.pad_h = padding[0]; a.pad_w = padding[1];
@@ -114,18 +133,20 @@ at::Tensor lora_conv2d_cuda(const at::Tensor& x, const at::Tensor& wcat, const s
   a.stride_xn = x.stride(0); a.stride_xc = x.stride(1); a.stride_xh = x.stride(2); a.stride_xw = x.stride(3);
   a.stride_bias = bias ? bias->stride(0) : 0; a.stride_uc = up.stride(0); a.stride_ur = up.stride(1);
   a.stride_pp = p.stride(0); a.stride_pt = p.stride(1); a.scale = scale;
+  a.stride_yn = y.stride(0); a.stride_yp = y.stride(3); a.stride_yc = y.stride(1);
+  a.stride_hn = h.stride(0); a.stride_hp = h.stride(3); a.stride_hc = h.stride(1);
   const char* err = lora_conv2d_launch(a, c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == nullptr, op, ": ", err ? err : "");
-  return z;
+  return {y, h};
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(palora, m) {
   m.def("lora_mm_cuda(Tensor x, Tensor wm, Tensor? bias, Tensor down, Tensor up, Tensor pref, "
-        "int rows_per_sample, float scale) -> Tensor");
-  m.def("lora_conv2d_cuda(Tensor x, Tensor wcat, Tensor? bias, Tensor up, Tensor pref, int[] stride, "
-        "int[] padding, int[] dilation, float scale) -> Tensor");
+        "int rows_per_sample, float scale) -> (Tensor, Tensor)");
+  m.def("lora_conv2d_cuda(Tensor x, Tensor weight, Tensor down, Tensor? bias, Tensor up, Tensor pref, "
+        "int[] stride, int[] padding, int[] dilation, float scale) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(palora, CUDA, m) {

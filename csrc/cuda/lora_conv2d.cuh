@@ -1,10 +1,10 @@
 // palora::lora_conv2d on CUDA (factorized adapters), implicit GEMM over
 // rows = N*Ho*Wo, K = C_in*kh*kw (the order of W.view(C_out, -1)), the im2col tile of x
 // gathered on the fly (never materialised):
-//   1. skinny shrink kernel:  H = im2col(x) A_cat^T            -> z[:, C_out:]
-//   2. fused kernel:          im2col(x) W^T + (H*S_n) B_cat^T + b -> z[:, :C_out]
-// z is NCHW-contiguous, so row m = (n, ho, wo) sits at n*(C_out+R)*Ho*Wo + ho*Wo + wo and a
-// channel is Ho*Wo elements further on; S_n uses pref[n] (P == N) or pref[0] (P == 1).
+//   1. skinny shrink kernel:  H = im2col(x) A_cat^T            -> h
+//   2. fused kernel:          im2col(x) W^T + (H*S_n) B_cat^T + b -> y
+// y and h are dense NCHW or NHWC: row m = (n, q = ho*Wo + wo) sits at n*s_n + q*s_p and a channel
+// is s_c elements further on; S_n uses pref[n] (P == N) or pref[0] (P == 1).
 #pragma once
 #include "cuda/lora_mm.cuh"
 
@@ -19,32 +19,34 @@ inline const char* check_lora_conv2d(const LoraConvArgs& a) {
   if (a.stride_h < 1 || a.stride_w < 1 || a.dil_h < 1 || a.dil_w < 1 || a.pad_h < 0 || a.pad_w < 0)
     return arg_error("lora_conv2d: stride/dilation: expected >= 1 and padding >= 0");
   if (a.Ho < 0 || a.Wo < 0) return arg_error("lora_conv2d: x: the output size is negative");
-  if (a.N > 0 && a.Ho * a.Wo > 0 && (!a.x || !a.wcat || !a.up || !a.pref || !a.z)) return arg_error("lora_conv2d: null pointer");
+  if (a.N > 0 && a.Ho * a.Wo > 0 && (!a.x || !a.weight || !a.down || !a.up || !a.pref || !a.y || !a.h))
+    return arg_error("lora_conv2d: null pointer");
   return nullptr;
 }
 
 template <class T>
 const char* lora_conv2d_typed(const LoraConvArgs& a, void* stream) {
-  const int64_t HoWo = a.Ho * a.Wo, K = a.C_in * a.kh * a.kw, Cz = a.C_out + a.R;
+  const int64_t HoWo = a.Ho * a.Wo, K = a.C_in * a.kh * a.kw;
   if (HoWo == 0) return nullptr;
   GemmParams p{};
   p.a = a.x; p.C = a.C_in; p.H = a.H; p.W = a.W; p.kh = a.kh; p.kw = a.kw;
   p.sh = a.stride_h; p.sw = a.stride_w; p.ph = a.pad_h; p.pw = a.pad_w; p.dh = a.dil_h; p.dw = a.dil_w; p.Wo = a.Wo;
   p.sxn = a.stride_xn; p.sxc = a.stride_xc; p.sxh = a.stride_xh; p.sxw = a.stride_xw;
   p.rows = a.N * HoWo; p.K = K;
-  p.b_sk = 1; p.b_sc = K;  // wcat row c is output channel c
-  p.z = a.z; p.z_hw = HoWo; p.z_sn = Cz * HoWo; p.z_sp = 1; p.z_sc = HoWo;
-  // 1. shrink: H = im2col(x) A_cat^T -> channels [C_out, C_out + R)
+  p.b_sk = 1; p.b_sc = K;  // weight (down) row c is output channel c
+  p.z_hw = HoWo;
+  // 1. shrink: H = im2col(x) A_cat^T -> h
   GemmParams sh = p;
-  sh.cols = a.R; sh.b = static_cast<const T*>(a.wcat) + a.C_out * K; sh.z_col = a.C_out;
+  sh.cols = a.R; sh.b = a.down;
+  sh.z = a.h; sh.z_sn = a.stride_hn; sh.z_sp = a.stride_hp; sh.z_sc = a.stride_hc;
   if (const char* e = launch_gemm<T, ShrinkCfg, true>(sh, stream)) return e;
-  // 2. fused: channels [0, C_out) = im2col(x) W^T + bias + (H * S_n) B_cat^T
+  // 2. fused: y = im2col(x) W^T + bias + (H * S_n) B_cat^T
   GemmParams f = p;
-  f.cols = a.C_out; f.b = a.wcat; f.bias = a.bias; f.bias_s = a.stride_bias;
-  f.R = a.R; f.h_col = a.C_out; f.up = a.up; f.up_sr = a.stride_ur; f.up_sc = a.stride_uc;
+  f.cols = a.C_out; f.b = a.weight; f.bias = a.bias; f.bias_s = a.stride_bias;
+  f.z = a.y; f.z_sn = a.stride_yn; f.z_sp = a.stride_yp; f.z_sc = a.stride_yc;
+  f.R = a.R; f.h = a.h; f.h_sn = a.stride_hn; f.h_sp = a.stride_hp; f.h_sc = a.stride_hc; f.up = a.up; f.up_sr = a.stride_ur; f.up_sc = a.stride_uc;
   f.pref = a.pref; f.P = a.P; f.rank = a.R / a.T; f.rows_per_sample = HoWo;
   f.pref_sp = a.stride_pp; f.pref_st = a.stride_pt; f.scale = static_cast<float>(a.scale);
-  f.z_col = 0;
   return launch_gemm<T, FusedCfg, true>(f, stream);
 }
 

@@ -1,12 +1,12 @@
 // The one tiled GEMM behind both ops (a kernel of this file is either the fused kernel or the
 // skinny shrink kernel, by its tile config):
 //
-//   z[row(m), z_col + c] = sum_k A(m, k) B(k, c)                       phase 1, k < K
+//   z[row(m), c] = sum_k A(m, k) B(k, c)                               phase 1, k < K
 //                        + sum_j (H(m, j) * S(m, j)) Up(j, c)          phase 2 ("expand"), j < R
 //                        + bias[c]
 //
 // A is x (N, K) with strides (linear) or the im2col view of x (N, C, H, W) (conv, never
-// materialised); H is read back from z's own H columns, written by the shrink launch before.
+// materialised); H is read back from the buffer the shrink launch wrote before.
 // Phase 2 is just R more steps of the K loop, so the expand costs no (N, out) temporary and
 // no second pass over the output. Runtime shapes everywhere; masks on every load and store.
 // fp32 accumulation. fp16/bf16 tiles use WMMA m16n16k16 on sm_80+; fp32 uses SIMT FMAs
@@ -28,17 +28,18 @@ struct GemmParams {
   int64_t b_sk, b_sc;
   const void* bias;
   int64_t bias_s;
-  // phase 2: H = z[:, h_col : h_col + R] (same row map as the output), up (R, cols),
-  // S(m, j) = scale * pref[m / rows_per_sample (0 when P == 1), j / rank]
-  int64_t R, h_col;
+  // phase 2: H (rows, R), element (m, j) at (m / z_hw) * h_sn + (m % z_hw) * h_sp + j * h_sc;
+  // up (R, cols); S(m, j) = scale * pref[m / rows_per_sample (0 when P == 1), j / rank]
+  const void* h;
+  int64_t R, h_sn, h_sp, h_sc;
   const void* up;
   int64_t up_sr, up_sc;
   const float* pref;
   int64_t P, rank, rows_per_sample, pref_sp, pref_st;
   float scale;
-  // output z: element (m, c) at (m / z_hw) * z_sn + (m % z_hw) * z_sp + (z_col + c) * z_sc
+  // output z: element (m, c) at (m / z_hw) * z_sn + (m % z_hw) * z_sp + c * z_sc
   void* z;
-  int64_t z_hw, z_sn, z_sp, z_sc, z_col;
+  int64_t z_hw, z_sn, z_sp, z_sc;
 };
 
 // Fused kernel: a square tile for the (rows, out) output, 4 warps of 32x32.
@@ -88,11 +89,11 @@ __global__ void __launch_bounds__(Cfg::THREADS) lora_gemm_kernel(GemmParams p) {
   const T* a = static_cast<const T*>(p.a);
   const T* b = static_cast<const T*>(p.b);
   const T* up = static_cast<const T*>(p.up);
-  const T* zr = static_cast<const T*>(p.z);
+  const T* hr = static_cast<const T*>(p.h);
   const int64_t HoWo = p.z_hw;
   // coalescing: the thread index runs along whichever dimension is contiguous in memory
   const bool a_kfast = IM2COL ? false : p.a_sk == 1;
-  const bool h_kfast = p.z_sc == 1;
+  const bool h_kfast = p.h_sc == 1;
   const bool b_nfast = p.b_sc == 1;
   const bool u_nfast = p.up_sc == 1;
 
@@ -128,10 +129,10 @@ __global__ void __launch_bounds__(Cfg::THREADS) lora_gemm_kernel(GemmParams p) {
       T v = Num<T>::from_f(0.f);
       if (m < p.rows && k < klim) {
         if (expand) {
-          const int64_t row = (m / HoWo) * p.z_sn + (m % HoWo) * p.z_sp;
+          const int64_t row = (m / HoWo) * p.h_sn + (m % HoWo) * p.h_sp;
           const int64_t prow = p.P == 1 ? 0 : m / p.rows_per_sample;
           const float s = p.scale * p.pref[prow * p.pref_sp + (k / p.rank) * p.pref_st];
-          v = Num<T>::from_f(Num<T>::to_f(zr[row + (p.h_col + k) * p.z_sc]) * s);
+          v = Num<T>::from_f(Num<T>::to_f(hr[row + k * p.h_sc]) * s);
         } else if (IM2COL) {
           const int64_t n = m / HoWo, q = m % HoWo, ho = q / p.Wo, wo = q % p.Wo;
           const int64_t khw = p.kh * p.kw, c = k / khw, r = k % khw, i = r / p.kw, j = r % p.kw;
@@ -203,7 +204,7 @@ __global__ void __launch_bounds__(Cfg::THREADS) lora_gemm_kernel(GemmParams p) {
     if (m >= p.rows || n >= p.cols) continue;
     float v = Cs[mm * LDC + nn];
     if (bias) v += Num<T>::to_f(bias[n * p.bias_s]);
-    z[(m / HoWo) * p.z_sn + (m % HoWo) * p.z_sp + (p.z_col + n) * p.z_sc] = Num<T>::from_f(v);
+    z[(m / HoWo) * p.z_sn + (m % HoWo) * p.z_sp + n * p.z_sc] = Num<T>::from_f(v);
   }
 }
 

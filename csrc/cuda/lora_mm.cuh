@@ -1,8 +1,8 @@
-// palora::lora_mm on CUDA: z (N, M + R) = [x wm + bias + ((x down) * S) up | x down].
+// palora::lora_mm on CUDA: y (N, M) = x wm + bias + ((x down) * S) up,  H (N, R) = x down.
 // Two launches on one stream, no (N, M) temporary:
-//   1. skinny shrink kernel:  H = x down        -> z[:, M:]   (tile 128 x 32: R is small)
-//   2. fused kernel:          x wm + (H*S) up + bias -> z[:, :M]   (tile 64 x 64; the expand is
-//      R extra steps of its K loop, reading H back from z)
+//   1. skinny shrink kernel:  H = x down             -> h   (tile 128 x 32: R is small)
+//   2. fused kernel:          x wm + (H*S) up + bias -> y   (tile 64 x 64; the expand is
+//      R extra steps of its K loop, reading H back)
 // The same call serves the forward (W^T, A_cat^T, B_cat^T) and dX (W, B_cat, A_cat).
 #pragma once
 #include <string>
@@ -23,10 +23,10 @@ inline const char* check_lora_mm(const LoraMMArgs& a) {
   if (a.N < 0 || a.K < 0 || a.M < 0) return arg_error("lora_mm: x/wm: negative size");
   if (a.T < 1) return arg_error("lora_mm: pref: expected T >= 1 columns, got " + s(a.T));
   if (a.R < a.T || a.R % a.T != 0) return arg_error("lora_mm: down: expected R = T * rank columns with T = " + s(a.T) + ", got R = " + s(a.R));
-  if (a.rows_per_sample < 1) return arg_error("lora_mm: rows_per_sample: expected >= 1, got " + s(a.rows_per_sample));
+  if (a.rows_per_sample < 1 && a.N > 0) return arg_error("lora_mm: rows_per_sample: expected >= 1, got " + s(a.rows_per_sample));
   if (a.P != 1 && a.P * a.rows_per_sample != a.N)
     return arg_error("lora_mm: pref: expected P == 1 or P * rows_per_sample == N = " + s(a.N) + ", got P = " + s(a.P) + ", rows_per_sample = " + s(a.rows_per_sample));
-  if (a.N > 0 && (!a.x || !a.z || !a.pref)) return arg_error("lora_mm: x, pref and z must not be null");
+  if (a.N > 0 && (!a.x || !a.y || !a.h || !a.pref)) return arg_error("lora_mm: x, pref, y and h must not be null");
   if (a.N > 0 && ((a.K > 0 && (!a.wm || !a.down)) || !a.up)) return arg_error("lora_mm: wm, down and up must not be null");
   return nullptr;
 }
@@ -36,19 +36,20 @@ const char* lora_mm_typed(const LoraMMArgs& a, void* stream) {
   GemmParams p{};
   p.a = a.x; p.a_sm = a.stride_xn; p.a_sk = a.stride_xk;
   p.rows = a.N; p.K = a.K;
-  p.z = a.z; p.z_hw = 1; p.z_sn = a.stride_zn; p.z_sp = 0; p.z_sc = a.stride_zc;
-  // 1. shrink: H = x down -> z[:, M : M + R]
+  p.z_hw = 1; p.z_sp = 0;
+  // 1. shrink: H = x down -> h
   GemmParams sh = p;
-  sh.cols = a.R; sh.b = a.down; sh.b_sk = a.stride_dk; sh.b_sc = a.stride_dr; sh.z_col = a.M;
+  sh.cols = a.R; sh.b = a.down; sh.b_sk = a.stride_dk; sh.b_sc = a.stride_dr;
+  sh.z = a.h; sh.z_sn = a.stride_hn; sh.z_sc = a.stride_hc;
   if (const char* e = launch_gemm<T, ShrinkCfg, false>(sh, stream)) return e;
-  // 2. fused: z[:, :M] = x wm + bias + (H * S) up
+  // 2. fused: y = x wm + bias + (H * S) up
   GemmParams f = p;
+  f.z = a.y; f.z_sn = a.stride_yn; f.z_sc = a.stride_yc;
   f.cols = a.M; f.b = a.wm; f.b_sk = a.stride_wk; f.b_sc = a.stride_wm;
   f.bias = a.bias; f.bias_s = a.stride_bias;
-  f.R = a.R; f.h_col = a.M; f.up = a.up; f.up_sr = a.stride_ur; f.up_sc = a.stride_um;
+  f.R = a.R; f.h = a.h; f.h_sn = a.stride_hn; f.h_sp = 0; f.h_sc = a.stride_hc; f.up = a.up; f.up_sr = a.stride_ur; f.up_sc = a.stride_um;
   f.pref = a.pref; f.P = a.P; f.rank = a.R / a.T; f.rows_per_sample = a.rows_per_sample;
   f.pref_sp = a.stride_pp; f.pref_st = a.stride_pt; f.scale = static_cast<float>(a.scale);
-  f.z_col = 0;
   return launch_gemm<T, FusedCfg, false>(f, stream);
 }
 

@@ -10,7 +10,7 @@ namespace palora {
 
 enum DType : int64_t { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
-// z (N, M + R) = [x @ wm + bias + ((x @ down) * S) @ up | x @ down],
+// y (N, M) = x @ wm + bias + ((x @ down) * S) @ up,   H (N, R) = x @ down,
 // S[n, t*rank + j] = scale * pref[n / rows_per_sample (0 when P == 1), t], rank = R / T.
 struct LoraMMArgs {
   const void* x;      // (N, K)
@@ -19,28 +19,34 @@ struct LoraMMArgs {
   const void* down;   // (K, R)
   const void* up;     // (R, M)
   const float* pref;  // (P, T), fp32
-  void* z;            // (N, M + R)
-  int64_t dtype;      // DType of x, wm, bias, down, up, z
+  void* y;            // (N, M)
+  void* h;            // (N, R): written by the shrink kernel, read back by the fused one
+  int64_t dtype;      // DType of x, wm, bias, down, up, y, h
   int64_t N, K, M, R, P, T, rows_per_sample;
   int64_t stride_xn, stride_xk, stride_wk, stride_wm, stride_bias;
-  int64_t stride_dk, stride_dr, stride_ur, stride_um, stride_pp, stride_pt, stride_zn, stride_zc;
+  int64_t stride_dk, stride_dr, stride_ur, stride_um, stride_pp, stride_pt;
+  int64_t stride_yn, stride_yc, stride_hn, stride_hc;
   double scale;
 };
 
-// z (N, C_out + R, Ho, Wo) = [conv(x, W) + bias + B_cat diag(S_n) H_n | H_n], H = conv(x, A_cat),
-// wcat = [W; A_cat] contiguous (C_out + R, C_in, kh, kw), z contiguous, P == 1 or P == N.
+// y (N, C_out, Ho, Wo) = conv(x, W) + bias + B_cat diag(S_n) H_n,  H (N, R, Ho, Wo) = conv(x, A_cat),
+// P == 1 or P == N. y and H are dense, NCHW or NHWC: pixel (ho, wo) of image n, channel c sits at
+// n * s_n + (ho * Wo + wo) * s_p + c * s_c.
 struct LoraConvArgs {
   const void* x;      // (N, C_in, H, W), any strides
-  const void* wcat;   // (C_out + R, C_in, kh, kw), contiguous
+  const void* weight; // (C_out, C_in, kh, kw), contiguous
+  const void* down;   // (R, C_in, kh, kw), contiguous: A_cat
   const void* bias;   // (C_out,) or nullptr
   const void* up;     // (C_out, R)
   const float* pref;  // (P, T), fp32
-  void* z;            // (N, C_out + R, Ho, Wo), contiguous
+  void* y;            // (N, C_out, Ho, Wo)
+  void* h;            // (N, R, Ho, Wo)
   int64_t dtype;
   int64_t N, C_in, H, W, C_out, R, kh, kw, P, T;
   int64_t stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, Ho, Wo;
   int64_t stride_xn, stride_xc, stride_xh, stride_xw;
   int64_t stride_bias, stride_uc, stride_ur, stride_pp, stride_pt;
+  int64_t stride_yn, stride_yp, stride_yc, stride_hn, stride_hp, stride_hc;
   double scale;
 };
 

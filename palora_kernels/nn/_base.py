@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..functional import check_preference
+from ..functional import check_finite, check_preference
 
 
 def check_positive(name: str, value) -> int:
@@ -49,6 +49,7 @@ class PaLoRALayerMixin:
         """Default preference for calls that pass none: (T,) or (B, T); None clears it."""
         if preference is not None:
             check_preference(preference, self.num_tasks, None, None)
+            check_finite(preference)          # here, once, not in every forward (a GPU sync)
         self._preference = preference
 
     def _resolve_preference(self, preference):
@@ -71,6 +72,7 @@ class PaLoRALayerMixin:
     # -- merging ----------------------------------------------------------------------
     def _check_merge_preference(self, preference) -> torch.Tensor:
         check_preference(preference, self.num_tasks, None, None)
+        check_finite(preference)
         if preference.dim() != 1:
             raise ValueError(f"preference: merging needs one preference for the whole batch, shape "
                              f"({self.num_tasks},), got {tuple(preference.shape)}")

@@ -1,1 +1,1 @@
-"""Host-side ops: one file per op (autograd Function + launch), plus backend kernels."""
+"""The autograd Functions, one file per op; the kernels they call live in palora_kernels.backends."""

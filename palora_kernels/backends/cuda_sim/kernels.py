@@ -1,13 +1,14 @@
-"""The ``cuda_sim`` backend: the CUDA kernels of csrc/cuda/*.cuh run on CPU tensors under the
-host emulator of the CUDA execution model (csrc/emu/emu.h). Tests only: it is slow by design.
+"""Kernels of the ``cuda_sim`` backend: the CUDA kernels of csrc/cuda/*.cuh run on CPU tensors
+under the host emulator of the CUDA execution model (csrc/emu/emu.h). Tests only: slow by design.
 
 The same .cuh source that nvcc compiles into palora_kernels._C is compiled here by g++ with
 -DPALORA_EMU into a small shared library (no torch header, a few seconds) and called through
 ctypes with the tensors' data pointers and strides. ``PALORA_BACKEND=cuda_sim`` then runs the
 whole autograd path (forward and dX) through the emulated kernels.
 
-Every call also checks what the kernels wrote: z starts as NaN inside a NaN guard band, so an
-element the kernels forgot stays NaN and a write outside z shows up in the guard band.
+Every call also checks what the kernels wrote: y and H start as a sentinel NaN inside guard
+bands, so an element the kernels forgot keeps the sentinel's bit pattern and a write outside an
+output shows up in its guard band.
 """
 from __future__ import annotations
 
@@ -23,33 +24,35 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..dispatch import register_availability, register_kernel
+from ..._ops import conv_memory_format, conv_out_size
+from . import RECORD
 
-CSRC = Path(__file__).resolve().parents[2] / "csrc"
+CSRC = Path(__file__).resolve().parents[3] / "csrc"
 _SOURCES = ("emu/emu.h", "emu/emu_capi.cpp", "cuda/palora_cuda.h", "cuda/common.cuh",
             "cuda/lora_gemm.cuh", "cuda/lora_mm.cuh", "cuda/lora_conv2d.cuh", "emu/selftest.cuh")
 _DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-_GUARD = 64                                   # elements of NaN on each side of z
+_GUARD = 64                                   # sentinel elements on each side of an output
 SCHEDULES = {"forward": 0, "reverse": 1, "shuffle": 2}
 
 
 class LoraMMArgs(ctypes.Structure):           # mirrors palora::LoraMMArgs (csrc/cuda/palora_cuda.h)
-    _fields_ = ([(n, ctypes.c_void_p) for n in ("x", "wm", "bias", "down", "up", "pref", "z")]
+    _fields_ = ([(n, ctypes.c_void_p) for n in ("x", "wm", "bias", "down", "up", "pref", "y", "h")]
                 + [(n, ctypes.c_int64) for n in (
                     "dtype", "N", "K", "M", "R", "P", "T", "rows_per_sample",
                     "stride_xn", "stride_xk", "stride_wk", "stride_wm", "stride_bias",
                     "stride_dk", "stride_dr", "stride_ur", "stride_um", "stride_pp", "stride_pt",
-                    "stride_zn", "stride_zc")]
+                    "stride_yn", "stride_yc", "stride_hn", "stride_hc")]
                 + [("scale", ctypes.c_double)])
 
 
 class LoraConvArgs(ctypes.Structure):         # mirrors palora::LoraConvArgs
-    _fields_ = ([(n, ctypes.c_void_p) for n in ("x", "wcat", "bias", "up", "pref", "z")]
+    _fields_ = ([(n, ctypes.c_void_p) for n in ("x", "weight", "down", "bias", "up", "pref", "y", "h")]
                 + [(n, ctypes.c_int64) for n in (
                     "dtype", "N", "C_in", "H", "W", "C_out", "R", "kh", "kw", "P", "T",
                     "stride_h", "stride_w", "pad_h", "pad_w", "dil_h", "dil_w", "Ho", "Wo",
                     "stride_xn", "stride_xc", "stride_xh", "stride_xw",
-                    "stride_bias", "stride_uc", "stride_ur", "stride_pp", "stride_pt")]
+                    "stride_bias", "stride_uc", "stride_ur", "stride_pp", "stride_pt",
+                    "stride_yn", "stride_yp", "stride_yc", "stride_hn", "stride_hp", "stride_hc")]
                 + [("scale", ctypes.c_double)])
 
 
@@ -127,22 +130,32 @@ def _check(name: str, t: torch.Tensor, dtype: torch.dtype) -> None:
         raise TypeError(f"{name}: expected dtype {dtype} (x's), got {t.dtype}")
 
 
-def _guarded_output(shape, dtype):
-    numel = 1
-    for s in shape:
-        numel *= s
-    buf = torch.full((numel + 2 * _GUARD,), float("nan"), dtype=dtype)
-    return buf, buf[_GUARD:_GUARD + numel].view(shape)
+# The sentinel: a NaN with a payload no arithmetic produces (NaN results carry the default payload),
+# so an inf or NaN in the inputs, propagated by the kernels, is not mistaken for a missed store.
+_SENTINEL_BITS = {torch.float32: (torch.int32, 0x7FC0BEEF), torch.float16: (torch.int16, 0x7E5A),
+                  torch.bfloat16: (torch.int16, 0x7FDA)}
 
 
-def _verify_output(buf: torch.Tensor, z: torch.Tensor, op: str) -> None:
-    if not (torch.isnan(buf[:_GUARD]).all() and torch.isnan(buf[-_GUARD:]).all()):
-        raise RuntimeError(f"{op}: the emulated kernels wrote outside z (guard band changed)")
-    if torch.isnan(z).any() and not torch.isnan(z).all():
-        # NaN only in part of z: elements the kernels never stored (inputs here are finite)
-        bad = torch.isnan(z).nonzero()[:4].tolist()
-        raise RuntimeError(f"{op}: z holds NaN at {bad}...: elements never stored, or values computed "
-                           "from shared memory nobody wrote (the emulator fills it with NaN)")
+def _guarded(shape, strides, dtype):
+    """An output with the given strides inside a buffer of sentinels with guard bands on both sides."""
+    span = 1 + sum((n - 1) * s for n, s in zip(shape, strides)) if all(shape) else 0
+    ity, bits = _SENTINEL_BITS[dtype]
+    buf = torch.full((span + 2 * _GUARD,), bits, dtype=ity).view(dtype)
+    return buf, buf[_GUARD:].as_strided(shape, strides)
+
+
+def _unwritten(t: torch.Tensor) -> torch.Tensor:
+    ity, bits = _SENTINEL_BITS[t.dtype]
+    return t.view(ity) == bits
+
+
+def _verify_output(buf: torch.Tensor, out: torch.Tensor, op: str, name: str) -> None:
+    if not (_unwritten(buf[:_GUARD]).all() and _unwritten(buf[-_GUARD:]).all()):
+        raise RuntimeError(f"{op}: the emulated kernels wrote outside {name} (guard band changed)")
+    missed = _unwritten(out)
+    if missed.any():
+        bad = missed.nonzero()[:4].tolist()
+        raise RuntimeError(f"{op}: {name} holds the unwritten sentinel at {bad}...: elements never stored")
 
 
 def _run(lib, fn: str, args) -> None:
@@ -152,7 +165,7 @@ def _run(lib, fn: str, args) -> None:
 
 
 def lora_mm_sim(x, wm, bias, down, up, pref, rows_per_sample, scale, lib=None, verify=True):
-    """z (N, M+R) = [x wm + bias + ((x down) * S) up | x down] via the emulated kernels."""
+    """(y, H) of palora::lora_mm via the emulated kernels (the layout of the cuda backend)."""
     if x.dtype not in _DTYPES:
         raise TypeError(f"x: cuda_sim supports float32, float16, bfloat16, got {x.dtype}")
     for name, t in (("x", x), ("wm", wm), ("down", down), ("up", up)) + ((("bias", bias),) if bias is not None else ()):
@@ -161,55 +174,66 @@ def lora_mm_sim(x, wm, bias, down, up, pref, rows_per_sample, scale, lib=None, v
     N, K = x.shape
     M, R = wm.shape[1], down.shape[1]
     pref32 = pref.float()
-    buf, z = _guarded_output((N, M + R), x.dtype)
+    ybuf, y = _guarded((N, M), (M, 1), x.dtype)
+    hbuf, h = _guarded((N, R), (RECORD.h_row_stride(R), 1), x.dtype)
     a = LoraMMArgs(
-        x=_ptr(x), wm=_ptr(wm), bias=_ptr(bias), down=_ptr(down), up=_ptr(up), pref=_ptr(pref32), z=_ptr(z),
-        dtype=_DTYPES[x.dtype], N=N, K=K, M=M, R=R, P=pref.shape[0], T=pref.shape[1],
+        x=_ptr(x), wm=_ptr(wm), bias=_ptr(bias), down=_ptr(down), up=_ptr(up), pref=_ptr(pref32),
+        y=_ptr(y), h=_ptr(h), dtype=_DTYPES[x.dtype], N=N, K=K, M=M, R=R, P=pref.shape[0], T=pref.shape[1],
         rows_per_sample=rows_per_sample,
         stride_xn=x.stride(0), stride_xk=x.stride(1), stride_wk=wm.stride(0), stride_wm=wm.stride(1),
         stride_bias=bias.stride(0) if bias is not None else 0,
         stride_dk=down.stride(0), stride_dr=down.stride(1), stride_ur=up.stride(0), stride_um=up.stride(1),
-        stride_pp=pref32.stride(0), stride_pt=pref32.stride(1), stride_zn=z.stride(0), stride_zc=z.stride(1),
-        scale=float(scale))
+        stride_pp=pref32.stride(0), stride_pt=pref32.stride(1), stride_yn=y.stride(0), stride_yc=y.stride(1),
+        stride_hn=h.stride(0), stride_hc=h.stride(1), scale=float(scale))
     _run(lib, "palora_emu_lora_mm", a)
     if verify:
-        _verify_output(buf, z, "lora_mm")
-    return z
+        _verify_output(ybuf, y, "lora_mm", "y")
+        _verify_output(hbuf, h, "lora_mm", "H")
+    return y, h
 
 
-def lora_conv2d_sim(x, wcat, bias, up, pref, stride, padding, dilation, scale, lib=None, verify=True):
-    """z (N, C_out+R, Ho, Wo) = [conv(x, W) + b + B diag(S_n) H_n | H_n] via the emulated kernels."""
-    from .._ops import conv_out_size
+def _conv_strides(N, C, Ho, Wo, fmt):
+    if fmt == torch.channels_last:
+        return (Ho * Wo * C, 1, Wo * C, C)
+    return (C * Ho * Wo, Ho * Wo, Wo, 1)
+
+
+def lora_conv2d_sim(x, weight, down, bias, up, pref, stride, padding, dilation, scale, lib=None, verify=True):
+    """(y, H) of palora::lora_conv2d via the emulated kernels (the layout of the cuda backend)."""
     if x.dtype not in _DTYPES:
         raise TypeError(f"x: cuda_sim supports float32, float16, bfloat16, got {x.dtype}")
-    for name, t in (("x", x), ("wcat", wcat), ("up", up)) + ((("bias", bias),) if bias is not None else ()):
+    for name, t in (("x", x), ("weight", weight), ("down", down), ("up", up)) + (
+            (("bias", bias),) if bias is not None else ()):
         _check(name, t, x.dtype)
     lib = lib or build()
-    wcat = wcat.contiguous()
+    weight, down = weight.contiguous(), down.contiguous()
     N, C_in, H, W = x.shape
-    Cz, _, kh, kw = wcat.shape
-    C_out, R = up.shape
+    C_out, _, kh, kw = weight.shape
+    R = down.shape[0]
     Ho = conv_out_size(H, kh, stride[0], padding[0], dilation[0])
     Wo = conv_out_size(W, kw, stride[1], padding[1], dilation[1])
+    fmt = conv_memory_format(x)
     pref32 = pref.float()
-    buf, z = _guarded_output((N, Cz, Ho, Wo), x.dtype)
+    ybuf, y = _guarded((N, C_out, Ho, Wo), _conv_strides(N, C_out, Ho, Wo, fmt), x.dtype)
+    hbuf, h = _guarded((N, R, Ho, Wo), _conv_strides(N, R, Ho, Wo, fmt), x.dtype)
     a = LoraConvArgs(
-        x=_ptr(x), wcat=_ptr(wcat), bias=_ptr(bias), up=_ptr(up), pref=_ptr(pref32), z=_ptr(z),
-        dtype=_DTYPES[x.dtype], N=N, C_in=C_in, H=H, W=W, C_out=C_out, R=R, kh=kh, kw=kw,
+        x=_ptr(x), weight=_ptr(weight), down=_ptr(down), bias=_ptr(bias), up=_ptr(up), pref=_ptr(pref32),
+        y=_ptr(y), h=_ptr(h), dtype=_DTYPES[x.dtype], N=N, C_in=C_in, H=H, W=W, C_out=C_out, R=R, kh=kh, kw=kw,
         P=pref.shape[0], T=pref.shape[1], stride_h=stride[0], stride_w=stride[1], pad_h=padding[0],
         pad_w=padding[1], dil_h=dilation[0], dil_w=dilation[1], Ho=Ho, Wo=Wo,
         stride_xn=x.stride(0), stride_xc=x.stride(1), stride_xh=x.stride(2), stride_xw=x.stride(3),
         stride_bias=bias.stride(0) if bias is not None else 0, stride_uc=up.stride(0), stride_ur=up.stride(1),
-        stride_pp=pref32.stride(0), stride_pt=pref32.stride(1), scale=float(scale))
+        stride_pp=pref32.stride(0), stride_pt=pref32.stride(1),
+        stride_yn=y.stride(0), stride_yp=y.stride(3), stride_yc=y.stride(1),
+        stride_hn=h.stride(0), stride_hp=h.stride(3), stride_hc=h.stride(1), scale=float(scale))
     _run(lib, "palora_emu_lora_conv2d", a)
     if verify:
-        _verify_output(buf, z, "lora_conv2d")
-    return z
+        _verify_output(ybuf, y, "lora_conv2d", "y")
+        _verify_output(hbuf, h, "lora_conv2d", "H")
+    return y, h
 
 
-def _available(device: torch.device) -> Optional[str]:
-    if torch.device(device).type != "cpu":
-        return f"cuda_sim emulates CUDA on CPU tensors, got device {device}"
+def unavailable_reason() -> Optional[str]:
     if _compiler() is None:
         return "no C++ compiler (g++ or $CXX) on PATH"
     if not (CSRC / "emu" / "emu_capi.cpp").exists():
@@ -217,20 +241,9 @@ def _available(device: torch.device) -> Optional[str]:
     return None
 
 
-register_availability("cuda_sim", _available)
-
-
-@register_kernel("cuda_sim", "lora_mm")
 def lora_mm(x, wm, bias, down, up, pref, rows_per_sample, scale):
-    if x.dtype == torch.float64:          # the kernels are fp32/fp16/bf16, as on the GPU (see docs/cuda.md)
-        from .torch_kernels import lora_mm as torch_lora_mm
-        return torch_lora_mm(x, wm, bias, down, up, pref, rows_per_sample, scale)
     return lora_mm_sim(x, wm, bias, down, up, pref, rows_per_sample, scale)
 
 
-@register_kernel("cuda_sim", "lora_conv2d")
-def lora_conv2d(x, wcat, bias, up, pref, stride, padding, dilation, scale):
-    if x.dtype == torch.float64:
-        from .torch_kernels import lora_conv2d as torch_lora_conv2d
-        return torch_lora_conv2d(x, wcat, bias, up, pref, stride, padding, dilation, scale)
-    return lora_conv2d_sim(x, wcat, bias, up, pref, stride, padding, dilation, scale)
+def lora_conv2d(x, weight, down, bias, up, pref, stride, padding, dilation, scale):
+    return lora_conv2d_sim(x, weight, down, bias, up, pref, stride, padding, dilation, scale)

@@ -1,4 +1,4 @@
-"""Triton kernels of palora::lora_mm:  z = [x @ wm + bias + ((x @ down) * S) @ up  |  x @ down].
+"""Triton kernels of palora::lora_mm:  y = x @ wm + bias + ((x @ down) * S) @ up,  H = x @ down.
 
 Inside the kernels the GEMM is named as in Triton tutorial 03, C (M, N) = A (M, K) @ B (K, N):
 M = rows of x (the op's N), N = output columns (the op's M), K = reduction, R = T * r.
@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import cost_model
+from ... import cost_model
 
 # The interpreter replaces @triton.jit at decoration time, so read the knob right here.
 INTERPRET = bool(triton.knobs.runtime.interpret)
@@ -45,25 +45,40 @@ def _cfg(bm, bn, bk, warps, stages, family, mma="tc", group_m=8):
     return c
 
 
+def _tf32_configs(family):
+    # fp32 tiles on tensor cores (TF32): 4-byte tiles, so BLOCK_K 32 where bf16 takes 64 (same smem).
+    # 64x64 needs 8 warps: with 4, ptxas capped it at 128 registers and spilled 28 bytes (sm_80, split).
+    if family == "sm_90":
+        return [_cfg(128, 128, 32, 8, 3, family, "tf32"), _cfg(64, 128, 32, 4, 4, family, "tf32")]
+    if family == "sm_80":
+        return [_cfg(128, 128, 32, 8, 3, family, "tf32"), _cfg(64, 64, 32, 8, 4, family, "tf32")]
+    return [_cfg(64, 64, 32, 8, 3, family, "tf32")]
+
+
 def _fma_configs(family):
-    # fp64 64x64 with 8 warps spilled 24 bytes in-loop (sm_80); 32x64 with 4 warps does not
-    return [_cfg(64, 64, 32, 8, 3, family, "fp32"), _cfg(32, 64, 32, 4, 3, family, "fp64")]
+    # fp64 64x64 with 8 warps spilled 24 bytes in-loop (sm_80); 32x64 with 4 warps and 3 stages
+    # spilled 16 bytes in the split kernel with the launcher's real strides (sm_90); 2 stages do not
+    return [_cfg(64, 64, 32, 8, 3, family, "fp32"), _cfg(32, 64, 32, 4, 2, family, "fp64")]
 
 
 def configs_sm80():
     # A100: 164 KB smem. 128x128 needs 8 warps: with 4, acc (128 fp32/thread) + the in-loop
     # H accumulator spilled 168 bytes (kernel_report, ptxas 13).
-    return [_cfg(128, 128, 32, 8, 4, "sm_80"), _cfg(64, 64, 64, 4, 4, "sm_80")] + _fma_configs("sm_80")
+    return ([_cfg(128, 128, 32, 8, 4, "sm_80"), _cfg(64, 64, 64, 4, 4, "sm_80")] + _tf32_configs("sm_80")
+            + _fma_configs("sm_80"))
 
 
 def configs_sm90():
-    # H100: 228 KB smem; BLOCK_M 128 with 8 warps = two warpgroups for wgmma.
-    return [_cfg(128, 128, 64, 8, 3, "sm_90"), _cfg(64, 128, 64, 4, 4, "sm_90")] + _fma_configs("sm_90")
+    # H100: 228 KB smem; BLOCK_M 128 with 8 warps = two warpgroups for wgmma. 64x128 with 4 warps
+    # spilled 12 bytes (split, per-sample, no bias); with 8 warps it does not. 128x256 spilled 388
+    # bytes with 8 warps and 188 with 16 (split, per-sample): not shipped.
+    return ([_cfg(128, 128, 64, 8, 3, "sm_90"), _cfg(64, 128, 64, 8, 4, "sm_90")] + _tf32_configs("sm_90")
+            + _fma_configs("sm_90"))
 
 
 def configs_default():
     # unknown GPUs (sm_86/89 have ~100 KB smem): one modest tile.
-    return [_cfg(64, 64, 32, 4, 3, "default")] + _fma_configs("default")
+    return [_cfg(64, 64, 32, 4, 3, "default")] + _tf32_configs("default") + _fma_configs("default")
 
 
 def configs_interpreter():
@@ -80,15 +95,18 @@ def configs_for(family: str, mma: str = None):
 ALL_FAMILIES = ("sm_80", "sm_90", "default", "interpreter")
 
 
-def mma_class(dtype) -> str:
-    """'tc' for 16-bit tiles, 'fp32' / 'fp64' for the IEEE FMA path (torch or tl dtype)."""
+def mma_class(dtype, precision: str = "ieee") -> str:
+    """'tc' for 16-bit tiles, 'tf32' for fp32 tiles on tensor cores, 'fp32' / 'fp64' for the IEEE
+    FMA path (torch or tl dtype; precision is the kernels' INPUT_PRECISION)."""
     name = str(dtype).split(".")[-1]
-    return {"float32": "fp32", "fp32": "fp32", "float64": "fp64", "fp64": "fp64"}.get(name, "tc")
+    if name in ("float32", "fp32"):
+        return "tf32" if precision == "tf32" else "fp32"
+    return {"float64": "fp64", "fp64": "fp64"}.get(name, "tc")
 
 
 def _mine(configs, named_args):
     family = "interpreter" if INTERPRET else cost_model.gpu_family(named_args["x_ptr"].device)
-    mma = mma_class(named_args["x_ptr"].dtype)
+    mma = mma_class(named_args["x_ptr"].dtype, named_args.get("INPUT_PRECISION", "ieee"))
     return [c for c in configs if c.family == family and c.mma in (mma, "any")]
 
 
@@ -98,7 +116,16 @@ def _keep(cfg, M, N):
     return kw["BLOCK_M"] <= max(64, triton.next_power_of_2(M)) and kw["BLOCK_N"] <= max(64, triton.next_power_of_2(N))
 
 
+def largest_kept_tile(M, N, family: str, mma: str = "tc") -> tuple:
+    """(BLOCK_M, BLOCK_N) of the largest config _keep leaves for an (M, N) output (the cost model's tile)."""
+    cfgs = configs_for(family, mma)
+    kept = [c for c in cfgs if _keep(c, M, N)] or cfgs[-1:]
+    c = max(kept, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])
+    return c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+
+
 def _prune(configs, named_args, **kwargs):
+    named_args = {**named_args, **kwargs}     # the autotuner passes keyword arguments separately
     mine = _mine(configs, named_args)
     kept = [c for c in mine if _keep(c, named_args["M"], named_args["N"])]
     return kept or mine[-1:]
@@ -112,7 +139,7 @@ _ALL_CONFIGS = [c for f in ALL_FAMILIES for c in configs_for(f)]
 # ----------------------------------------------------------------------------------------------
 @triton.jit
 def _dot(a, b, acc, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    # The interpreter returns garbage for bf16 tl.dot (STYLE.md): upcast there only; on a GPU
+    # The interpreter (Triton 3.8 on CPU) returns garbage for bf16 tl.dot: upcast there only; on a GPU
     # the tiles stay bf16/fp16 and hit the tensor cores.
     if UPCAST:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
@@ -136,7 +163,7 @@ def _scale_tile(ps_ptr, offs_m, offs_r, mask_m, mask_r, rows_per_sample, rank, s
 # ----------------------------------------------------------------------------------------------
 # kernels
 # ----------------------------------------------------------------------------------------------
-@triton.autotune(configs=_ALL_CONFIGS, key=["M_BUCKET", "N", "K", "R", "SHRINK_IN_LOOP", "EXPAND"],
+@triton.autotune(configs=_ALL_CONFIGS, key=["M_BUCKET", "N", "K", "R", "SHRINK_IN_LOOP", "EXPAND", "INPUT_PRECISION"],
                  prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _lora_mm_kernel(
@@ -147,8 +174,8 @@ def _lora_mm_kernel(
     down_ptr,   # (K, R)   read when SHRINK_IN_LOOP
     up_ptr,     # (R, N)   read when EXPAND
     ps_ptr,     # (P, T)   scale * pref
-    out_ptr,    # (M, N)   z[:, :N]
-    h_ptr,      # (M, R)   z[:, N:]: written when SHRINK_IN_LOOP, read otherwise (split)
+    out_ptr,    # (M, N)   y
+    h_ptr,      # (M, R)   H: written when SHRINK_IN_LOOP, read otherwise (split)
     # sizes
     M, N, K, R, rank, rows_per_sample,
     # strides
@@ -230,6 +257,7 @@ def _lora_mm_kernel(
 
 
 def _prune_skinny(configs, named_args, **kwargs):
+    named_args = {**named_args, **kwargs}
     mine = _mine(configs, named_args)
     kept = [c for c in mine if c.kwargs["BLOCK_M"] <= max(32, triton.next_power_of_2(named_args["M"]))]
     return kept or mine[-1:]
@@ -244,7 +272,9 @@ def _skinny_cfg(bm, bk, warps, stages, family, mma="tc"):
 def skinny_configs_for(family: str, mma: str = None):
     # memory-bound (reads x once, R <= 64 columns per program): long K tiles, many rows in flight
     # fp64 32x64 spilled 8 bytes on sm_90 (kernel_report); 32x32 does not
-    fma = [_skinny_cfg(64, 64, 4, 3, family, "fp32"), _skinny_cfg(32, 32, 4, 3, family, "fp64")]
+    # fp32 64x64 spilled 668 bytes on the dX strides (down = B_cat, row stride R) on sm_80; 64x32 does not
+    fma = [_skinny_cfg(64, 32, 4, 3, family, "fp32"), _skinny_cfg(64, 64, 4, 3, family, "tf32"),
+           _skinny_cfg(32, 32, 4, 3, family, "fp64")]
     cfgs = {"sm_80": [_skinny_cfg(64, 128, 4, 4, "sm_80")] + fma,
             "sm_90": [_skinny_cfg(128, 128, 8, 4, "sm_90"), _skinny_cfg(64, 128, 4, 4, "sm_90")] + fma,
             "default": [_skinny_cfg(64, 64, 4, 3, "default")] + fma,
@@ -253,12 +283,13 @@ def skinny_configs_for(family: str, mma: str = None):
 
 
 @triton.autotune(configs=[c for f in ALL_FAMILIES for c in skinny_configs_for(f)],
-                 key=["M_BUCKET", "K", "R"], prune_configs_by={"early_config_prune": _prune_skinny})
+                 key=["M_BUCKET", "K", "R", "INPUT_PRECISION"],
+                 prune_configs_by={"early_config_prune": _prune_skinny})
 @triton.jit
 def _lora_shrink_kernel(
     x_ptr,      # (M, K)
     down_ptr,   # (K, R)
-    h_ptr,      # (M, R)   z[:, N:]
+    h_ptr,      # (M, R)   H
     M, K, R,
     stride_xm, stride_xk, stride_dk, stride_dr, stride_hm, stride_hr,
     M_BUCKET,
@@ -324,7 +355,8 @@ def _lora_merge_kernel(
 
 # merge: one fixed tile per MMA class (run once per preference, ~R/N of the GEMM's FLOPs)
 MERGE_TILE = {"tc": {"BLOCK_K": 64, "BLOCK_N": 64, "num_warps": 4},
-              "fp32": {"BLOCK_K": 64, "BLOCK_N": 64, "num_warps": 4},
+              "fp32": {"BLOCK_K": 32, "BLOCK_N": 64, "num_warps": 4},    # 64x64: 184 bytes spilled (sm_80)
+              "tf32": {"BLOCK_K": 32, "BLOCK_N": 64, "num_warps": 4},
               "fp64": {"BLOCK_K": 32, "BLOCK_N": 64, "num_warps": 4},
               "interpreter": {"BLOCK_K": 32, "BLOCK_N": 32, "num_warps": 4}}
 
@@ -337,7 +369,7 @@ _forced_path: Optional[str] = None
 
 @contextlib.contextmanager
 def use_path(path: Optional[str]):
-    """Force 'inloop' | 'split' | 'merged' for every lora_mm in the block (tests, benchmarks)."""
+    """Force 'inloop' | 'split' | 'merged' | 'cublas' for every lora_mm in the block (tests, benchmarks)."""
     global _forced_path
     if path is not None and path not in cost_model.PATHS:
         raise ValueError(f"path: expected one of {', '.join(cost_model.PATHS)} or None, got {path!r}")
@@ -352,90 +384,109 @@ def block_r(R: int) -> int:
     return cost_model.padded_rank(R) if R <= cost_model.MAX_INLOOP_R else 64
 
 
+def allow_tf32() -> bool:
+    """torch's fp32 matmul setting: TF32 unless the precision is "highest" (torch's default)."""
+    return torch.get_float32_matmul_precision() != "highest"
+
+
 def _precision(dtype: torch.dtype) -> tuple:
     """(UPCAST, ACC_DTYPE, INPUT_PRECISION) for an input dtype."""
-    if dtype not in _TL_DTYPE:
-        raise TypeError(f"x: expected float16, bfloat16, float32 or float64, got {dtype}")
     upcast = INTERPRET and dtype == torch.bfloat16
     acc = tl.float64 if dtype == torch.float64 else tl.float32
-    # fp32 is IEEE fp32 (torch's default matmul precision; 1e-5 in the tests). tf32 is not offered:
-    # its tiles were not verified by kernel_report (4-byte tiles double the smem of the tc configs).
-    return upcast, acc, "ieee"
+    # fp32 follows torch.set_float32_matmul_precision / torch.backends.cuda.matmul.allow_tf32 as
+    # nn.Linear does: IEEE fp32 FMA by default (1e-5 in the tests), TF32 tensor cores when allowed
+    return upcast, acc, "tf32" if dtype == torch.float32 and allow_tf32() else "ieee"
 
 
 def pick_path(N, K, M, R, T, dtype, device, per_batch, bias) -> str:
     if _forced_path is not None:
         if _forced_path == "merged" and not per_batch:
             raise ValueError("path: 'merged' needs a per-batch preference (pref.shape[0] == 1)")
+        if _forced_path == "merged" and dtype in (torch.float16, torch.bfloat16):
+            raise ValueError(f"path: 'merged' forms W_eff in the input dtype, and {dtype} would round the "
+                             "adapter delta away; it runs fp32/fp64 only")
         if _forced_path == "inloop" and R > cost_model.MAX_INLOOP_R:
             raise ValueError(f"path: 'inloop' supports R <= {cost_model.MAX_INLOOP_R}, got R = {R}")
         return _forced_path
     family = "default" if INTERPRET else cost_model.gpu_family(device)
-    return cost_model.choose_path(N, K, M, R, T, dtype, family, per_batch=per_batch, bias=bias)
-
-
-def _check(x, wm, bias, down, up, pref, rows_per_sample):
-    N, K = x.shape
-    M, R = wm.shape[1], down.shape[1]
-    for name, t, shape in (("wm", wm, (K, M)), ("down", down, (K, R)), ("up", up, (R, M))):
-        if tuple(t.shape) != shape:
-            raise ValueError(f"{name}: expected shape {shape}, got {tuple(t.shape)}")
-        if t.dtype != x.dtype:
-            raise TypeError(f"{name}: expected dtype {x.dtype} (x's), got {t.dtype}")
-    if bias is not None and (tuple(bias.shape) != (M,) or bias.dtype != x.dtype):
-        raise ValueError(f"bias: expected shape ({M},) dtype {x.dtype}, got {tuple(bias.shape)} {bias.dtype}")
-    P, T = pref.shape
-    if R % T:
-        raise ValueError(f"down: expected R = down.shape[1] divisible by T = {T}, got {R}")
-    if P != 1 and P * rows_per_sample != N:
-        raise ValueError(f"pref: expected pref.shape[0] * rows_per_sample == N = {N}, "
-                         f"got {P} * {rows_per_sample}")
+    return cost_model.choose_path(N, K, M, R, T, dtype, family, per_batch=per_batch, bias=bias,
+                                  allow_tf32=allow_tf32(), cublas=not INTERPRET)
 
 
 def lora_mm(x, wm, bias, down, up, pref, rows_per_sample, scale, path: Optional[str] = None):
-    """z (N, M+R) = [x wm + bias + ((x down) * S) up | x down]; see palora_kernels._ops.
+    """(y, H): y = x wm + bias + ((x down) * S) up (N, M) dense, H = x down (N, R) with a padded
+    row stride; see palora_kernels._ops (which checked the arguments).
 
     x: (N, K); wm: (K, M); bias: (M,) or None; down: (K, R); up: (R, M); pref: (P, T).
     """
-    _check(x, wm, bias, down, up, pref, rows_per_sample)
+    from . import RECORD
     N, K = x.shape
     M, R = wm.shape[1], down.shape[1]
     P, T = pref.shape
-    z = x.new_empty(N, M + R)
+    y = x.new_empty(N, M)
+    h = x.new_empty_strided((N, R), (RECORD.h_row_stride(R), 1))
     if N == 0:
-        return z
-    out, h = z[:, :M], z[:, M:]
-    per_batch = P == 1
-    path = path or pick_path(N, K, M, R, T, x.dtype, x.device, per_batch, bias is not None)
+        return y, h
+    path = path or pick_path(N, K, M, R, T, x.dtype, x.device, P == 1, bias is not None)
+    if path == "cublas":        # the cost model says cuBLAS composition beats the fused kernels here
+        from ..torch.kernels import lora_mm as composed
+        return composed(x, wm, bias, down, up, pref, rows_per_sample, scale)
+    # launch on x's device (the current stream of that device), whatever device is current
+    guard = torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+    with guard:
+        _launch(x, wm, bias, down, up, pref, rows_per_sample, scale, y, h, path)
+    return y, h
+
+
+def shrink_args(x, down, h) -> dict:
+    """The arguments _lora_shrink_kernel gets (kernel_report compiles with these very values)."""
+    N, K = x.shape
+    return dict(x_ptr=x, down_ptr=down, h_ptr=h, M=N, K=K, R=down.shape[1],
+                stride_xm=x.stride(0), stride_xk=x.stride(1), stride_dk=down.stride(0), stride_dr=down.stride(1),
+                stride_hm=h.stride(0), stride_hr=h.stride(1), M_BUCKET=triton.next_power_of_2(N))
+
+
+def merge_args(wm, down, up, ps, weff, T) -> dict:
+    K, M = wm.shape
+    R = down.shape[1]
+    return dict(w_ptr=wm, down_ptr=down, up_ptr=up, ps_ptr=ps, weff_ptr=weff, K=K, N=M, R=R, rank=R // T,
+                stride_wk=wm.stride(0), stride_wn=wm.stride(1), stride_dk=down.stride(0), stride_dr=down.stride(1),
+                stride_ur=up.stride(0), stride_un=up.stride(1), stride_pt=ps.stride(1),
+                stride_ek=weff.stride(0), stride_en=weff.stride(1))
+
+
+def mm_args(x, w, bias, down, up, ps, out, h, rows_per_sample) -> dict:
+    """The non-constexpr arguments _lora_mm_kernel gets (kernel_report compiles with these values)."""
+    N, K = x.shape
+    M, R = w.shape[1], down.shape[1]
+    return dict(x_ptr=x, w_ptr=w, bias_ptr=bias if bias is not None else x, down_ptr=down, up_ptr=up,
+                ps_ptr=ps, out_ptr=out, h_ptr=h, M=N, N=M, K=K, R=R, rank=R // ps.shape[1],
+                rows_per_sample=rows_per_sample,
+                stride_xm=x.stride(0), stride_xk=x.stride(1), stride_wk=w.stride(0), stride_wn=w.stride(1),
+                stride_dk=down.stride(0), stride_dr=down.stride(1), stride_ur=up.stride(0), stride_un=up.stride(1),
+                stride_pp=ps.stride(0), stride_pt=ps.stride(1), stride_om=out.stride(0), stride_on=out.stride(1),
+                stride_hm=h.stride(0), stride_hr=h.stride(1), M_BUCKET=triton.next_power_of_2(N))
+
+
+def _launch(x, wm, bias, down, up, pref, rows_per_sample, scale, out, h, path):
+    N, K = x.shape
+    M, R = wm.shape[1], down.shape[1]
+    P, T = pref.shape
     upcast, acc_dt, prec = _precision(x.dtype)
     ps = pref.to(torch.float64 if x.dtype == torch.float64 else torch.float32) * scale   # (P, T), tiny
     BR = block_r(R)
-    m_bucket = triton.next_power_of_2(N)
-
+    common = dict(UPCAST=upcast, ACC_DTYPE=acc_dt, INPUT_PRECISION=prec, BLOCK_R=BR)
     if path in ("split", "merged"):
         grid = lambda META: (triton.cdiv(N, META["BLOCK_M"]), triton.cdiv(R, BR))  # noqa: E731
-        _lora_shrink_kernel[grid](
-            x, down, h, N, K, R,
-            x.stride(0), x.stride(1), down.stride(0), down.stride(1), h.stride(0), h.stride(1), m_bucket,
-            UPCAST=upcast, ACC_DTYPE=acc_dt, INPUT_PRECISION=prec, BLOCK_R=BR)
+        _lora_shrink_kernel[grid](**shrink_args(x, down, h), **common)
     w = wm
     if path == "merged":
         w = torch.empty((K, M), dtype=x.dtype, device=x.device)
-        t = MERGE_TILE["interpreter" if INTERPRET else mma_class(x.dtype)]
+        t = MERGE_TILE["interpreter" if INTERPRET else mma_class(x.dtype, prec)]
         _lora_merge_kernel[(triton.cdiv(K, t["BLOCK_K"]), triton.cdiv(M, t["BLOCK_N"]))](
-            wm, down, up, ps, w, K, M, R, R // T,
-            wm.stride(0), wm.stride(1), down.stride(0), down.stride(1), up.stride(0), up.stride(1),
-            ps.stride(1), w.stride(0), w.stride(1),
-            UPCAST=upcast, ACC_DTYPE=acc_dt, INPUT_PRECISION=prec, BLOCK_R=BR,
+            **merge_args(wm, down, up, ps, w, T), **common,
             BLOCK_K=t["BLOCK_K"], BLOCK_N=t["BLOCK_N"], num_warps=t["num_warps"])
-
     grid = lambda META: (triton.cdiv(N, META["BLOCK_M"]) * triton.cdiv(M, META["BLOCK_N"]),)  # noqa: E731
-    _lora_mm_kernel[grid](
-        x, w, bias if bias is not None else x, down, up, ps, out, h,
-        N, M, K, R, R // T, rows_per_sample,
-        x.stride(0), x.stride(1), w.stride(0), w.stride(1), down.stride(0), down.stride(1),
-        up.stride(0), up.stride(1), ps.stride(0), ps.stride(1), out.stride(0), out.stride(1),
-        h.stride(0), h.stride(1), m_bucket,
-        HAS_BIAS=bias is not None, PER_SAMPLE_PREF=not per_batch, SHRINK_IN_LOOP=path == "inloop",
-        EXPAND=path != "merged", UPCAST=upcast, ACC_DTYPE=acc_dt, INPUT_PRECISION=prec, BLOCK_R=BR)
-    return z
+    _lora_mm_kernel[grid](**mm_args(x, w, bias, down, up, ps, out, h, rows_per_sample), **common,
+                          HAS_BIAS=bias is not None, PER_SAMPLE_PREF=P != 1, SHRINK_IN_LOOP=path == "inloop",
+                          EXPAND=path != "merged")

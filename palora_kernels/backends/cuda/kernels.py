@@ -1,0 +1,30 @@
+"""Kernels of the ``cuda`` backend: the ops palora::lora_mm_cuda / palora::lora_conv2d_cuda of
+palora_kernels._C (csrc/cuda/bindings.cpp). They have names of their own because palora::lora_mm
+is a Python custom op that dispatches on its ``backend`` argument (docs/cuda.md)."""
+from __future__ import annotations
+
+import torch
+
+from ... import _ext  # noqa: F401  (loads palora_kernels._C, which registers the ops)
+from ..._ops import check_lora_conv2d, lora_conv2d_layout, lora_mm_layout
+
+if hasattr(torch.ops.palora, "lora_mm_cuda"):
+    @torch.library.register_fake("palora::lora_mm_cuda")
+    def _(x, wm, bias, down, up, pref, rows_per_sample, scale):
+        return lora_mm_layout(x, wm.shape[1], down.shape[1], "cuda")
+
+    @torch.library.register_fake("palora::lora_conv2d_cuda")
+    def _(x, weight, down, bias, up, pref, stride, padding, dilation, scale):
+        Ho, Wo = check_lora_conv2d(x, weight, down, bias, up, pref, stride, padding, dilation)
+        return lora_conv2d_layout(x, weight.shape[0], down.shape[0], Ho, Wo)
+
+
+def lora_mm(x, wm, bias, down, up, pref, rows_per_sample, scale):
+    """(y, H); see palora_kernels._ops."""
+    return torch.ops.palora.lora_mm_cuda(x, wm, bias, down, up, pref, rows_per_sample, scale)
+
+
+def lora_conv2d(x, weight, down, bias, up, pref, stride, padding, dilation, scale):
+    """(y, H); see palora_kernels._ops."""
+    return torch.ops.palora.lora_conv2d_cuda(x, weight, down, bias, up, pref, list(stride), list(padding),
+                                             list(dilation), scale)

@@ -1,0 +1,24 @@
+"""The ``cuda_sim`` backend: the CUDA C++ kernels of csrc/cuda run on CPU tensors under the host
+emulator of csrc/emu. A test asset, chosen only by name: it compiles the kernel sources of a
+source checkout with g++ (a wheel carries no csrc/), and it is slow by design."""
+from typing import Optional
+
+import torch
+
+from .._record import HALF_AND_FP32, Backend
+
+
+def check(device: torch.device) -> Optional[str]:
+    from .kernels import unavailable_reason
+    return unavailable_reason()
+
+
+RECORD = Backend(
+    name="cuda_sim",
+    kernels={"lora_mm": "palora_kernels.backends.cuda_sim.kernels:lora_mm",
+             "lora_conv2d": "palora_kernels.backends.cuda_sim.kernels:lora_conv2d"},
+    dtypes=HALF_AND_FP32,            # as on the GPU
+    devices=frozenset({"cpu"}),
+    check="palora_kernels.backends.cuda_sim:check",
+    summary="the CUDA C++ kernels under a host SIMT emulator (tests)",
+)

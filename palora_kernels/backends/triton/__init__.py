@@ -1,0 +1,37 @@
+"""The ``triton`` backend: Triton kernels of the palora:: ops (linear.py: lora_mm).
+
+Runs on CUDA tensors when triton imports; on CPU tensors only under the Triton interpreter,
+which must be switched on (TRITON_INTERPRET=1) before triton is first imported, because
+``@triton.jit`` picks the interpreter when the kernels are decorated. Automatic choice uses it
+on CUDA only; on CPU it runs when asked for by name.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .._record import FLOATS, Backend
+
+
+def check(device: torch.device) -> Optional[str]:
+    try:
+        from . import linear
+    except Exception as exc:     # no triton, or a triton that does not import here
+        return f"importing palora_kernels.backends.triton.linear failed: {exc}"
+    if device.type == "cuda" or linear.INTERPRET:
+        return None
+    return (f"Triton kernels run on {device.type} tensors only under the Triton interpreter: set "
+            "TRITON_INTERPRET=1 before triton is imported (it was not set when the kernels were imported)")
+
+
+RECORD = Backend(
+    name="triton",
+    kernels={"lora_mm": "palora_kernels.backends.triton.linear:lora_mm"},
+    dtypes=FLOATS,
+    devices=frozenset({"cuda", "cpu"}),
+    auto_devices=frozenset({"cuda"}),
+    priority=10,
+    check="palora_kernels.backends.triton:check",
+    summary="Triton kernels (lora_mm: in-loop shrink, split shrink, merged; cost model picks)",
+)
