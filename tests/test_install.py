@@ -32,12 +32,14 @@ def _setup_name(env_extra):
                           capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.parametrize("version,cuda", [("0.0.1+fake", None), (torch.__version__, "99.9")])
-def test_build_refuses_other_torch(tmp_path, version, cuda):
+@pytest.mark.parametrize("other", ["version", "cuda"])
+def test_build_refuses_other_torch(tmp_path, other):
     # The build process sees the fake torch first (as pip's isolated build sees its own torch);
     # python -E in setup.py sees this environment's real torch.
-    if cuda == torch.version.cuda:
-        pytest.skip("the fake must differ from the real torch")
+    if other == "version":
+        version, cuda = "0.0.1+fake", torch.version.cuda
+    else:  # same version, the other CUDA-ness (a CUDA build under a CPU runtime, or the reverse)
+        version, cuda = torch.__version__, (None if torch.version.cuda else "13.0")
     out = _setup_name({"PYTHONPATH": str(_fake_torch(tmp_path, version, cuda))})
     assert out.returncode != 0, out.stdout + out.stderr
     msg = out.stdout + out.stderr
