@@ -82,7 +82,7 @@ class Case:
                 f"C_out={self.d_out} pad={self.padding} T={self.T} r={self.r}")
 
 
-# The acceptance shapes of issue 2 and a small copy of each for smoke tests.
+# The shapes the goals are stated for, and a small copy of each for smoke tests.
 CASES: Dict[str, Case] = {c.name: c for c in (
     Case("linear", "linear", N=4096, d_in=1024, d_out=1024),
     Case("conv", "conv", N=8, d_in=64, d_out=64, H=64, W=64),
