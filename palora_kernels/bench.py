@@ -561,7 +561,11 @@ def main(argv=None) -> int:
     result["config"]["commit"] = git_commit()
     print(format_tables(result, hw, providers))
     if args.out is None:
-        args.out = os.path.join("bench_out", time.strftime("%Y%m%d-%H%M%S"))
+        args.out = stamp = os.path.join("bench_out", time.strftime("%Y%m%d-%H%M%S"))
+        n = 1
+        while os.path.exists(args.out):     # two runs in one second: never overwrite a run
+            n += 1
+            args.out = f"{stamp}-{n}"
     os.makedirs(args.out, exist_ok=True)
     json_path = os.path.join(args.out, "bench.json")
     with open(json_path, "w") as f:
