@@ -46,9 +46,12 @@ def render(result: dict) -> str:
     argv = " ".join(argv)
     shapes = sorted({r["case"] + ": " + r["shape"] for r in result["rows"]})
     commit = cfg.get("commit") or "not recorded"
+    load = cfg.get("load_average")
+    load = (f", 1-minute load average {load[0]} at the start and {load[1]} at the end"
+            if load and None not in load else "")
     out = [
         f"Measured by `python -m palora_kernels.bench{(' ' + argv) if argv else ''}` at commit "
-        f"`{commit}` ({result['elapsed_s']:.0f} s), fp32, on: **{hardware_line(result['hardware'])}**.",
+        f"`{commit}` ({result['elapsed_s']:.0f} s{load}), fp32, on: **{hardware_line(result['hardware'])}**.",
         "",
         "Shapes: " + "; ".join(f"`{s}`" for s in shapes) + ". `batch` = one preference for the whole "
         "batch, `sample` = one preference row per sample. Lower is better everywhere.",

@@ -312,6 +312,14 @@ def hardware() -> dict:
                 platform=platform.platform())
 
 
+def _loadavg() -> Optional[float]:
+    """The 1-minute load average: how busy the machine was (the timings depend on it)."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
+
+
 def git_commit() -> Optional[str]:
     """The commit of the source checkout that ran, '+dirty' with local changes; None if not a checkout."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -552,6 +560,7 @@ def main(argv=None) -> int:
     hw = hardware()
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     log(f"palora-bench: {hardware_line(hw)}; {len(cases)} case(s), {repeats} rounds")
+    load_before = _loadavg()
     result = run_suite(cases, prefs, modes, providers, repeats, not args.no_memory, threads, log)
     result["targets"] = check_targets(result, args.quick)
     result.update(hardware=hw, config=dict(quick=args.quick, cases=[dataclasses.asdict(c) for c in cases],
@@ -559,6 +568,7 @@ def main(argv=None) -> int:
                                            repeats=repeats, threads=threads, dtype="float32",
                                            argv=sys.argv[1:] if argv is None else list(argv)))
     result["config"]["commit"] = git_commit()
+    result["config"]["load_average"] = [load_before, _loadavg()]  # other jobs' load, start and end
     print(format_tables(result, hw, providers))
     if args.out is None:
         args.out = stamp = os.path.join("bench_out", time.strftime("%Y%m%d-%H%M%S"))
