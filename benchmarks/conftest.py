@@ -1,7 +1,7 @@
 """pytest-benchmark microbenchmarks of the PaLoRA layers (setup shared with palora_kernels.bench).
 
 Shapes: PALORA_BENCH_SIZE=quick (default: small shapes, a CI smoke test) or full (the
-acceptance shapes of issue 2). Run with
+default shapes of python -m palora_kernels.bench). Run with
     PYTHONPATH=$PWD python -m pytest benchmarks -q                      # smoke
     PALORA_BENCH_SIZE=full PYTHONPATH=$PWD python -m pytest benchmarks  # real numbers
 Each (case, mode, pref) is one benchmark group, so its providers share a table. For ratios measured side by side use ``python -m palora_kernels.bench``.

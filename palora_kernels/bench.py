@@ -2,7 +2,7 @@
 
 ``python -m palora_kernels.bench`` (console script ``palora-bench``) runs the default suite,
 prints a table of medians and ratios, names the hardware, and writes ``bench.json`` and
-``bench.png`` under ``--out`` (default ``bench_out/``). ``benchmarks/`` (pytest-benchmark)
+``bench.png`` under ``--out`` (default: a fresh ``bench_out/<date>-<time>/`` per run). ``benchmarks/`` (pytest-benchmark)
 imports the same setup factory, :func:`make_step`.
 
 Providers
@@ -82,7 +82,7 @@ class Case:
                 f"C_out={self.d_out} pad={self.padding} T={self.T} r={self.r}")
 
 
-# The acceptance shapes of issue 2 and a small copy of each for smoke tests.
+# The shapes the goals are stated for, and a small copy of each for smoke tests.
 CASES: Dict[str, Case] = {c.name: c for c in (
     Case("linear", "linear", N=4096, d_in=1024, d_out=1024),
     Case("conv", "conv", N=8, d_in=64, d_out=64, H=64, W=64),
@@ -312,6 +312,27 @@ def hardware() -> dict:
                 platform=platform.platform())
 
 
+def _loadavg() -> Optional[float]:
+    """The 1-minute load average: how busy the machine was (the timings depend on it)."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
+
+
+def git_commit() -> Optional[str]:
+    """The commit of the source checkout that ran, '+dirty' with local changes; None if not a checkout."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        sha = subprocess.run(["git", "-C", root, "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                             text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return sha + ("+dirty" if dirty else "")
+
+
 def hardware_line(hw: dict) -> str:
     return (f"{hw['cpu']}, {hw['cores']} cores, torch {hw['torch']} ({hw['blas']}, "
             f"{hw['cpu_capability']}), {hw['torch_threads']} torch threads, Python {hw['python']}")
@@ -427,10 +448,15 @@ def format_tables(result: dict, hw: dict, providers) -> str:
             lines.append(f"{row['case']:<13}{row['pref']:<7}{cells}{_fmt(r['fused/base']):>11}"
                          f"{_fmt(r['unfused/base']):>13}{_fmt(r['merged/base']):>12}")
     if result.get("targets"):
-        lines += ["", "acceptance targets (issue 2)"]
+        lines += ["", "goals of the project (ratios, lower is better; 'open' = not reached yet)"]
         for c in result["targets"]:
-            lines.append(f"  {'PASS' if c['ok'] else 'FAIL'}  {c['what']} = {c['value']:.3f} (<= {c['bound']})")
+            lines.append(f"  {c['what']:<48} goal <= {c['bound']:<5} measured {c['value']:.3f}  "
+                         + ("met" if c["ok"] else "open"))
     return "\n".join(lines)
+
+
+PROVIDER_LABELS = dict(base="base: plain layer, no adapters", unfused="unfused: loop over adapters",
+                       fused="fused: this library", merged="merged weight (one preference per batch)")
 
 
 def plot(result: dict, hw: dict, providers, path: str) -> Optional[str]:
@@ -457,13 +483,13 @@ def plot(result: dict, hw: dict, providers, path: str) -> Optional[str]:
             ys.append(t["median_ms"] / b["median_ms"])
             lo.append(ys[-1] - t["p25_ms"] / b["median_ms"])
             hi.append(t["p75_ms"] / b["median_ms"] - ys[-1])
-        ax.bar(xs, ys, width, label=p, color=colors.get(p), yerr=[lo, hi], capsize=2)
+        ax.bar(xs, ys, width, label=PROVIDER_LABELS.get(p, p), color=colors.get(p), yerr=[lo, hi], capsize=2)
     ax.axhline(1.0, color="k", lw=0.8)
     ax.set_xticks(range(len(rows)))
     ax.set_xticklabels([f"{r['case']}\n{r['pref']}\n{r['mode']}" for r in rows], fontsize=8)
-    ax.set_ylabel("time / base (median; bars: 25th-75th pct)")
-    ax.set_title("time relative to the plain layer")
-    ax.legend()
+    ax.set_ylabel("time / plain layer (median; whiskers: 25th-75th pct)")
+    ax.set_title("time relative to the plain layer (lower is better)")
+    ax.legend(fontsize=8)
     if has_mem:
         ax = axes[0][1]
         mrows = result["memory"]
@@ -473,12 +499,17 @@ def plot(result: dict, hw: dict, providers, path: str) -> Optional[str]:
                 if p in row["peak_bytes"]:
                     xs.append(i + (j - (len(providers) - 1) / 2) * width)
                     ys.append(row["peak_bytes"][p] / 2**20)
-            ax.bar(xs, ys, width, label=p, color=colors.get(p))
+            ax.bar(xs, ys, width, label=PROVIDER_LABELS.get(p, p), color=colors.get(p))
         ax.set_xticks(range(len(mrows)))
         ax.set_xticklabels([f"{r['case']}\n{r['pref']}" for r in mrows], fontsize=8)
-        ax.set_ylabel("MiB above baseline")
-        ax.set_title("peak memory of one fwd+bwd step")
-    fig.suptitle(f"palora-kernels, fp32: {hardware_line(hw)}", fontsize=9)
+        ax.set_ylabel("MiB above the step's baseline")
+        ax.set_title("peak memory of one fwd+bwd step (lower is better)")
+        ax.set_ylim(0, ax.get_ylim()[1] * 1.45)   # head room: the legend must not hide a bar
+        ax.legend(fontsize=7, loc="upper left")
+    shapes = sorted({r["shape"] for r in rows + result["memory"]})
+    fig.suptitle("palora-kernels, fp32, CPU. " + "; ".join(shapes)
+                 + ". batch = one preference for the batch, sample = one per sample.\n"
+                 + hardware_line(hw), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -506,7 +537,9 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2,
                     help="torch threads (default 2, the acceptance setting; 0 keeps torch's default)")
     ap.add_argument("--no-memory", action="store_true", help="skip the fresh-process memory runs")
-    ap.add_argument("--out", default="bench_out", help="output directory for bench.json and bench.png")
+    ap.add_argument("--out", default=None,
+                    help="output directory for bench.json and bench.png (default: a fresh "
+                         "bench_out/<date>-<time>/, so no run overwrites another)")
     ap.add_argument("--memory-worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
@@ -527,13 +560,22 @@ def main(argv=None) -> int:
     hw = hardware()
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     log(f"palora-bench: {hardware_line(hw)}; {len(cases)} case(s), {repeats} rounds")
+    load_before = _loadavg()
     result = run_suite(cases, prefs, modes, providers, repeats, not args.no_memory, threads, log)
     result["targets"] = check_targets(result, args.quick)
     result.update(hardware=hw, config=dict(quick=args.quick, cases=[dataclasses.asdict(c) for c in cases],
                                            prefs=prefs, modes=modes, providers=providers,
                                            repeats=repeats, threads=threads, dtype="float32",
                                            argv=sys.argv[1:] if argv is None else list(argv)))
+    result["config"]["commit"] = git_commit()
+    result["config"]["load_average"] = [load_before, _loadavg()]  # other jobs' load, start and end
     print(format_tables(result, hw, providers))
+    if args.out is None:
+        args.out = stamp = os.path.join("bench_out", time.strftime("%Y%m%d-%H%M%S"))
+        n = 1
+        while os.path.exists(args.out):     # two runs in one second: never overwrite a run
+            n += 1
+            args.out = f"{stamp}-{n}"
     os.makedirs(args.out, exist_ok=True)
     json_path = os.path.join(args.out, "bench.json")
     with open(json_path, "w") as f:

@@ -1,7 +1,7 @@
 """Shared test helpers: the per-dtype tolerance table and the relative-error measure.
 
 Relative error = max |actual - expected| / max |expected|, with ``expected`` the fp64
-reference (palora_kernels.reference). Tolerances are kept tight on purpose (STYLE.md).
+reference (palora_kernels.reference). Tolerances are kept tight on purpose: a loose tolerance hides bugs (docs/testing.md).
 """
 import os
 
