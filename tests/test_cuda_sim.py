@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from conftest import TOL, assert_rel_close, rel_err
 from palora_kernels import PaLoRAConv2d, PaLoRALinear, dispatch, reference
-from palora_kernels._math import use_weight_space
+from palora_kernels.ops.conv2d import weight_space
 from palora_kernels.backends.cuda_sim import kernels as cuda_sim
 
 pytestmark = pytest.mark.skipif(cuda_sim.unavailable_reason() is not None,
@@ -206,9 +206,10 @@ def test_palora_conv2d_fwd_bwd(lib, monkeypatch, dtype, per_sample):
     before = _launches(lib)
     y = layer(x, pref)
     y.float().square().sum().backward()
-    # forward (shrink + fused), the conv backward is convolution_backward; a per-batch fp32 layer with
-    # this many rows runs merged (one plain conv), no kernel
-    merged = use_weight_space(N * 6 * 5, C_in * 9, C_out, dtype, not per_sample)
+    # forward (shrink + fused), the conv backward is convolution_backward; an fp32 layer with this many
+    # rows per preference runs through its effective weights (plain or grouped conv), no kernel
+    merged = weight_space(x, layer.weight, pref if per_sample else pref[None], 6, 5)
+    assert merged == (dtype == torch.float32 and not per_sample)   # per-sample: K = 36 > 30 pixels
     assert _launches(lib) - before == (0 if merged else 2)
 
     ref = {n: p.detach().double().requires_grad_() for n, p in layer.named_parameters()}
