@@ -49,8 +49,9 @@ sys.path.insert(0, ROOT)
 FILTERS = (64, 128, 256, 512, 512)
 # (name, tasks' output channels, input channels, small input (N, H, W) for the measured step)
 ARCHS = {
+    # small inputs keep the full-size aspect ratios (Cityscapes 128x256, NYUv2 288x384), sides divisible by 32
     "segnet_cityscapes": dict(tasks=(7, 1), in_ch=3, small=(2, 64, 128), paper_ratio=23.8),
-    "segnet_nyuv2": dict(tasks=(13, 1, 3), in_ch=3, small=(2, 72, 96), paper_ratio=31.7),
+    "segnet_nyuv2": dict(tasks=(13, 1, 3), in_ch=3, small=(2, 96, 128), paper_ratio=31.7),
     "multilenet_multimnist": dict(tasks=(10, 10), in_ch=1, small=(256, 28, 28), paper_ratio=None),
 }
 RANK = 4
