@@ -159,8 +159,7 @@ def _script(tmp_path, *extra):
 
 
 def test_script_end_to_end_two_tasks(tmp_path):
-    res, proc = _script(tmp_path, "--rays", "3", "--eval-rays", "5", "--bench-steps", "1", "--bench-rounds", "1",
-                        "--seeds", "2", "--convergence")
+    res, proc = _script(tmp_path, "--rays", "3", "--eval-rays", "5", "--no-bench", "--seeds", "2", "--convergence")
     assert len(res["seeds"]) == 2 and res["config"]["data"] == "hard" and res["config"]["preset"] == "tuned"
     s0 = res["seeds"][0]
     assert s0["palora"]["train"]["steps"] == 512 // 64
@@ -187,13 +186,19 @@ def test_script_end_to_end_two_tasks(tmp_path):
     assert set(res["acceptance"]) >= {"monotone_front_on_test", "corners_within_1sd_of_single_task_or_better",
                                       "front_hv_errors_beats_ls_front"}
     assert len(s0["palora"]["hv_per_epoch"]) == 1 and set(res["convergence"]) == {"annealed", "random"}
-    assert set(res["throughput_memory"]["configs"]) == {"fused/stacked", "unfused/stacked", "unfused/loop",
-                                                        "fused/loop"}
-    for c in res["throughput_memory"]["configs"].values():
-        assert c["images_per_s"] > 0 and c["saved_for_backward_bytes"] > 0
     assert (tmp_path / "multidigits_front.png").stat().st_size > 10_000
     assert (tmp_path / "multidigits_convergence.png").stat().st_size > 10_000
     assert "hypervolume of errors" in proc.stdout
+    # merging the two seeds run separately gives the same summary (each seed is a pure function of its settings)
+    import merge_runs
+    one = tmp_path / "one"
+    res1, _ = _script(one, "--rays", "3", "--eval-rays", "5", "--no-bench", "--seeds", "1", "--seed", "1")
+    assert res1["seeds"][0]["palora"]["rays"] == res["seeds"][1]["palora"]["rays"]
+    assert res1["seeds"][0]["hypervolume"] == res["seeds"][1]["hypervolume"]
+    with pytest.raises(ValueError, match="seeds: expected distinct seeds"):
+        merge_runs.merge([str(tmp_path / "multidigits.json"), str(one / "multidigits.json")])
+    merged = merge_runs.merge([str(tmp_path / "multidigits.json")])
+    assert merged["summary"] == res["summary"]
 
 
 def test_script_three_tasks_unfused_with_batchnorm(tmp_path):
@@ -208,7 +213,8 @@ def test_script_three_tasks_unfused_with_batchnorm(tmp_path):
 
 def test_script_reference_preset_no_baselines_with_eval(tmp_path):
     # --no-baselines without --no-eval used to crash (KeyError 'equal_weight') and lose the JSON
-    res, _ = _script(tmp_path, "--preset", "reference", "--no-baselines", "--no-bench", "--seeds", "1",
+    res, _ = _script(tmp_path, "--preset", "reference", "--no-baselines", "--bench-steps", "1", "--bench-rounds", "1",
+                     "--seeds", "1",
                      "--sampler", "dirichlet", "--balance", "lb", "--rays", "1", "--eval-rays", "3",
                      "--batch-size", "128", "--data", "easy")
     c = res["config"]
@@ -217,6 +223,10 @@ def test_script_reference_preset_no_baselines_with_eval(tmp_path):
     s0 = res["seeds"][0]
     assert s0["palora"]["train"]["steps"] == 512 // 128 and "baselines" not in s0
     assert len(s0["palora"]["rays"]) == 3 and "palora" in s0["hypervolume"]
+    assert set(res["throughput_memory"]["configs"]) == {"fused/stacked", "unfused/stacked", "unfused/loop",
+                                                        "fused/loop"}
+    for cfg in res["throughput_memory"]["configs"].values():
+        assert cfg["images_per_s"] > 0 and cfg["saved_for_backward_bytes"] > 0
 
 
 def test_gradient_balanced_loss_is_the_reference_formula():
