@@ -1,6 +1,6 @@
 """BatchNorm with training statistics per ray group, so M rays can share one pass.
 
-Ray-stacked training (DESIGN.md section 3) runs the batch repeated M times, copy m with
+Ray-stacked training (docs/design.md section 3) runs the batch repeated M times, copy m with
 ray m, instead of M passes. A plain BatchNorm would then normalise with statistics
 pooled over all M copies, which the M-pass loop never sees. ``RayGroupBatchNorm{1,2}d``
 splits the batch into ``num_groups`` contiguous groups (rows [g*B, (g+1)*B) = group g)
