@@ -441,7 +441,7 @@ def main(argv=None) -> dict:
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "multidigits.json"), "w") as f:
         json.dump(result, f, indent=1)
-    if summ and "baselines" in result["seeds"][0]:
+    if result.get("summary") and "baselines" in result["seeds"][0]:
         from multidigits.plot import plot_front
         plot_front(result, os.path.join(args.out, "multidigits_front.png"))
     if "convergence" in result:
