@@ -213,8 +213,7 @@ def test_script_three_tasks_unfused_with_batchnorm(tmp_path):
 
 def test_script_reference_preset_no_baselines_with_eval(tmp_path):
     # --no-baselines without --no-eval used to crash (KeyError 'equal_weight') and lose the JSON
-    res, _ = _script(tmp_path, "--preset", "reference", "--no-baselines", "--bench-steps", "1", "--bench-rounds", "1",
-                     "--seeds", "1",
+    res, _ = _script(tmp_path, "--preset", "reference", "--no-baselines", "--no-bench", "--seeds", "1",
                      "--sampler", "dirichlet", "--balance", "lb", "--rays", "1", "--eval-rays", "3",
                      "--batch-size", "128", "--data", "easy")
     c = res["config"]
@@ -223,6 +222,13 @@ def test_script_reference_preset_no_baselines_with_eval(tmp_path):
     s0 = res["seeds"][0]
     assert s0["palora"]["train"]["steps"] == 512 // 128 and "baselines" not in s0
     assert len(s0["palora"]["rays"]) == 3 and "palora" in s0["hypervolume"]
+
+
+@pytest.mark.slow          # ~60 s under load: the measurement spawns a fresh process per configuration
+def test_script_throughput_memory_measurement(tmp_path):
+    res, _ = _script(tmp_path, "--no-baselines", "--no-eval", "--seeds", "1", "--max-steps", "2",
+                     "--bench-steps", "1", "--bench-rounds", "1")
+    assert "summary" not in res and res["seeds"][0]["palora"]["train"]["steps"] == 2
     assert set(res["throughput_memory"]["configs"]) == {"fused/stacked", "unfused/stacked", "unfused/loop",
                                                         "fused/loop"}
     for cfg in res["throughput_memory"]["configs"].values():
