@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from conftest import TOL, assert_rel_close, rel_err
 from palora_kernels import PaLoRAConv2d, PaLoRALinear, dispatch, reference
-from palora_kernels._math import use_weight_space
+from palora_kernels.ops.conv2d import weight_space as conv_weight_space
 from palora_kernels.backends.cuda_sim import kernels as cuda_sim
 
 pytestmark = pytest.mark.skipif(cuda_sim.unavailable_reason() is not None,
@@ -208,7 +208,7 @@ def test_palora_conv2d_fwd_bwd(lib, monkeypatch, dtype, per_sample):
     y.float().square().sum().backward()
     # forward (shrink + fused), the conv backward is convolution_backward; a per-batch fp32 layer with
     # this many rows runs merged (one plain conv), no kernel
-    merged = use_weight_space(N * 6 * 5, C_in * 9, C_out, dtype, not per_sample)
+    merged = conv_weight_space(x, layer.weight, pref if per_sample else pref[None], 6, 5)
     assert _launches(lib) - before == (0 if merged else 2)
 
     ref = {n: p.detach().double().requires_grad_() for n, p in layer.named_parameters()}
@@ -268,3 +268,102 @@ def test_emulator_barrier_divergence_and_wmma_checks(lib):
     assert err is not None and b"256-bit aligned" in err
     s = cuda_sim.stats(lib)
     assert s["barriers"] > 0 and s["switches"] > s["blocks"]
+
+
+# ---- the cp.async fast path (16-byte copies, two stages) ------------------------------------
+
+VEC_MM_SHAPES = [  # 16-byte aligned row strides in fp32 and fp16: A, B (and up when R*2 % 16 == 0) use cp.async
+    (70, 96, 80, 2, 4, 1),        # ragged rows, R = 8
+    (33, 64, 136, 4, 4, 3),       # per-sample, R = 16, ragged 136 = 2*64 + 8 columns
+]
+
+
+def _async_copies(lib):
+    return cuda_sim.stats(lib)["async_copies"]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", VEC_MM_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_lora_mm_cp_async_path_matches_fp64_reference(lib, shape, dtype):
+    for style in ("forward", "dX"):
+        x, wm, b, down, up, pref, L = _mm_inputs(*shape, dtype, style)
+        before = _async_copies(lib)
+        yh = cuda_sim.lora_mm_sim(x, wm, b, down, up, pref, L, 1.3, lib=lib)
+        assert _async_copies(lib) > before, "the 16-byte cp.async path did not run"
+        assert_pair_close(yh, ref_lora_mm(x, wm, b, down, up, pref, L, 1.3), dtype, f"lora_mm cp.async {style}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_lora_mm_cp_async_partial_chunks(lib, dtype):
+    """K = 45 inside rows of 48: aligned rows, the last 16-byte chunk of a row is partly zero-filled."""
+    x, wm, b, down, up, pref, L = _mm_inputs(50, 45, 40, 2, 4, 1, dtype, "dX")
+    buf = torch.randn(50, 48).to(dtype)
+    xs = buf[:, :45]
+    wbuf = torch.randn(48, 40).to(dtype) / 7
+    wms, downs = wbuf[:45], (torch.randn(48, 8) / 7).to(dtype)[:45]
+    before = _async_copies(lib)
+    yh = cuda_sim.lora_mm_sim(xs, wms, b, downs, up, pref, L, 0.9, lib=lib)
+    assert _async_copies(lib) > before
+    assert_pair_close(yh, ref_lora_mm(xs, wms, b, downs, up, pref, L, 0.9), dtype, "lora_mm partial chunks")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_lora_conv2d_cp_async_path_matches_fp64_reference(lib, dtype):
+    """K = C_in*kh*kw = 72: the weight and A_cat tiles are fetched with cp.async, x gathered."""
+    N, C_in, H, W, C_out, T, r = 2, 8, 10, 9, 20, 2, 4
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(N, C_in, H, W, generator=g).to(dtype)
+    wcat = (torch.randn(C_out + T * r, C_in, 3, 3, generator=g) / math.sqrt(C_in * 9)).to(dtype)
+    weight, down = wcat[:C_out], wcat[C_out:]
+    bias = torch.randn(C_out, generator=g).to(dtype)
+    up = torch.randn(C_out, T * r, generator=g).to(dtype)
+    for P, xin in ((1, x), (N, x.contiguous(memory_format=torch.channels_last))):
+        pref = torch.rand(P, T, generator=g)
+        before = _async_copies(lib)
+        yh = cuda_sim.lora_conv2d_sim(xin, weight, down, bias, up, pref, (1, 1), (1, 1), (1, 1), 0.8, lib=lib)
+        assert _async_copies(lib) > before
+        exp = ref_lora_conv2d(x, weight, down, bias, up, pref, (1, 1), (1, 1), (1, 1), 0.8)
+        assert_pair_close(yh, exp, dtype, f"lora_conv2d cp.async P={P}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_broken_cp_async_wait_gives_wrong_result(lib, dtype):
+    """The kernels built with their cp.async waits removed read tiles that have not landed."""
+    broken = cuda_sim.build(("PALORA_BREAK_CPASYNC_WAIT",))
+    assert broken.palora_emu_cpasync_wait_broken() == 1 and lib.palora_emu_cpasync_wait_broken() == 0
+    args = _mm_inputs(*VEC_MM_SHAPES[0], dtype, "forward")
+    expected = ref_lora_mm(*args, 1.7)
+    assert rel_err(cuda_sim.lora_mm_sim(*args, 1.7, lib=lib)[0], expected[0]) <= TOL[dtype]
+    bad = cuda_sim.lora_mm_sim(*args, 1.7, lib=broken, verify=False)[0]
+    err = rel_err(bad, expected[0])
+    assert math.isnan(err) or err > 100 * TOL[dtype], f"missing cp.async wait went unnoticed: rel err {err:.3g}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_new_kernels_are_schedule_independent(lib, dtype):
+    """Both pipelines (cp.async and scalar), linear and conv, bit-identical under every fiber order."""
+    mm_fast = _mm_inputs(*VEC_MM_SHAPES[1], dtype, "forward")
+    mm_scalar = _mm_inputs(113, 203, 150, 3, 3, 1, dtype, "dX")
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 8, 7, 6, generator=g).to(dtype).contiguous(memory_format=torch.channels_last)
+    conv = (x, (torch.randn(12, 8, 3, 3, generator=g) / 8).to(dtype), (torch.randn(6, 8, 3, 3, generator=g) / 8).to(dtype),
+            torch.randn(12, generator=g).to(dtype), torch.randn(12, 6, generator=g).to(dtype), torch.rand(2, 3, generator=g),
+            (2, 1), (1, 1), (1, 1), 0.7)
+    outs = []
+    try:
+        for name, seed in (("forward", 0), ("reverse", 0), ("shuffle", 5)):
+            cuda_sim.set_schedule(lib, name, seed)
+            outs.append([t.clone() for t in (*cuda_sim.lora_mm_sim(*mm_fast, 1.0, lib=lib),
+                                             *cuda_sim.lora_mm_sim(*mm_scalar, 1.0, lib=lib),
+                                             *cuda_sim.lora_conv2d_sim(*conv, lib=lib))])
+    finally:
+        cuda_sim.set_schedule(lib, "forward")
+    for o in outs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(o, outs[0]))
+
+
+def test_emulator_cp_async_lands_at_its_wait_and_fastdiv_is_exact(lib):
+    out = torch.zeros(2)
+    assert lib.palora_emu_selftest(3, out.data_ptr()) is None
+    assert math.isnan(out[0].item()) and out[1].item() == 42.0   # poisoned before the wait, landed after
+    assert lib.palora_emu_selftest(4, out.data_ptr()) is None    # FastDiv == / and % over 2^31

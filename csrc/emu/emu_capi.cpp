@@ -29,8 +29,20 @@ void palora_emu_stats(long long* out4) {
 }
 
 // emulator self-checks: 0 shared-memory reduction (out[0..1] = 8128), 1 barrier divergence
-// (must fail), 2 misaligned WMMA load (must fail); returns the emulator's error or NULL
+// (must fail), 2 misaligned WMMA load (must fail), 3 cp.async read before/after its wait
+// (out[0] NaN, out[1] = 42), 4 FastDiv against / and %; returns the emulator's error or NULL
 const char* palora_emu_selftest(int which, float* out) { return emu_selftest::run(which, out); }
+
+// cp.async copies issued since load (the 16-byte fast path ran)
+long long palora_emu_async_copies() { return palora_emu::rt.stats.async_copies; }
+
+int palora_emu_cpasync_wait_broken() {
+#ifdef PALORA_BREAK_CPASYNC_WAIT
+  return 1;
+#else
+  return 0;
+#endif
+}
 
 int palora_emu_barrier_broken() {
 #ifdef PALORA_BREAK_BARRIER

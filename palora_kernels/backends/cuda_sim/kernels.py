@@ -71,7 +71,8 @@ _lock = threading.Lock()
 def build(defines: Sequence[str] = ()) -> ctypes.CDLL:
     """Compile (once per source hash and defines) and load the emulated kernels.
 
-    defines: extra -D macros, e.g. ("PALORA_BREAK_BARRIER",) for the deliberate race test."""
+    defines: extra -D macros, e.g. ("PALORA_BREAK_BARRIER",) or ("PALORA_BREAK_CPASYNC_WAIT",) for
+    the deliberate race tests."""
     key = tuple(sorted(defines))
     with _lock:
         if key in _libs:
@@ -101,6 +102,8 @@ def build(defines: Sequence[str] = ()) -> ctypes.CDLL:
         lib.palora_emu_set_schedule.argtypes = [ctypes.c_int, ctypes.c_ulonglong]
         lib.palora_emu_stats.argtypes = [ctypes.POINTER(ctypes.c_longlong)]
         lib.palora_emu_barrier_broken.restype = ctypes.c_int
+        lib.palora_emu_cpasync_wait_broken.restype = ctypes.c_int
+        lib.palora_emu_async_copies.restype = ctypes.c_longlong
         lib.palora_emu_selftest.argtypes = [ctypes.c_int, ctypes.c_void_p]
         lib.palora_emu_selftest.restype = ctypes.c_char_p
         _libs[key] = lib
@@ -113,10 +116,13 @@ def set_schedule(lib: ctypes.CDLL, name: str, seed: int = 0) -> None:
 
 
 def stats(lib: ctypes.CDLL) -> dict:
-    """Counters of the calling OS thread: launches, blocks, barriers released, fiber switches."""
+    """Counters of the calling OS thread: launches, blocks, barriers released, fiber switches,
+    cp.async copies."""
     buf = (ctypes.c_longlong * 4)()
     lib.palora_emu_stats(buf)
-    return dict(zip(("launches", "blocks", "barriers", "switches"), buf))
+    out = dict(zip(("launches", "blocks", "barriers", "switches"), buf))
+    out["async_copies"] = lib.palora_emu_async_copies()   # 16-byte cp.async copies issued
+    return out
 
 
 def _ptr(t: Optional[torch.Tensor]) -> Optional[int]:
