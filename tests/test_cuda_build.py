@@ -13,6 +13,8 @@ _why = cuda_report.unavailable_reason()
 pytestmark = pytest.mark.skipif(_why is not None, reason=f"no CUDA build to inspect: {_why}")
 
 KERNELS = {f"{op}.{role}" for op in ("lora_mm", "lora_conv2d") for role in ("fused", "shrink")}
+# B's shared-memory orientation: lora_mm has both (W^T forward, W in dX); conv weights are k-major
+B_LAYOUTS = {"lora_mm": ("k-major", "n-major"), "lora_conv2d": ("k-major",)}
 
 
 def _archs():
@@ -27,15 +29,27 @@ def rows():
 
 def test_fatbin_holds_every_arch(rows):
     assert {r["arch"] for r in rows} == _archs()
-    for arch in _archs():   # 2 ops x 2 configs x 3 dtypes per arch
-        got = [(r["kernel"], r["config"].split()[0]) for r in rows if r["arch"] == arch]
-        assert sorted(got) == sorted((k, d) for k in KERNELS for d in ("fp32", "fp16", "bf16")), arch
+    for arch in _archs():   # (2 B layouts for lora_mm, 1 for conv) x 2 configs x 3 dtypes per arch
+        got = [(r["kernel"], r["config"].split()[0], r["config"].split()[-1]) for r in rows if r["arch"] == arch]
+        want = [(k, d, b) for k in KERNELS for d in ("fp32", "fp16", "bf16") for b in B_LAYOUTS[k.split(".")[0]]]
+        assert sorted(got) == sorted(want), arch
 
 
 def test_no_kernel_spills(rows):
     spilled = [(r["kernel"], r["config"], r["arch"], r["spills"]) for r in rows if r["spills"]]
     assert not spilled, f"kernels using local memory (spills): {spilled}"
     assert all(r["registers"] <= 255 and r["smem"] <= 48 * 1024 for r in rows)
+
+
+def test_cp_async_ldmatrix_and_no_64bit_division(rows):
+    """Issue 10: LDGSTS in every kernel, LDSM in the 16-bit ones, no 64-bit integer division."""
+    from palora_kernels.tools.kernel_report import problems
+    for r in rows:
+        assert r["ldgsts"] > 0, r
+        assert r["div64"] == 0 and r["calls"] == 0, r    # no division subroutine at all
+        if r["config"].startswith(("fp16", "bf16")):
+            assert r["ldsm"] > 0, r
+        assert problems(r) == [], r
 
 
 def test_tensor_cores_for_fp16_bf16_only(rows):

@@ -122,6 +122,7 @@ __device__ __forceinline__ void load_tile(const GemmParams& p, int t, int k_tile
     const int mm = tid % BM;
     const int64_t xrow = int64_t(g_n) * p.sxn;
     const int hi0 = g_ho * p.sh - p.ph, wi0 = g_wo * p.sw - p.pw;
+#pragma unroll 4  // bounds the gathers in flight: fully unrolled, fp32 fused spilled on sm_90
     for (int kk = tid / BM; kk < BK; kk += Cfg::THREADS / BM) {
       const int k = k0 + kk;
       T v = Num<T>::from_f(0.f);
@@ -191,8 +192,40 @@ __device__ __forceinline__ void load_tile(const GemmParams& p, int t, int k_tile
   }
 }
 
+#if PALORA_WMMA_ARCH
+// wmma::load_matrix_sync from shared memory. nvcc lowers the fp16 load to LDSM, but its bf16
+// builtin takes a generic address and becomes eight generic LD.E; the same wmma.load with the
+// .shared state space and a shared-window address gives LDSM for bf16 too. (The emulator models
+// fragments itself: its load_matrix_sync is used there.)
+template <class Use, class TW, class L>
+__device__ __forceinline__ void load_frag(nvcuda::wmma::fragment<Use, 16, 16, 16, TW, L>& f, const TW* ptr, unsigned ldm) {
+#if !defined(PALORA_EMU)
+  if constexpr (std::is_same<TW, __nv_bfloat16>::value) {
+    const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(ptr));
+    unsigned* r = reinterpret_cast<unsigned*>(&f);  // 8 bf16 = 4 .b32 registers (PTX ISA, wmma .bf16)
+    static_assert(sizeof(f) == 16, "bf16 m16n16k16 fragment: 4 registers");
+    constexpr bool kA = std::is_same<Use, nvcuda::wmma::matrix_a>::value;
+    constexpr bool kRow = std::is_same<L, nvcuda::wmma::row_major>::value;
+    if constexpr (kA && kRow)
+      asm volatile("wmma.load.a.sync.aligned.row.m16n16k16.shared.bf16 {%0, %1, %2, %3}, [%4], %5;\n"
+                   : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(s), "r"(ldm));
+    else if constexpr (!kA && kRow)
+      asm volatile("wmma.load.b.sync.aligned.row.m16n16k16.shared.bf16 {%0, %1, %2, %3}, [%4], %5;\n"
+                   : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(s), "r"(ldm));
+    else if constexpr (!kA && !kRow)
+      asm volatile("wmma.load.b.sync.aligned.col.m16n16k16.shared.bf16 {%0, %1, %2, %3}, [%4], %5;\n"
+                   : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(s), "r"(ldm));
+    else
+      nvcuda::wmma::load_matrix_sync(f, ptr, ldm);
+    return;
+  }
+#endif
+  nvcuda::wmma::load_matrix_sync(f, ptr, ldm);
+}
+#endif
+
 template <class T, class Cfg, bool IM2COL, bool BKMAJ>
-__global__ void __launch_bounds__(Cfg::THREADS) lora_gemm_kernel(GemmParams p) {
+__global__ void __launch_bounds__(Cfg::THREADS, 1) lora_gemm_kernel(GemmParams p) {
   using Lay = Tile<Cfg, T, BKMAJ>;
   constexpr int BM = Cfg::BM, BN = Cfg::BN, BK = Cfg::BK;
   constexpr int LDA = Lay::LDA, LDB = Lay::LDB, LDC = Lay::LDC, STAGE = Lay::STAGE;
@@ -262,10 +295,10 @@ __global__ void __launch_bounds__(Cfg::THREADS) lora_gemm_kernel(GemmParams p) {
       for (int kk = 0; kk < BK; kk += 16) {
         wmma::fragment<wmma::matrix_a, 16, 16, 16, TW, wmma::row_major> af[FM];
         wmma::fragment<wmma::matrix_b, 16, 16, 16, TW, BLayout> bf[FN];
-        for (int i = 0; i < FM; ++i) wmma::load_matrix_sync(af[i], Aw + (wm * FM * 16 + i * 16) * LDA + kk, LDA);
+        for (int i = 0; i < FM; ++i) load_frag(af[i], Aw + (wm * FM * 16 + i * 16) * LDA + kk, LDA);
         for (int j = 0; j < FN; ++j) {
           const int col = wn * FN * 16 + j * 16;
-          wmma::load_matrix_sync(bf[j], BKMAJ ? Bw + col * LDB + kk : Bw + kk * LDB + col, LDB);
+          load_frag(bf[j], BKMAJ ? Bw + col * LDB + kk : Bw + kk * LDB + col, LDB);
         }
         for (int i = 0; i < FM; ++i)
           for (int j = 0; j < FN; ++j) wmma::mma_sync(cf[i][j], af[i], bf[j], cf[i][j]);
@@ -337,8 +370,12 @@ const char* launch_gemm_as(GemmParams p, void* stream) {
 template <class T, class Cfg, bool IM2COL>
 const char* launch_gemm(const GemmParams& p, void* stream) {
   if (p.rows == 0 || p.cols == 0) return nullptr;
-  if (IM2COL || p.b_sk == 1) return launch_gemm_as<T, Cfg, IM2COL, true>(p, stream);
-  return launch_gemm_as<T, Cfg, IM2COL, false>(p, stream);
+  if constexpr (IM2COL) {
+    return launch_gemm_as<T, Cfg, IM2COL, true>(p, stream);  // conv weights: (C_out, K) row-major
+  } else {
+    if (p.b_sk == 1) return launch_gemm_as<T, Cfg, IM2COL, true>(p, stream);
+    return launch_gemm_as<T, Cfg, IM2COL, false>(p, stream);
+  }
 }
 
 }  // namespace palora
