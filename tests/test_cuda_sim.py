@@ -179,7 +179,8 @@ def test_palora_linear_fwd_bwd(lib, monkeypatch, dtype, per_sample):
     before = _launches(lib)
     y = layer(x, pref)
     (y.float() * torch.linspace(-1, 1, out_f)).sum().backward()
-    assert _launches(lib) - before == 4           # forward (shrink + fused) + dX (shrink + fused)
+    # forward (shrink + fused) + dX (shrink + fused) + d(preference) (partial + finish)
+    assert _launches(lib) - before == 6
 
     ref = {n: p.detach().double().requires_grad_() for n, p in layer.named_parameters()}
     xr = x.detach().double().requires_grad_()
@@ -367,3 +368,61 @@ def test_emulator_cp_async_lands_at_its_wait_and_fastdiv_is_exact(lib):
     assert lib.palora_emu_selftest(3, out.data_ptr()) is None
     assert math.isnan(out[0].item()) and out[1].item() == 42.0   # poisoned before the wait, landed after
     assert lib.palora_emu_selftest(4, out.data_ptr()) is None    # FastDiv == / and % over 2^31
+
+
+# ---- palora::pref_grad on CUDA (partial sums per (chunk, sample, task), then an ordered finish) ----
+
+def ref_pref_grad(h, dg, P, T, rank, scale):
+    prod = (h.double() * dg.double()).reshape(P, -1, T, rank)
+    return prod.sum(dim=(1, 3)) * scale
+
+
+PREF_CASES = [  # N, T, rank, P
+    (37, 2, 3, 1),        # one chunk
+    (300, 3, 4, 1),       # 3 chunks of 128 rows, per batch
+    (600, 2, 5, 4),       # per sample, L = 150: 2 chunks per sample
+    (7, 1, 1, 7),         # per sample, one row each
+    (0, 2, 2, 1),         # empty
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", PREF_CASES, ids=lambda c: "x".join(map(str, c)))
+def test_pref_grad_matches_fp64_reference(lib, case, dtype):
+    N, T, rank, P = case
+    R = T * rank
+    g = torch.Generator().manual_seed(N + 10 * R)
+    hbuf = torch.randn(N, 16 * ((R + 15) // 16) + 16, generator=g).to(dtype)
+    h = hbuf[:, :R]                                   # the padded row stride lora_mm returns H with
+    dg = torch.randn(N, R, generator=g).to(dtype)
+    pref = torch.rand(P, T, generator=g)
+    L = N // P if P > 1 else max(N, 1)
+    before = _launches(lib)
+    dp = cuda_sim.pref_grad_sim(h, dg, pref, L, rank, 0.75, lib=lib)
+    assert _launches(lib) - before == (2 if N else 1)
+    assert dp.shape == (P, T) and dp.dtype == pref.dtype
+    # the inputs are rounded to dtype already; the kernel accumulates in fp32: fp32's tolerance
+    assert_rel_close(dp, ref_pref_grad(h, dg, P, T, rank, 0.75), torch.float32, "pref_grad")
+
+
+def test_pref_grad_is_schedule_independent_and_checks_its_arguments(lib):
+    g = torch.Generator().manual_seed(0)
+    h, dg, pref = torch.randn(300, 8, generator=g), torch.randn(300, 8, generator=g), torch.rand(3, 2, generator=g)
+    outs = []
+    try:
+        for name, seed in (("forward", 0), ("reverse", 0), ("shuffle", 9)):
+            cuda_sim.set_schedule(lib, name, seed)
+            outs.append(cuda_sim.pref_grad_sim(h, dg, pref, 100, 4, 1.0, lib=lib))
+    finally:
+        cuda_sim.set_schedule(lib, "forward")
+    assert all(torch.equal(o, outs[0]) for o in outs[1:])
+    with pytest.raises(RuntimeError, match="expected P == 1 or P \\* rows_per_sample == N = 300"):
+        cuda_sim.pref_grad_sim(h, dg, pref, 99, 4, 1.0, lib=lib)
+    with pytest.raises(RuntimeError, match="expected R = T \\* rank columns"):
+        cuda_sim.pref_grad_sim(h, dg, pref, 100, 3, 1.0, lib=lib)
+
+
+def test_cuda_backends_declare_pref_grad(monkeypatch):
+    monkeypatch.setenv("PALORA_BACKEND", "cuda_sim")
+    assert dispatch.select_backend(torch.device("cpu"), "pref_grad", torch.bfloat16, fallback=True) == "cuda_sim"
+    assert "pref_grad" in dispatch.record("cuda").kernels

@@ -1,4 +1,5 @@
-// Torch bindings of the CUDA kernels: palora::lora_mm_cuda and palora::lora_conv2d_cuda.
+// Torch bindings of the CUDA kernels: palora::lora_mm_cuda, palora::lora_conv2d_cuda and
+// palora::pref_grad_cuda (the CUDA kernel of the op the CPU side calls palora::pref_grad).
 //
 // palora::lora_mm / palora::lora_conv2d are Python custom ops (palora_kernels/_ops.py) that
 // dispatch on their `backend` string; a C++ TORCH_LIBRARY_IMPL(palora, CUDA) of those same
@@ -10,6 +11,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <optional>
 #include <tuple>
 
@@ -140,6 +142,34 @@ std::tuple<at::Tensor, at::Tensor> lora_conv2d_cuda(
   return {y, h};
 }
 
+at::Tensor pref_grad_cuda(const at::Tensor& h, const at::Tensor& dg, const at::Tensor& pref, int64_t rows_per_sample,
+                          int64_t rank, double scale) {
+  const char* op = "pref_grad_cuda";
+  TORCH_CHECK(h.is_cuda(), op, ": h: expected a CUDA tensor, got device ", h.device());
+  TORCH_CHECK(h.dim() == 2, op, ": h: expected (N, R), got shape ", h.sizes());
+  const int64_t dtype = dtype_code(h);
+  check_operand(op, "dg", dg, h, 2);
+  TORCH_CHECK(dg.sizes() == h.sizes(), op, ": dg: expected ", h.sizes(), " (h's shape), got ", dg.sizes());
+  TORCH_CHECK(pref.device() == h.device(), op, ": pref: expected device ", h.device(), ", got ", pref.device());
+  TORCH_CHECK(pref.dim() == 2 && pref.is_floating_point(), op, ": pref: expected a floating (P, T), got ",
+              pref.scalar_type(), " ", pref.sizes());
+  c10::cuda::CUDAGuard guard(h.device());
+  at::Tensor out = at::empty({pref.size(0), pref.size(1)}, h.options().dtype(at::kFloat));
+  PrefGradArgs a{};
+  a.h = h.data_ptr(); a.dg = dg.data_ptr(); a.out = out.data_ptr<float>();
+  a.dtype = dtype; a.N = h.size(0); a.R = h.size(1); a.T = pref.size(1); a.rank = rank; a.P = pref.size(0);
+  a.rows_per_sample = rows_per_sample;
+  a.stride_hn = h.stride(0); a.stride_hc = h.stride(1); a.stride_gn = dg.stride(0); a.stride_gc = dg.stride(1);
+  a.scale = scale;
+  TORCH_CHECK(a.T >= 1 && rank >= 1 && a.R == a.T * rank, op, ": h: expected R = T * rank = ", a.T, " * ", rank,
+              " columns, got ", a.R);
+  at::Tensor partial = at::empty({std::max<int64_t>(pref_grad_workspace(a), 1)}, out.options());
+  a.partial = partial.data_ptr<float>();
+  const char* err = pref_grad_launch(a, c10::cuda::getCurrentCUDAStream().stream());
+  TORCH_CHECK(err == nullptr, op, ": ", err ? err : "");
+  return out.to(pref.scalar_type());
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(palora, m) {
@@ -147,11 +177,13 @@ TORCH_LIBRARY_FRAGMENT(palora, m) {
         "int rows_per_sample, float scale) -> (Tensor, Tensor)");
   m.def("lora_conv2d_cuda(Tensor x, Tensor weight, Tensor down, Tensor? bias, Tensor up, Tensor pref, "
         "int[] stride, int[] padding, int[] dilation, float scale) -> (Tensor, Tensor)");
+  m.def("pref_grad_cuda(Tensor h, Tensor dg, Tensor pref, int rows_per_sample, int rank, float scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(palora, CUDA, m) {
   m.impl("lora_mm_cuda", &lora_mm_cuda);
   m.impl("lora_conv2d_cuda", &lora_conv2d_cuda);
+  m.impl("pref_grad_cuda", &pref_grad_cuda);
 }
 
 }  // namespace palora

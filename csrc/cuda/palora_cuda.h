@@ -50,8 +50,26 @@ struct LoraConvArgs {
   double scale;
 };
 
-// Both return nullptr on success, else a message naming the bad argument or the CUDA error.
+// dp (P, T) fp32 = scale * sum over the rows of sample p of sum_j H[n, t*rank+j] dG[n, t*rank+j]
+// (csrc/cuda/pref_grad.cuh). partial: a workspace of pref_grad_workspace(args) floats.
+struct PrefGradArgs {
+  const void* h;      // (N, R)
+  const void* dg;     // (N, R)
+  float* partial;     // workspace
+  float* out;         // (P, T) fp32, dense
+  int64_t dtype, N, R, T, rank, P, rows_per_sample;
+  int64_t stride_hn, stride_hc, stride_gn, stride_gc;
+  double scale;
+};
+constexpr int64_t kPrefRows = 128;  // rows of one sample summed by one block
+inline int64_t pref_grad_workspace(const PrefGradArgs& a) {
+  const int64_t L = a.P == 1 ? a.N : a.rows_per_sample;
+  return (L + kPrefRows - 1) / kPrefRows * a.P * a.T;
+}
+
+// All return nullptr on success, else a message naming the bad argument or the CUDA error.
 const char* lora_mm_launch(const LoraMMArgs& args, void* stream);
 const char* lora_conv2d_launch(const LoraConvArgs& args, void* stream);
+const char* pref_grad_launch(const PrefGradArgs& args, void* stream);
 
 }  // namespace palora

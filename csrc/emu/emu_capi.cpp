@@ -6,6 +6,7 @@
 #endif
 #include "cuda/lora_conv2d.cuh"
 #include "cuda/lora_mm.cuh"
+#include "cuda/pref_grad.cuh"
 #include "emu/selftest.cuh"
 
 extern "C" {
@@ -15,6 +16,10 @@ const char* palora_emu_lora_mm(const palora::LoraMMArgs* args) { return palora::
 const char* palora_emu_lora_conv2d(const palora::LoraConvArgs* args) {
   return palora::lora_conv2d_dispatch(*args, nullptr);
 }
+
+const char* palora_emu_pref_grad(const palora::PrefGradArgs* args) { return palora::pref_grad_dispatch(*args, nullptr); }
+
+long long palora_emu_pref_grad_workspace(const palora::PrefGradArgs* args) { return palora::pref_grad_workspace(*args); }
 
 // 0 forward, 1 reverse, 2 seeded shuffle: the order fibers run in between two barriers
 void palora_emu_set_schedule(int schedule, unsigned long long seed) {

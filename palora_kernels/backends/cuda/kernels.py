@@ -18,6 +18,10 @@ if hasattr(torch.ops.palora, "lora_mm_cuda"):
         Ho, Wo = check_lora_conv2d(x, weight, down, bias, up, pref, stride, padding, dilation)
         return lora_conv2d_layout(x, weight.shape[0], down.shape[0], Ho, Wo)
 
+    @torch.library.register_fake("palora::pref_grad_cuda")
+    def _(h, dg, pref, rows_per_sample, rank, scale):
+        return pref.new_empty(pref.shape)
+
 
 def lora_mm(x, wm, bias, down, up, pref, rows_per_sample, scale):
     """(y, H); see palora_kernels._ops."""
@@ -28,3 +32,8 @@ def lora_conv2d(x, weight, down, bias, up, pref, stride, padding, dilation, scal
     """(y, H); see palora_kernels._ops."""
     return torch.ops.palora.lora_conv2d_cuda(x, weight, down, bias, up, pref, list(stride), list(padding),
                                              list(dilation), scale)
+
+
+def pref_grad(h, dg, pref, rows_per_sample, rank, scale):
+    """dp (P, T) in pref's dtype; see palora_kernels._math.pref_grad for the formula."""
+    return torch.ops.palora.pref_grad_cuda(h, dg, pref, rows_per_sample, rank, scale)

@@ -29,7 +29,8 @@ from . import RECORD
 
 CSRC = Path(__file__).resolve().parents[3] / "csrc"
 _SOURCES = ("emu/emu.h", "emu/emu_capi.cpp", "cuda/palora_cuda.h", "cuda/common.cuh",
-            "cuda/lora_gemm.cuh", "cuda/lora_mm.cuh", "cuda/lora_conv2d.cuh", "emu/selftest.cuh")
+            "cuda/lora_gemm.cuh", "cuda/lora_mm.cuh", "cuda/lora_conv2d.cuh", "cuda/pref_grad.cuh",
+            "emu/selftest.cuh")
 _DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _GUARD = 64                                   # sentinel elements on each side of an output
 SCHEDULES = {"forward": 0, "reverse": 1, "shuffle": 2}
@@ -53,6 +54,14 @@ class LoraConvArgs(ctypes.Structure):         # mirrors palora::LoraConvArgs
                     "stride_xn", "stride_xc", "stride_xh", "stride_xw",
                     "stride_bias", "stride_uc", "stride_ur", "stride_pp", "stride_pt",
                     "stride_yn", "stride_yp", "stride_yc", "stride_hn", "stride_hp", "stride_hc")]
+                + [("scale", ctypes.c_double)])
+
+
+class PrefGradArgs(ctypes.Structure):         # mirrors palora::PrefGradArgs
+    _fields_ = ([(n, ctypes.c_void_p) for n in ("h", "dg", "partial", "out")]
+                + [(n, ctypes.c_int64) for n in (
+                    "dtype", "N", "R", "T", "rank", "P", "rows_per_sample",
+                    "stride_hn", "stride_hc", "stride_gn", "stride_gc")]
                 + [("scale", ctypes.c_double)])
 
 
@@ -96,9 +105,12 @@ def build(defines: Sequence[str] = ()) -> ctypes.CDLL:
                 raise RuntimeError(f"building the CUDA emulator failed:\n{' '.join(cmd)}\n{res.stderr[-4000:]}")
             os.replace(tmp, out)                  # atomic: concurrent builders agree
         lib = ctypes.CDLL(str(out))
-        for fn, argt in (("palora_emu_lora_mm", LoraMMArgs), ("palora_emu_lora_conv2d", LoraConvArgs)):
+        for fn, argt in (("palora_emu_lora_mm", LoraMMArgs), ("palora_emu_lora_conv2d", LoraConvArgs),
+                         ("palora_emu_pref_grad", PrefGradArgs)):
             getattr(lib, fn).argtypes = [ctypes.POINTER(argt)]
             getattr(lib, fn).restype = ctypes.c_char_p
+        lib.palora_emu_pref_grad_workspace.argtypes = [ctypes.POINTER(PrefGradArgs)]
+        lib.palora_emu_pref_grad_workspace.restype = ctypes.c_longlong
         lib.palora_emu_set_schedule.argtypes = [ctypes.c_int, ctypes.c_ulonglong]
         lib.palora_emu_stats.argtypes = [ctypes.POINTER(ctypes.c_longlong)]
         lib.palora_emu_barrier_broken.restype = ctypes.c_int
@@ -239,6 +251,29 @@ def lora_conv2d_sim(x, weight, down, bias, up, pref, stride, padding, dilation, 
     return y, h
 
 
+def pref_grad_sim(h, dg, pref, rows_per_sample, rank, scale, lib=None):
+    """dp (P, T) in pref's dtype via the emulated pref_grad kernels (the cuda backend's)."""
+    if h.dtype not in _DTYPES:
+        raise TypeError(f"h: cuda_sim supports float32, float16, bfloat16, got {h.dtype}")
+    _check("h", h, h.dtype)
+    _check("dg", dg, h.dtype)
+    if h.dim() != 2 or dg.shape != h.shape:
+        raise ValueError(f"pref_grad: h and dg: expected (N, R) of one shape, got {tuple(h.shape)} and {tuple(dg.shape)}")
+    lib = lib or build()
+    N, R = h.shape
+    P, T = pref.shape
+    out = torch.full((P, T), float("nan"))             # every element must be written
+    a = PrefGradArgs(h=_ptr(h), dg=_ptr(dg), partial=None, out=_ptr(out), dtype=_DTYPES[h.dtype], N=N, R=R, T=T,
+                     rank=rank, P=P, rows_per_sample=rows_per_sample, stride_hn=h.stride(0), stride_hc=h.stride(1),
+                     stride_gn=dg.stride(0), stride_gc=dg.stride(1), scale=float(scale))
+    partial = torch.full((max(int(lib.palora_emu_pref_grad_workspace(ctypes.byref(a))), 1),), float("nan"))
+    a.partial = _ptr(partial)
+    _run(lib, "palora_emu_pref_grad", a)
+    if out.isnan().any() and not (h.isnan().any() or dg.isnan().any()):
+        raise RuntimeError("pref_grad: the emulated kernels left elements of dp unwritten")
+    return out.to(pref.dtype)
+
+
 def unavailable_reason() -> Optional[str]:
     if _compiler() is None:
         return "no C++ compiler (g++ or $CXX) on PATH"
@@ -253,3 +288,7 @@ def lora_mm(x, wm, bias, down, up, pref, rows_per_sample, scale):
 
 def lora_conv2d(x, weight, down, bias, up, pref, stride, padding, dilation, scale):
     return lora_conv2d_sim(x, weight, down, bias, up, pref, stride, padding, dilation, scale)
+
+
+def pref_grad(h, dg, pref, rows_per_sample, rank, scale):
+    return pref_grad_sim(h, dg, pref, rows_per_sample, rank, scale)
