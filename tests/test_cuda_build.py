@@ -27,12 +27,18 @@ def rows():
     return cuda_report.cuda_rows()
 
 
+def _gemm(rows):
+    return [r for r in rows if r["kernel"].startswith("lora_")]
+
+
 def test_fatbin_holds_every_arch(rows):
     assert {r["arch"] for r in rows} == _archs()
     for arch in _archs():   # (2 B layouts for lora_mm, 1 for conv) x 2 configs x 3 dtypes per arch
-        got = [(r["kernel"], r["config"].split()[0], r["config"].split()[-1]) for r in rows if r["arch"] == arch]
+        got = [(r["kernel"], r["config"].split()[0], r["config"].split()[-1]) for r in _gemm(rows) if r["arch"] == arch]
         want = [(k, d, b) for k in KERNELS for d in ("fp32", "fp16", "bf16") for b in B_LAYOUTS[k.split(".")[0]]]
         assert sorted(got) == sorted(want), arch
+        pref = sorted((r["kernel"], r["config"].split()[0]) for r in rows if r["arch"] == arch and r not in _gemm(rows))
+        assert pref == sorted([("pref_grad.finish", "fp32")] + [("pref_grad.partial", d) for d in ("bf16", "fp16", "fp32")])
 
 
 def test_no_kernel_spills(rows):
@@ -44,7 +50,7 @@ def test_no_kernel_spills(rows):
 def test_cp_async_ldmatrix_and_no_64bit_division(rows):
     """Issue 10: LDGSTS in every kernel, LDSM in the 16-bit ones, no 64-bit integer division."""
     from palora_kernels.tools.kernel_report import problems
-    for r in rows:
+    for r in _gemm(rows):
         assert r["ldgsts"] > 0, r
         assert r["div64"] == 0 and r["calls"] == 0, r    # no division subroutine at all
         if r["config"].startswith(("fp16", "bf16")):
@@ -53,7 +59,7 @@ def test_cp_async_ldmatrix_and_no_64bit_division(rows):
 
 
 def test_tensor_cores_for_fp16_bf16_only(rows):
-    for r in rows:
+    for r in _gemm(rows):
         if r["config"].startswith(("fp16", "bf16")) and int(r["arch"][3:]) >= 80:
             assert r["tensor_core"] > 0, r
         if r["config"].startswith("fp32"):
@@ -64,6 +70,9 @@ def test_bindings_registered_for_cuda_only():
     schema = str(torch.ops.palora.lora_mm_cuda.default._schema)
     assert "Tensor? bias" in schema and "int rows_per_sample" in schema
     assert "int[] stride" in str(torch.ops.palora.lora_conv2d_cuda.default._schema)
+    assert "int rank" in str(torch.ops.palora.pref_grad_cuda.default._schema)
+    with pytest.raises(NotImplementedError, match="CPU"):
+        torch.ops.palora.pref_grad_cuda(torch.zeros(4, 2), torch.zeros(4, 2), torch.ones(1, 1), 4, 2, 1.0)
     x = torch.zeros(4, 3)
     with pytest.raises(NotImplementedError, match="CPU"):
         torch.ops.palora.lora_mm_cuda(x, torch.zeros(3, 2), None, torch.zeros(3, 2), torch.zeros(2, 2),
@@ -87,3 +96,15 @@ def test_cuda_backend_matches_reference_on_gpu(dtype):
     p64 = [t.double() for t in (layer.weight, layer.bias, layer.lora_A, layer.lora_B)]
     yr = reference.palora_linear(x.double(), *p64, pref.double(), layer.scaling)
     assert_rel_close(y, yr, dtype, "cuda backend y")
+
+
+@pytest.mark.requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_cuda_pref_grad_matches_reference_on_gpu(dtype):
+    from conftest import assert_rel_close
+    g = torch.Generator(device="cuda").manual_seed(0)
+    h, dg = (torch.randn(600, 12, device="cuda", generator=g).to(dtype) for _ in range(2))
+    pref = torch.rand(4, 3, device="cuda", generator=g)
+    dp = torch.ops.palora.pref_grad_cuda(h, dg, pref, 150, 4, 0.5)
+    ref = (h.double() * dg.double()).reshape(4, 150, 3, 4).sum(dim=(1, 3)) * 0.5
+    assert_rel_close(dp, ref, torch.float32, "pref_grad_cuda")

@@ -24,6 +24,7 @@ _CONFIGS = {"FusedCfg": ("fused", "64x64x32"), "ShrinkCfg": ("shrink", "128x32x3
 _DTYPES = {"f": "fp32", "6__half": "fp16", "13__nv_bfloat16": "bf16"}
 # lora_gemm_kernel<T, Cfg, IM2COL, BKMAJ>
 _KERNEL = re.compile(r"lora_gemm_kernelI(f|6__half|13__nv_bfloat16)NS_(\d+)(\w+?Cfg)ELb([01])ELb([01])E")
+_PREF = re.compile(r"pref_grad_(partial|finish)_kernel(?:I(f|6__half|13__nv_bfloat16)E)?")
 _TC = re.compile(r"\b(HMMA|IMMA|HGMMA|mma)\b")
 # SASS opcodes counted per kernel (the column name, the pattern)
 _SASS = {"ldgsts": re.compile(r"\bLDGSTS\b"), "ldsm": re.compile(r"\bLDSM\b"),
@@ -74,6 +75,9 @@ def _dump(flag: str, path: str) -> str:
 def _name(mangled: str):
     m = _KERNEL.search(mangled)
     if not m:
+        pm = _PREF.search(mangled)
+        if pm:   # csrc/cuda/pref_grad.cuh: the partial sums are per dtype, the finish reads fp32
+            return f"pref_grad.{pm.group(1)}", f"{_DTYPES[pm.group(2)] if pm.group(2) else 'fp32'} 128 threads simt"
         return mangled, ""
     dtype, cfg, im2col, bk = _DTYPES[m.group(1)], m.group(3), m.group(4) == "1", m.group(5) == "1"
     role, tile = _CONFIGS.get(cfg, (cfg, "?"))
