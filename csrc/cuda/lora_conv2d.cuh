@@ -47,7 +47,7 @@ const char* lora_conv2d_typed(const LoraConvArgs& a, void* stream) {
   GemmParams sh = p;
   sh.cols = static_cast<int>(a.R); sh.b = a.down;
   sh.z = a.h; sh.z_sn = a.stride_hn; sh.z_sp = a.stride_hp; sh.z_sc = a.stride_hc;
-  if (const char* e = launch_gemm<T, ShrinkCfg, true>(sh, stream)) return e;
+  if (const char* e = launch_gemm<T, ShrinkCfg, kIm2col>(sh, stream)) return e;
   // 2. fused: y = im2col(x) W^T + bias + (H * S_n) B_cat^T
   GemmParams f = p;
   f.cols = static_cast<int>(a.C_out); f.b = a.weight; f.bias = a.bias; f.bias_s = a.stride_bias;
@@ -56,7 +56,7 @@ const char* lora_conv2d_typed(const LoraConvArgs& a, void* stream) {
   f.up = a.up; f.up_sr = a.stride_ur; f.up_sc = a.stride_uc;
   f.pref = a.pref; f.P = static_cast<int>(a.P); f.div_rank = FastDiv(a.R / a.T); f.div_rps = FastDiv(HoWo);
   f.pref_sp = a.stride_pp; f.pref_st = a.stride_pt; f.scale = static_cast<float>(a.scale);
-  return launch_gemm<T, FusedCfg, true>(f, stream);
+  return launch_gemm<T, FusedCfg, kIm2col>(f, stream);
 }
 
 inline const char* lora_conv2d_dispatch(const LoraConvArgs& a, void* stream) {

@@ -29,12 +29,23 @@
 
 namespace palora {
 
+// How the A operand is read (template G of the kernel):
+//   kDense   A(m, k) = a[m * a_sm + k * a_sk]
+//   kIm2col  A(m, k) = x[n, c, ho*sh - ph + i*dh, wo*sw - pw + j*dw], m = (n, ho, wo), k = (c, i, j):
+//            the forward conv (and, 1x1, dG = B_cat^T dY per pixel)
+//   kDgrad   the transposed gather of the conv's data gradient: m = (n, hi, wi) a pixel of dX,
+//            k = (o, i, j), A(m, k) = dZ[n, o, ho, wo] where hi = ho*sh - ph + i*dh (and the same
+//            for w) has an integer solution inside dZ, else 0; dZ = dY (phase 1, o < C_out) or
+//            dG * S (phase 2, o < R). B(k, c) = Wcat[o, c, i, j]: W (phase 1) or A_cat (phase 2).
+enum Gather : int { kDense = 0, kIm2col = 1, kDgrad = 2 };
+
 struct GemmParams {
   // phase 1 A operand (rows, K): dense x, or im2col of x (N, C, H, W)
   const void* a;
   int64_t a_sm, a_sk;                                    // dense strides
-  int H, W, kh, kw, sh, sw, ph, pw, dh, dw;              // im2col geometry
-  FastDiv div_khw, div_kw, div_Wo;                       // k -> (c, i, j), pixel q -> (ho, wo)
+  int H, W, kh, kw, sh, sw, ph, pw, dh, dw;              // geometry of the gathered tensor (x; dZ for kDgrad)
+  FastDiv div_khw, div_kw, div_Wo;                       // k -> (c, i, j), pixel q -> (row, col) of z's grid
+  FastDiv div_sh, div_sw;                                // kDgrad: ho = (hi + ph - i*dh) / sh, exact
   int64_t sxn, sxc, sxh, sxw;                            // im2col strides of x
   int rows, K, cols;
   // B operand (K, cols) and bias (cols,)
@@ -97,7 +108,7 @@ struct Tile {
 };
 
 // One K step of the pipeline: fetch tile t (phase 1 if t < k_tiles, else expand) into stage (As, Bs).
-template <class T, class Cfg, bool IM2COL, bool BKMAJ>
+template <class T, class Cfg, int G, bool BKMAJ>
 __device__ __forceinline__ void load_tile(const GemmParams& p, int t, int k_tiles, int m0, int n0, T* As, T* Bs,
                                           int g_n, int g_ho, int g_wo, bool g_ok) {
   using Lay = Tile<Cfg, T, BKMAJ>;
@@ -107,7 +118,37 @@ __device__ __forceinline__ void load_tile(const GemmParams& p, int t, int k_tile
   const int k0 = (expand ? t - k_tiles : t) * BK;
   const int klim = expand ? p.R : p.K;
   // ---- A tile (BM, BK) -> As
-  if (!expand && !IM2COL && p.a_vec) {
+  if (G == kDgrad) {
+    // transposed gather: this thread owns dX pixel row mm = tid % BM (g_n, g_ho = hi, g_wo = wi)
+    const T* src = static_cast<const T*>(expand ? p.h : p.a);
+    const int mm = tid % BM;
+    const int prow = p.P == 1 ? 0 : g_n;
+#pragma unroll 4
+    for (int kk = tid / BM; kk < BK; kk += Cfg::THREADS / BM) {
+      const int k = k0 + kk;
+      T v = Num<T>::from_f(0.f);
+      if (g_ok && k < klim) {
+        int o, r, i, j;
+        p.div_khw.divmod(k, o, r);
+        p.div_kw.divmod(r, i, j);
+        const int th = g_ho + p.ph - i * p.dh, tw = g_wo + p.pw - j * p.dw;
+        if (th >= 0 && tw >= 0) {
+          int ho, rh, wo, rw;
+          p.div_sh.divmod(th, ho, rh);
+          p.div_sw.divmod(tw, wo, rw);
+          if (rh == 0 && rw == 0 && ho < p.H && wo < p.W) {
+            if (expand) {
+              const float s = p.scale * p.pref[prow * p.pref_sp + p.div_rank.div(o) * p.pref_st];
+              v = Num<T>::from_f(Num<T>::to_f(src[g_n * p.h_sn + o * p.h_sc + (ho * p.W + wo) * p.h_sp]) * s);
+            } else {
+              v = src[g_n * p.sxn + o * p.sxc + ho * p.sxh + wo * p.sxw];
+            }
+          }
+        }
+      }
+      As[mm * LDA + kk] = v;
+    }
+  } else if (!expand && G == kDense && p.a_vec) {
     const T* a = static_cast<const T*>(p.a);
     for (int idx = tid; idx < BM * (BK / V); idx += Cfg::THREADS) {
       const int mm = idx / (BK / V), kk = (idx % (BK / V)) * V;
@@ -116,7 +157,7 @@ __device__ __forceinline__ void load_tile(const GemmParams& p, int t, int k_tile
       const int n = ok ? (klim - k < V ? klim - k : V) * int(sizeof(T)) : 0;
       cp_async16(As + mm * LDA + kk, ok ? a + m * p.a_sm + k : a, n);
     }
-  } else if (!expand && IM2COL) {
+  } else if (!expand && G == kIm2col) {
     // each thread owns row mm = tid % BM (decomposed once per kernel: g_n, g_ho, g_wo) and walks k
     const T* x = static_cast<const T*>(p.a);
     const int mm = tid % BM;
@@ -161,7 +202,20 @@ __device__ __forceinline__ void load_tile(const GemmParams& p, int t, int k_tile
   // ---- B tile (BK, BN) -> Bs: weight rows, or up rows in the expand phase
   const T* b = static_cast<const T*>(expand ? p.up : p.b);
   const int64_t bsk = expand ? p.up_sr : p.b_sk, bsc = expand ? p.up_sc : p.b_sc;
-  if (expand ? p.up_vec : p.b_vec) {
+  if (G == kDgrad) {
+    // B(k = (o, i, j), c) = Wcat[o, c, i, j]: o's row at o * bsk, channel c at c * bsc, tap r = k % khw
+    for (int idx = tid; idx < BK * BN; idx += Cfg::THREADS) {
+      const int kk = idx % BK, nn = idx / BK;
+      const int k = k0 + kk, n = n0 + nn;
+      T v = Num<T>::from_f(0.f);
+      if (k < klim && n < p.cols) {
+        int o, r;
+        p.div_khw.divmod(k, o, r);
+        v = b[o * bsk + n * bsc + r];
+      }
+      Bs[BKMAJ ? nn * LDB + kk : kk * LDB + nn] = v;
+    }
+  } else if (expand ? p.up_vec : p.b_vec) {
     if (BKMAJ) {  // k contiguous: Bs (BN, LDB)
       for (int idx = tid; idx < BN * (BK / V); idx += Cfg::THREADS) {
         const int nn = idx / (BK / V), kk = (idx % (BK / V)) * V;
@@ -224,7 +278,7 @@ __device__ __forceinline__ void load_frag(nvcuda::wmma::fragment<Use, 16, 16, 16
 }
 #endif
 
-template <class T, class Cfg, bool IM2COL, bool BKMAJ>
+template <class T, class Cfg, int G, bool BKMAJ>
 __global__ void __launch_bounds__(Cfg::THREADS, 1) lora_gemm_kernel(GemmParams p) {
   using Lay = Tile<Cfg, T, BKMAJ>;
   constexpr int BM = Cfg::BM, BN = Cfg::BN, BK = Cfg::BK;
@@ -241,10 +295,10 @@ __global__ void __launch_bounds__(Cfg::THREADS, 1) lora_gemm_kernel(GemmParams p
   const int m0 = static_cast<int>((first_m + (pid % group) % gsize) * BM);
   const int n0 = static_cast<int>(((pid % group) / gsize) * BN);
 
-  // im2col: this thread's gather row, decomposed once
+  // im2col / dgrad: this thread's gather row (a pixel of z), decomposed once
   int g_n = 0, g_ho = 0, g_wo = 0;
   bool g_ok = false;
-  if (IM2COL) {
+  if (G != kDense) {
     const int m = m0 + tid % BM;
     g_ok = m < p.rows;
     int q = 0;
@@ -274,13 +328,13 @@ __global__ void __launch_bounds__(Cfg::THREADS, 1) lora_gemm_kernel(GemmParams p
   const int ty = tid / (BN / TN), tx = tid % (BN / TN);
 
   const int k_tiles = (p.K + BK - 1) / BK, tiles = k_tiles + (p.R + BK - 1) / BK;
-  if (tiles > 0) load_tile<T, Cfg, IM2COL, BKMAJ>(p, 0, k_tiles, m0, n0, stage0, stage0 + BM * LDA, g_n, g_ho, g_wo, g_ok);
+  if (tiles > 0) load_tile<T, Cfg, G, BKMAJ>(p, 0, k_tiles, m0, n0, stage0, stage0 + BM * LDA, g_n, g_ho, g_wo, g_ok);
   cp_async_commit();
   for (int t = 0; t < tiles; ++t) {
     // prefetch tile t+1 into the other stage (last read in iteration t-1, before its trailing barrier)
     if (t + 1 < tiles) {
       T* An = stage0 + ((t + 1) & 1) * STAGE;
-      load_tile<T, Cfg, IM2COL, BKMAJ>(p, t + 1, k_tiles, m0, n0, An, An + BM * LDA, g_n, g_ho, g_wo, g_ok);
+      load_tile<T, Cfg, G, BKMAJ>(p, t + 1, k_tiles, m0, n0, An, An + BM * LDA, g_n, g_ho, g_wo, g_ok);
     }
     cp_async_commit();
     cp_async_wait<1>();  // every group but the newest (tile t+1) has landed: tile t is in its stage
@@ -353,28 +407,28 @@ inline bool vec_ok(const void* ptr, int64_t s_row, int64_t s_col) {
   return ptr && s_col == 1 && (reinterpret_cast<uintptr_t>(ptr) % 16 == 0) && ((s_row * int64_t(sizeof(T))) % 16 == 0);
 }
 
-template <class T, class Cfg, bool IM2COL, bool BKMAJ>
+template <class T, class Cfg, int G, bool BKMAJ>
 const char* launch_gemm_as(GemmParams p, void* stream) {
-  p.a_vec = !IM2COL && vec_ok<T>(p.a, p.a_sm, p.a_sk);
+  p.a_vec = G == kDense && vec_ok<T>(p.a, p.a_sm, p.a_sk);
   // the B stage keeps BKMAJ's orientation; a copy runs along it only when memory does too
-  p.b_vec = BKMAJ ? vec_ok<T>(p.b, p.b_sc, p.b_sk) : vec_ok<T>(p.b, p.b_sk, p.b_sc);
-  p.up_vec = p.R > 0 && (BKMAJ ? vec_ok<T>(p.up, p.up_sc, p.up_sr) : vec_ok<T>(p.up, p.up_sr, p.up_sc));
+  p.b_vec = G != kDgrad && (BKMAJ ? vec_ok<T>(p.b, p.b_sc, p.b_sk) : vec_ok<T>(p.b, p.b_sk, p.b_sc));
+  p.up_vec = G != kDgrad && p.R > 0 && (BKMAJ ? vec_ok<T>(p.up, p.up_sc, p.up_sr) : vec_ok<T>(p.up, p.up_sr, p.up_sc));
   const int64_t blocks = cdiv(p.rows, Cfg::BM) * cdiv(p.cols, Cfg::BN);
   if (blocks > 0x7fffffff) return "lora_gemm: more than 2^31 - 1 tiles";
   PALORA_LAUNCH(dim3(static_cast<unsigned>(blocks)), dim3(Cfg::THREADS), 0, stream,
-                lora_gemm_kernel<T, Cfg, IM2COL, BKMAJ>)(p);
+                lora_gemm_kernel<T, Cfg, G, BKMAJ>)(p);
   return PALORA_LAST_ERROR();
 }
 
 // B's smem orientation follows its contiguous dimension (k-contiguous: W^T, A_cat^T, conv weights)
-template <class T, class Cfg, bool IM2COL>
+template <class T, class Cfg, int G>
 const char* launch_gemm(const GemmParams& p, void* stream) {
   if (p.rows == 0 || p.cols == 0) return nullptr;
-  if constexpr (IM2COL) {
-    return launch_gemm_as<T, Cfg, IM2COL, true>(p, stream);  // conv weights: (C_out, K) row-major
+  if constexpr (G != kDense) {
+    return launch_gemm_as<T, Cfg, G, true>(p, stream);  // conv weights: (C_out, K) row-major; dgrad: scalar B
   } else {
-    if (p.b_sk == 1) return launch_gemm_as<T, Cfg, IM2COL, true>(p, stream);
-    return launch_gemm_as<T, Cfg, IM2COL, false>(p, stream);
+    if (p.b_sk == 1) return launch_gemm_as<T, Cfg, G, true>(p, stream);
+    return launch_gemm_as<T, Cfg, G, false>(p, stream);
   }
 }
 

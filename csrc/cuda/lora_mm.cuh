@@ -51,7 +51,7 @@ const char* lora_mm_typed(const LoraMMArgs& a, void* stream) {
   GemmParams sh = p;
   sh.cols = static_cast<int>(a.R); sh.b = a.down; sh.b_sk = a.stride_dk; sh.b_sc = a.stride_dr;
   sh.z = a.h; sh.z_sn = a.stride_hn; sh.z_sc = a.stride_hc;
-  if (const char* e = launch_gemm<T, ShrinkCfg, false>(sh, stream)) return e;
+  if (const char* e = launch_gemm<T, ShrinkCfg, kDense>(sh, stream)) return e;
   // 2. fused: y = x wm + bias + (H * S) up
   GemmParams f = p;
   f.z = a.y; f.z_sn = a.stride_yn; f.z_sc = a.stride_yc;
@@ -62,7 +62,7 @@ const char* lora_mm_typed(const LoraMMArgs& a, void* stream) {
   f.pref = a.pref; f.P = static_cast<int>(a.P); f.div_rank = FastDiv(a.R / a.T);
   f.div_rps = FastDiv(a.rows_per_sample < 1 ? 1 : a.rows_per_sample);
   f.pref_sp = a.stride_pp; f.pref_st = a.stride_pt; f.scale = static_cast<float>(a.scale);
-  return launch_gemm<T, FusedCfg, false>(f, stream);
+  return launch_gemm<T, FusedCfg, kDense>(f, stream);
 }
 
 inline const char* lora_mm_dispatch(const LoraMMArgs& a, void* stream) {

@@ -4,6 +4,7 @@
 #ifndef PALORA_EMU
 #error "compile with -DPALORA_EMU"
 #endif
+#include "cuda/conv_dgrad.cuh"
 #include "cuda/lora_conv2d.cuh"
 #include "cuda/lora_mm.cuh"
 #include "cuda/pref_grad.cuh"
@@ -15,6 +16,10 @@ const char* palora_emu_lora_mm(const palora::LoraMMArgs* args) { return palora::
 
 const char* palora_emu_lora_conv2d(const palora::LoraConvArgs* args) {
   return palora::lora_conv2d_dispatch(*args, nullptr);
+}
+
+const char* palora_emu_lora_conv2d_dgrad(const palora::LoraConvDgradArgs* args) {
+  return palora::lora_conv2d_dgrad_dispatch(*args, nullptr);
 }
 
 const char* palora_emu_pref_grad(const palora::PrefGradArgs* args) { return palora::pref_grad_dispatch(*args, nullptr); }
