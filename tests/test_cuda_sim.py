@@ -207,10 +207,11 @@ def test_palora_conv2d_fwd_bwd(lib, monkeypatch, dtype, per_sample):
     before = _launches(lib)
     y = layer(x, pref)
     y.float().square().sum().backward()
-    # forward (shrink + fused), the conv backward is convolution_backward; a per-batch fp32 layer with
-    # this many rows runs merged (one plain conv), no kernel
+    # dW, dA, db stay on convolution_backward; a per-batch fp32 layer with this many rows runs merged
+    # (one plain conv), no kernel
     merged = conv_weight_space(x, layer.weight, pref if per_sample else pref[None], 6, 5)
-    assert _launches(lib) - before == (0 if merged else 2)
+    # forward (shrink + fused) + dX and dG (lora_conv2d_dgrad: shrink + transposed fused)
+    assert _launches(lib) - before == (0 if merged else 4)
 
     ref = {n: p.detach().double().requires_grad_() for n, p in layer.named_parameters()}
     xr = x.detach().double().requires_grad_()
@@ -426,3 +427,68 @@ def test_cuda_backends_declare_pref_grad(monkeypatch):
     monkeypatch.setenv("PALORA_BACKEND", "cuda_sim")
     assert dispatch.select_backend(torch.device("cpu"), "pref_grad", torch.bfloat16, fallback=True) == "cuda_sim"
     assert "pref_grad" in dispatch.record("cuda").kernels
+
+
+# ---- palora::lora_conv2d_dgrad: dG = B_cat^T dY, dX = convT([dY | dG*S], [W; A_cat]) ---------------
+
+def ref_conv_dgrad(dy, wcat, up, pref, C_out, r, x_hw, stride, padding, dilation, scale):
+    """fp64: dG per pixel, and dX as the autograd input gradient of conv2d(x, [W; A_cat]) against [dY | dG*S]."""
+    dg = torch.einsum("nchw,cr->nrhw", dy.double(), up.double())
+    S = scale * pref.double().repeat_interleave(r, dim=1)[:, :, None, None]
+    x = torch.zeros(dy.shape[0], wcat.shape[1], *x_hw, dtype=torch.float64, requires_grad=True)
+    y = F.conv2d(x, wcat.double(), None, stride, padding, dilation)
+    (y * torch.cat([dy.double(), dg * S], 1)).sum().backward()
+    return x.grad, dg
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CONV_CASES + [(2, 8, 10, 9, 20, (3, 3), (2, 2), (0, 1), (2, 1), 2, 4)],
+                         ids=lambda c: f"{c[1]}to{c[4]}k{c[5][0]}{c[5][1]}s{c[6][0]}d{c[8][0]}")
+def test_lora_conv2d_dgrad_matches_fp64_reference(lib, case, dtype):
+    N, C_in, H, W, C_out, (kh, kw), stride, padding, dilation, T, r = case
+    g = torch.Generator().manual_seed(C_in * 100 + C_out + 1)
+    R = T * r
+    Ho = (H + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    Wo = (W + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    dy = torch.randn(N, C_out, Ho, Wo, generator=g).to(dtype)
+    wcat = (torch.randn(C_out + R, C_in, kh, kw, generator=g) / math.sqrt(C_in * kh * kw)).to(dtype)
+    up = torch.randn(C_out, R, generator=g).to(dtype)
+    for P, dyin in ((1, dy), (N, dy.contiguous(memory_format=torch.channels_last)), (N, dy.transpose(2, 3).contiguous().transpose(2, 3))):
+        pref = torch.rand(P, T, generator=g)
+        before = _launches(lib)
+        dx, dg = cuda_sim.lora_conv2d_dgrad_sim(dyin, wcat[:C_out], wcat[C_out:], up, pref, (H, W), stride, padding,
+                                                dilation, 0.8, lib=lib)
+        assert _launches(lib) - before == 2
+        fmt = torch.channels_last if dyin.is_contiguous(memory_format=torch.channels_last) and not dyin.is_contiguous() \
+            else torch.contiguous_format
+        assert dx.is_contiguous(memory_format=fmt) and dg.is_contiguous(memory_format=fmt)
+        ex, eg = ref_conv_dgrad(dy, wcat, up, pref, C_out, r, (H, W), stride, padding, dilation, 0.8)
+        assert_rel_close(dx, ex, dtype, f"dgrad dX P={P}")
+        assert_rel_close(dg, eg, dtype, f"dgrad dG P={P}")
+
+
+def test_lora_conv2d_dgrad_is_schedule_independent(lib):
+    g = torch.Generator().manual_seed(4)
+    dy = torch.randn(2, 12, 4, 6, generator=g).to(torch.bfloat16)
+    args = (dy, (torch.randn(12, 8, 3, 3, generator=g) / 8).to(torch.bfloat16),
+            (torch.randn(6, 8, 3, 3, generator=g) / 8).to(torch.bfloat16), torch.randn(12, 6, generator=g).to(torch.bfloat16),
+            torch.rand(2, 3, generator=g), (7, 6), (2, 1), (1, 1), (1, 1), 0.7)
+    outs = []
+    try:
+        for name, seed in (("forward", 0), ("reverse", 0), ("shuffle", 3)):
+            cuda_sim.set_schedule(lib, name, seed)
+            outs.append([t.clone() for t in cuda_sim.lora_conv2d_dgrad_sim(*args, lib=lib)])
+    finally:
+        cuda_sim.set_schedule(lib, "forward")
+    assert all(torch.equal(a, b) for o in outs[1:] for a, b in zip(o, outs[0]))
+
+
+def test_lora_conv2d_dgrad_op_contract():
+    from palora_kernels import _ops
+    dy = torch.zeros(2, 6, 5, 5)
+    w, a, up, pref = torch.zeros(6, 3, 3, 3), torch.zeros(4, 3, 3, 3), torch.zeros(6, 4), torch.ones(1, 2)
+    dx, dg = _ops.lora_conv2d_dgrad(dy.to("meta"), w.to("meta"), a.to("meta"), up.to("meta"), pref.to("meta"),
+                                    [9, 9], [2, 2], [1, 1], [1, 1], 1.0, "cuda_sim")
+    assert dx.shape == (2, 3, 9, 9) and dg.shape == (2, 4, 5, 5)
+    with pytest.raises(RuntimeError, match="dy: expected an output grid of 6x6 for x of 12x12, got 5x5"):
+        _ops.lora_conv2d_dgrad(dy, w, a, up, pref, [12, 12], [2, 2], [1, 1], [1, 1], 1.0, "cuda_sim")
