@@ -12,9 +12,9 @@ from palora_kernels.tools import cuda_report
 _why = cuda_report.unavailable_reason()
 pytestmark = pytest.mark.skipif(_why is not None, reason=f"no CUDA build to inspect: {_why}")
 
-KERNELS = {f"{op}.{role}" for op in ("lora_mm", "lora_conv2d") for role in ("fused", "shrink")}
+KERNELS = {f"{op}.{role}" for op in ("lora_mm", "lora_conv2d") for role in ("fused", "shrink")} | {"lora_conv2d_dgrad.fused"}
 # B's shared-memory orientation: lora_mm has both (W^T forward, W in dX); conv weights are k-major
-B_LAYOUTS = {"lora_mm": ("k-major", "n-major"), "lora_conv2d": ("k-major",)}
+B_LAYOUTS = {"lora_mm": ("k-major", "n-major"), "lora_conv2d": ("k-major",), "lora_conv2d_dgrad": ("k-major",)}
 
 
 def _archs():
@@ -48,10 +48,11 @@ def test_no_kernel_spills(rows):
 
 
 def test_cp_async_ldmatrix_and_no_64bit_division(rows):
-    """Issue 10: LDGSTS in every kernel, LDSM in the 16-bit ones, no 64-bit integer division."""
+    """Issue 10: LDGSTS in every kernel with a 16-byte path, LDSM in the 16-bit ones, no 64-bit division."""
     from palora_kernels.tools.kernel_report import problems
     for r in _gemm(rows):
-        assert r["ldgsts"] > 0, r
+        # the conv's dX kernel gathers both operands element by element: no 16-byte path
+        assert (r["ldgsts"] > 0) == (r["kernel"] != "lora_conv2d_dgrad.fused"), r
         assert r["div64"] == 0 and r["calls"] == 0, r    # no division subroutine at all
         if r["config"].startswith(("fp16", "bf16")):
             assert r["ldsm"] > 0, r
@@ -71,6 +72,7 @@ def test_bindings_registered_for_cuda_only():
     assert "Tensor? bias" in schema and "int rows_per_sample" in schema
     assert "int[] stride" in str(torch.ops.palora.lora_conv2d_cuda.default._schema)
     assert "int rank" in str(torch.ops.palora.pref_grad_cuda.default._schema)
+    assert "int[] x_hw" in str(torch.ops.palora.lora_conv2d_dgrad_cuda.default._schema)
     with pytest.raises(NotImplementedError, match="CPU"):
         torch.ops.palora.pref_grad_cuda(torch.zeros(4, 2), torch.zeros(4, 2), torch.ones(1, 1), 4, 2, 1.0)
     x = torch.zeros(4, 3)

@@ -22,8 +22,10 @@ from typing import List, Optional
 # tile configs of csrc/cuda/lora_gemm.cuh (BM x BN x BK, 128 threads)
 _CONFIGS = {"FusedCfg": ("fused", "64x64x32"), "ShrinkCfg": ("shrink", "128x32x32")}
 _DTYPES = {"f": "fp32", "6__half": "fp16", "13__nv_bfloat16": "bf16"}
-# lora_gemm_kernel<T, Cfg, IM2COL, BKMAJ>
-_KERNEL = re.compile(r"lora_gemm_kernelI(f|6__half|13__nv_bfloat16)NS_(\d+)(\w+?Cfg)ELb([01])ELb([01])E")
+# lora_gemm_kernel<T, Cfg, Gather G, BKMAJ>: G 0 dense (lora_mm), 1 im2col (lora_conv2d, and the dG
+# shrink of lora_conv2d_dgrad), 2 the transposed gather of lora_conv2d_dgrad
+_KERNEL = re.compile(r"lora_gemm_kernelI(f|6__half|13__nv_bfloat16)NS_(\d+)(\w+?Cfg)ELi([012])ELb([01])E")
+_GATHER_OP = {"0": "lora_mm", "1": "lora_conv2d", "2": "lora_conv2d_dgrad"}
 _PREF = re.compile(r"pref_grad_(partial|finish)_kernel(?:I(f|6__half|13__nv_bfloat16)E)?")
 _TC = re.compile(r"\b(HMMA|IMMA|HGMMA|mma)\b")
 # SASS opcodes counted per kernel (the column name, the pattern)
@@ -79,9 +81,9 @@ def _name(mangled: str):
         if pm:   # csrc/cuda/pref_grad.cuh: the partial sums are per dtype, the finish reads fp32
             return f"pref_grad.{pm.group(1)}", f"{_DTYPES[pm.group(2)] if pm.group(2) else 'fp32'} 128 threads simt"
         return mangled, ""
-    dtype, cfg, im2col, bk = _DTYPES[m.group(1)], m.group(3), m.group(4) == "1", m.group(5) == "1"
+    dtype, cfg, bk = _DTYPES[m.group(1)], m.group(3), m.group(5) == "1"
     role, tile = _CONFIGS.get(cfg, (cfg, "?"))
-    op = "lora_conv2d" if im2col else "lora_mm"
+    op = _GATHER_OP[m.group(4)]
     return (f"{op}.{role}", f"{dtype} tile {tile} 128 threads {'wmma' if dtype != 'fp32' else 'simt'} "
                             f"B {'k' if bk else 'n'}-major")
 
@@ -109,8 +111,9 @@ def cuda_rows(path: Optional[str] = None) -> List[dict]:
             row = {"kernel": kernel, "config": config, "arch": arch, "registers": int(u.group(1)),
                    "spills": int(u.group(2)) + int(u.group(4)), "smem": int(u.group(3)), "tensor_core": 0,
                    "function": fn, **{k: 0 for k in _SASS}}
-            if _KERNEL.search(fn):   # every GEMM kernel has a cp.async path; 16-bit ones WMMA from smem
-                row["expect_ldgsts"] = True
+            if _KERNEL.search(fn):   # GEMM kernels have a cp.async path (not the all-gather dX of the
+                # conv: its A and B tiles are both gathered element by element); 16-bit ones WMMA from smem
+                row["expect_ldgsts"] = kernel != "lora_conv2d_dgrad.fused"
                 row["expect_ldsm"] = config.startswith(("fp16", "bf16")) and int(arch[3:]) >= 80
             index[(arch, fn)] = row
             rows.append(row)
