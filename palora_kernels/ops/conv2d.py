@@ -24,16 +24,17 @@ The stacked kernels otherwise:
     One call over C_out + R channels: the R-channel convolutions alone ran at a fraction of oneDNN's
     speed (12 channels: 39 ms against 60 ms for 76 channels, same shape as above).
 
-The backward is once-differentiable (see ops/linear.py).
+Double backward: with grad mode on in the backward (``create_graph=True``) the gradients come from
+differentiating _math.conv_composite with ``create_graph`` instead, as in ops/linear.py: exact
+second derivatives on both paths, per-batch and per-sample.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
 from .. import _ops
-from .._math import merged_deltas, row_scale, stack_A, stack_B, unstack_B, use_weight_space, weight_space_grads
+from .._math import composite_grads, conv_composite, merged_deltas, row_scale, stack_A, stack_B, unstack_B, use_weight_space, weight_space_grads
 
 
 def _cm(t: torch.Tensor) -> torch.Tensor:
@@ -87,11 +88,16 @@ class PaLoRAConv2dFunction(torch.autograd.Function):
         return y
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, dy):
         x, weight, lora_A, lora_B, pref, h = ctx.saved_tensors
         stride, padding, dilation, scale, has_bias, ws = ctx.conf
         needs = ctx.needs_input_grad[:6]
+        if torch.is_grad_enabled():      # create_graph: a differentiable backward (module docstring)
+            dx, dW, dA, dB, dp = composite_grads(
+                lambda *t: conv_composite(*t, stride, padding, dilation, scale), (x, weight, lora_A, lora_B, pref),
+                needs[:2] + needs[3:], dy)
+            db = dy.sum((0, 2, 3)) if needs[2] and has_bias else None
+            return dx, dW, db, dA, dB, dp, None, None, None, None, None
         if ws:
             return _weight_space_backward(dy, x, weight, lora_A, lora_B, pref, stride, padding, dilation,
                                           scale, has_bias, needs)
