@@ -10,6 +10,7 @@ from typing import Iterable, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from .functional import check_finite, check_preference
 from .nn import PaLoRAConv2d, PaLoRALinear
 
 log = logging.getLogger("palora_kernels")
@@ -77,7 +78,14 @@ def set_preference(model: nn.Module, preference: Optional[torch.Tensor]) -> None
         if preference is not None and m.num_tasks != layers[0].num_tasks:
             raise ValueError("model: layers disagree on num_tasks; set preferences per layer")
     if preference is not None:
-        layers[0].set_preference(preference)
+        check_preference(preference, layers[0].num_tasks, None, None)
+        check_finite(preference)
+        for name, m in palora_layers(model):     # a merged layer computes its merged preference only
+            if m.merged:
+                try:
+                    m._check_merged_call(preference)
+                except ValueError as exc:
+                    raise ValueError(f"{name or type(m).__name__}: {exc}") from None
     for m in layers:
         m._preference = preference
 

@@ -97,7 +97,7 @@ class PaLoRAConv2d(PaLoRALayerMixin, nn.Module):
 
     def forward(self, x: torch.Tensor, preference: torch.Tensor | None = None) -> torch.Tensor:
         if self.merged:
-            self._check_merged_call(preference)
+            self._merged_call_preference(preference)
             return F.conv2d(x, self.weight, self.bias, **self._conv_kwargs())
         p = self._resolve_preference(preference)
         return palora_conv2d(x, self.weight, self.bias, self.lora_A, self.lora_B, p, self.scaling,
