@@ -8,9 +8,10 @@ import math
 from typing import Optional, Tuple, Union
 
 import torch
+import torch.nn.functional as F
 
-from . import dispatch
-from ._math import linear_composite, loralib_delta, merged_delta, stack_A, stack_B
+from . import dispatch, reference
+from ._math import linear_composite, loralib_delta, merged_delta, row_scale, stack_A, stack_B
 from .ops.conv2d import PaLoRAConv2dFunction
 from .ops.linear import PaLoRALinearFunction
 
@@ -159,22 +160,71 @@ def palora_linear(x, weight, bias, lora_A, lora_B, preference, scale: float, *,
     return y.reshape(*lead, weight.shape[0])
 
 
+def _resolve_padding(padding, x, kernel, stride, dilation):
+    """nn.Conv2d's padding: an int, a pair, "valid" (0) or "same" (stride 1; total padding
+    dilation*(k-1) per dim, half on each side, the odd one on the bottom/right as torch does it).
+    Returns (x, symmetric padding): x padded by the odd remainder where there is one."""
+    if not isinstance(padding, str):
+        return x, _pair(padding, "padding")
+    if padding == "valid":
+        return x, [0, 0]
+    if padding != "same":
+        raise ValueError(f"padding: expected an int, a pair of ints, 'same' or 'valid', got {padding!r}")
+    if any(s != 1 for s in stride):
+        raise ValueError(f"padding: 'same' needs stride 1 (as nn.Conv2d), got stride {tuple(stride)}")
+    total = [d * (k - 1) for d, k in zip(dilation, kernel)]
+    half = [t // 2 for t in total]
+    extra = [t - 2 * h for t, h in zip(total, half)]
+    if any(extra):
+        x = F.pad(x, [0, extra[1], 0, extra[0]])
+    return x, half
+
+
+def _conv_groups_composite(x, weight, bias, lora_A, lora_B, pref, scale, stride, padding, dilation, groups,
+                           parameterization):
+    """groups > 1, as differentiable torch ops (every derivative exact): the grouped base conv, then
+    factorized: the full-channel adapter (shrink conv over C_in -> R, expand B_cat diag(S_n));
+    loralib: the grouped update (B_t A_t).view(W.shape) -- per-batch merged into the one grouped conv,
+    per-sample one grouped conv per task (the (T+1)x floor of that parameterisation)."""
+    rank = lora_A.shape[1]
+    if parameterization == "factorized":
+        y = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+        h = F.conv2d(x, stack_A(lora_A), None, stride, padding, dilation)
+        S = row_scale(pref.to(h.dtype), rank, scale)[:, :, None, None]
+        return y + torch.einsum("or,nrhw->nohw", stack_B(lora_B), h * S)
+    deltas = loralib_delta(lora_A, lora_B, weight.shape)
+    p = pref.to(weight.dtype) * scale
+    if pref.shape[0] == 1:
+        return F.conv2d(x, weight + torch.tensordot(p[0], deltas, dims=1), bias, stride, padding, dilation, groups)
+    y = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+    for t in range(deltas.shape[0]):
+        y = y + p[:, t, None, None, None] * F.conv2d(x, deltas[t], None, stride, padding, dilation, groups)
+    return y
+
+
 def palora_conv2d(x, weight, bias, lora_A, lora_B, preference, scale: float, *,
-                  stride: IntPair = 1, padding: IntPair = 0, dilation: IntPair = 1,
-                  parameterization: str = "factorized", backend: Optional[str] = None):
+                  stride: IntPair = 1, padding: Union[IntPair, str] = 0, dilation: IntPair = 1,
+                  groups: int = 1, parameterization: str = "factorized", backend: Optional[str] = None):
     """Conv2d + scale * sum_t p_t * adapter_t(x).
 
-    x: (N, C_in, H, W); weight: (C_out, C_in, kh, kw); bias: (C_out,) or None.
-    factorized: lora_A (T, r, C_in, kh, kw), lora_B (T, C_out, r).
-    loralib: lora_A (T, r*k, C_in*k), lora_B (T, C_out*k, r*k), update (B_t A_t).view(W.shape).
-    preference: (T,) or (N, T). Returns (N, C_out, Ho, Wo).
+    x: (N, C_in, H, W); weight: (C_out, C_in/groups, kh, kw); bias: (C_out,) or None.
+    factorized: lora_A (T, r, C_in, kh, kw), lora_B (T, C_out, r) (full-channel, also for groups > 1).
+    loralib (the PaLoRA reference's): lora_A (T, r*k, C_in*k), lora_B (T, C_out/groups*k, r*k),
+    update (B_t A_t).view(W.shape), grouped as W is.
+    padding: int, pair, "same" or "valid" as nn.Conv2d. preference: (T,) or (N, T).
+    Returns (N, C_out, Ho, Wo).
     """
     if parameterization not in ("factorized", "loralib"):
         raise ValueError(f"parameterization: expected 'factorized' or 'loralib', got {parameterization!r}")
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"groups: expected an int >= 1, got {groups!r}")
     if isinstance(x, torch.Tensor) and x.dim() != 4:
         raise ValueError(f"x: expected a 4-D tensor (N, C_in, H, W), got shape {tuple(x.shape)}")
-    _check_tensor("weight", weight, 4, "(C_out, C_in, kh, kw)")
+    _check_tensor("weight", weight, 4, "(C_out, C_in/groups, kh, kw)")
     C_out, C_in, kh, kw = weight.shape
+    if C_out % groups:
+        raise ValueError(f"weight: expected C_out = weight.shape[0] divisible by groups = {groups}, got {C_out}")
+    C_in *= groups
     if parameterization == "factorized":
         r = lora_A.shape[1] if isinstance(lora_A, torch.Tensor) and lora_A.dim() == 5 else -1
         _check_params(weight, bias, lora_A, lora_B, (-1, r, C_in, kh, kw), (-1, C_out, r),
@@ -185,13 +235,26 @@ def palora_conv2d(x, weight, bias, lora_A, lora_B, preference, scale: float, *,
         rk = lora_A.shape[1] if isinstance(lora_A, torch.Tensor) and lora_A.dim() == 3 else -1
         if rk % kh:
             raise ValueError(f"lora_A: expected shape (T, rank*{kh}, {C_in * kh}) (loralib), got {tuple(lora_A.shape)}")
-        _check_params(weight, bias, lora_A, lora_B, (-1, rk, C_in * kh), (-1, C_out * kh, rk),
-                      "(T, rank*k, C_in*k) (loralib)", "(T, C_out*k, rank*k) (loralib)")
-    _check_common(x, weight, lora_A, lora_B, "x.shape[1] (in_channels)", x.shape[1], weight.shape[1])
+        _check_params(weight, bias, lora_A, lora_B, (-1, rk, C_in * kh), (-1, C_out // groups * kh, rk),
+                      "(T, rank*k, C_in*k) (loralib)", "(T, C_out/groups*k, rank*k) (loralib)")
+    _check_common(x, weight, lora_A, lora_B, "x.shape[1] (in_channels)", x.shape[1], C_in)
     check_preference(preference, lora_A.shape[0], x.shape[0], x.device)
-    stride, padding, dilation = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
+    stride, dilation = _pair(stride, "stride"), _pair(dilation, "dilation")
+    x, padding = _resolve_padding(padding, x, (kh, kw), stride, dilation)
     x, weight, bias, lora_A, lora_B = _autocast(x, weight, bias, lora_A, lora_B)
     op = "loralib_conv2d" if parameterization == "loralib" else "lora_conv2d"
+    if groups > 1:
+        want = dispatch.requested_backend(backend)
+        if want not in (None, "torch", "reference"):
+            raise RuntimeError(f"backend {want!r} was requested for a grouped conv (groups={groups}) but has no "
+                               "grouped kernel: groups > 1 runs on 'torch' (cuDNN/oneDNN grouped conv plus the "
+                               "adapter) or 'reference'")
+        if want == "reference":
+            return reference.palora_conv2d(x, weight, bias, lora_A, lora_B, preference, scale, stride, padding,
+                                           dilation, parameterization, groups=groups).to(x.dtype)
+        pref, _ = _pref_rows(preference, x.shape[0], x.shape[0], x.dtype)
+        return _conv_groups_composite(x, weight, bias, lora_A, lora_B, pref, float(scale), stride, padding,
+                                      dilation, groups, parameterization)
     name = dispatch.select_backend(x.device, op, x.dtype, backend)
     if dispatch.is_composite(name, op):
         return dispatch.kernel(name, op)(x, weight, bias, lora_A, lora_B, preference, scale, stride, padding,
@@ -206,8 +269,11 @@ def merged_linear_weight(weight, lora_A, lora_B, preference, scale):
     return weight + merged_delta(stack_A(lora_A), stack_B(lora_B), preference, lora_A.shape[1], scale)
 
 
-def merged_conv_weight(weight, lora_A, lora_B, preference, scale, parameterization):
+def merged_conv_weight(weight, lora_A, lora_B, preference, scale, parameterization, groups: int = 1):
     """The conv weight that computes the layer at a per-batch preference p (T,)."""
+    if parameterization == "factorized" and groups > 1:
+        raise ValueError(f"groups: a factorized adapter on a grouped conv (groups={groups}) mixes all channels and "
+                         "cannot fold into the grouped weight; merge needs groups=1 or parameterization='loralib'")
     if parameterization == "loralib":
         deltas = loralib_delta(lora_A, lora_B, weight.shape)
         return weight + torch.tensordot(preference.to(weight.dtype) * scale, deltas, dims=1)

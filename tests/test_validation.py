@@ -68,8 +68,8 @@ CONV_BAD = [
     ("factorized", 4, torch.randn(2, 5, 2), "lora_B: expected shape (2, 4, 2) (T, C_out, rank), got (2, 5, 2)"),
     ("factorized", 3, torch.randn(2, 2, 9), "lora_A: expected a 5-D tensor of shape (T, rank, C_in, kh, kw)"),
     ("loralib", 3, torch.randn(2, 5, 9), "lora_A: expected shape (T, rank*3, 9) (loralib), got (2, 5, 9)"),
-    ("loralib", 4, torch.randn(2, 12, 3), "lora_B: expected shape (2, 12, 6) (T, C_out*k, rank*k) (loralib)"),
-    ("factorized", 1, torch.randn(4, 3, 3), "weight: expected a 4-D tensor of shape (C_out, C_in, kh, kw)"),
+    ("loralib", 4, torch.randn(2, 12, 3), "lora_B: expected shape (2, 12, 6) (T, C_out/groups*k, rank*k) (loralib), got (2, 12, 3)"),
+    ("factorized", 1, torch.randn(4, 3, 3), "weight: expected a 4-D tensor of shape (C_out, C_in/groups, kh, kw), got shape (4, 3, 3)"),
     ("factorized", 2, torch.randn(5), "bias: expected shape (4,) (weight.shape[0],), got (5,)"),
 ]
 
