@@ -125,7 +125,10 @@ class PaLoRAConv2dFunction(torch.autograd.Function):
         if need_B:
             dB = unstack_B(torch.matmul(dy3, (h3 * S).transpose(1, 2)).sum(0), T)
         if need_p:
-            dp = (h3 * dg).sum(-1).view(N, T, rank).sum(-1) * scale
+            # products and sums in fp32 for fp16/bf16, one rounding at the end: half-precision products
+            # and partial sums gave 2-3x the naive loop's error (issue 11)
+            acc = torch.promote_types(h.dtype, torch.float32)
+            dp = (h3.to(acc) * dg.to(acc)).sum(-1).view(N, T, rank).sum(-1) * scale
             dp = (dp.sum(0, keepdim=True) if pref.shape[0] == 1 else dp).to(pref.dtype)
         return dx, dW, db, dA, dB, dp, None, None, None, None, None
 
