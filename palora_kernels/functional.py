@@ -240,7 +240,17 @@ def palora_conv2d(x, weight, bias, lora_A, lora_B, preference, scale: float, *,
     _check_common(x, weight, lora_A, lora_B, "x.shape[1] (in_channels)", x.shape[1], C_in)
     check_preference(preference, lora_A.shape[0], x.shape[0], x.device)
     stride, dilation = _pair(stride, "stride"), _pair(dilation, "dilation")
+    for name, v in (("stride", stride), ("dilation", dilation)):
+        if min(v) < 1:
+            raise ValueError(f"{name}: expected values >= 1, got {tuple(v)}")
     x, padding = _resolve_padding(padding, x, (kh, kw), stride, dilation)
+    if min(padding) < 0:
+        raise ValueError(f"padding: expected values >= 0, got {tuple(padding)}")
+    for i, (size, k) in enumerate(zip(x.shape[2:], (kh, kw))):
+        if size + 2 * padding[i] < dilation[i] * (k - 1) + 1:
+            raise ValueError(f"x: expected a padded input at least as large as the dilated kernel "
+                             f"{dilation[0] * (kh - 1) + 1}x{dilation[1] * (kw - 1) + 1}, got "
+                             f"{x.shape[2]}x{x.shape[3]} with padding {tuple(padding)}")
     x, weight, bias, lora_A, lora_B = _autocast(x, weight, bias, lora_A, lora_B)
     op = "loralib_conv2d" if parameterization == "loralib" else "lora_conv2d"
     if groups > 1:

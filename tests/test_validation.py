@@ -181,3 +181,19 @@ def test_failed_call_changes_nothing():
         layer.lora_A.data = snap["lora_A"].clone()
     assert_unchanged(layer, snap)
     assert layer._preference is pref and all(t.grad is None for t in layer.parameters())
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if _runs(b, "lora_conv2d")])
+@pytest.mark.parametrize("kw, msg", [
+    (dict(stride=0), "stride: expected values >= 1, got (0, 0)"),
+    (dict(stride=(1, 0)), "stride: expected values >= 1, got (1, 0)"),
+    (dict(dilation=0), "dilation: expected values >= 1, got (0, 0)"),
+    (dict(padding=-1), "padding: expected values >= 0, got (-1, -1)"),
+    (dict(dilation=4), "x: expected a padded input at least as large as the dilated kernel 9x9, got 6x6"),
+], ids=["stride0", "stride10", "dilation0", "padding-1", "small"])
+def test_conv_hyperparameters_checked_on_every_backend(kw, msg, backend):
+    """cuda_sim raised ZeroDivisionError on stride 0 (and the torch backend too)."""
+    layer = make_conv(3, 4, 3, 2, 2)
+    with pytest.raises(ValueError, match=re.escape(msg)):
+        palora_conv2d(torch.randn(2, 3, 6, 6), layer.weight, layer.bias, layer.lora_A, layer.lora_B,
+                      torch.rand(2), 1.0, backend=backend, **kw)
