@@ -149,3 +149,25 @@ def composite_grads(fn, inputs, needs, dy):
     with torch.enable_grad():
         got = iter(torch.autograd.grad(fn(*inputs), want, dy, create_graph=True, allow_unused=True)) if want else iter(())
     return [next(got) if n else None for n in needs]
+
+
+def conv_groups_composite(x, weight, bias, lora_A, lora_B, pref, scale, stride, padding, dilation, groups,
+                           parameterization):
+    """groups > 1, as differentiable torch ops (every derivative exact): the grouped base conv, then
+    factorized: the full-channel adapter (shrink conv over C_in -> R, expand B_cat diag(S_n));
+    loralib: the grouped update (B_t A_t).view(W.shape) -- per-batch merged into the one grouped conv,
+    per-sample one grouped conv per task (the (T+1)x floor of that parameterisation)."""
+    rank = lora_A.shape[1]
+    if parameterization == "factorized":
+        y = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+        h = F.conv2d(x, stack_A(lora_A), None, stride, padding, dilation)
+        S = row_scale(pref.to(h.dtype), rank, scale)[:, :, None, None]
+        return y + torch.einsum("or,nrhw->nohw", stack_B(lora_B), h * S)
+    deltas = loralib_delta(lora_A, lora_B, weight.shape)
+    p = pref.to(weight.dtype) * scale
+    if pref.shape[0] == 1:
+        return F.conv2d(x, weight + torch.tensordot(p[0], deltas, dims=1), bias, stride, padding, dilation, groups)
+    y = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+    for t in range(deltas.shape[0]):
+        y = y + p[:, t, None, None, None] * F.conv2d(x, deltas[t], None, stride, padding, dilation, groups)
+    return y

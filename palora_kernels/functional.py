@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from . import dispatch, reference
-from ._math import linear_composite, loralib_delta, merged_delta, row_scale, stack_A, stack_B
+from ._math import conv_groups_composite, linear_composite, loralib_delta, merged_delta, stack_A, stack_B
 from .ops.conv2d import PaLoRAConv2dFunction
 from .ops.linear import PaLoRALinearFunction
 
@@ -180,28 +180,6 @@ def _resolve_padding(padding, x, kernel, stride, dilation):
     return x, half
 
 
-def _conv_groups_composite(x, weight, bias, lora_A, lora_B, pref, scale, stride, padding, dilation, groups,
-                           parameterization):
-    """groups > 1, as differentiable torch ops (every derivative exact): the grouped base conv, then
-    factorized: the full-channel adapter (shrink conv over C_in -> R, expand B_cat diag(S_n));
-    loralib: the grouped update (B_t A_t).view(W.shape) -- per-batch merged into the one grouped conv,
-    per-sample one grouped conv per task (the (T+1)x floor of that parameterisation)."""
-    rank = lora_A.shape[1]
-    if parameterization == "factorized":
-        y = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
-        h = F.conv2d(x, stack_A(lora_A), None, stride, padding, dilation)
-        S = row_scale(pref.to(h.dtype), rank, scale)[:, :, None, None]
-        return y + torch.einsum("or,nrhw->nohw", stack_B(lora_B), h * S)
-    deltas = loralib_delta(lora_A, lora_B, weight.shape)
-    p = pref.to(weight.dtype) * scale
-    if pref.shape[0] == 1:
-        return F.conv2d(x, weight + torch.tensordot(p[0], deltas, dims=1), bias, stride, padding, dilation, groups)
-    y = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
-    for t in range(deltas.shape[0]):
-        y = y + p[:, t, None, None, None] * F.conv2d(x, deltas[t], None, stride, padding, dilation, groups)
-    return y
-
-
 def palora_conv2d(x, weight, bias, lora_A, lora_B, preference, scale: float, *,
                   stride: IntPair = 1, padding: Union[IntPair, str] = 0, dilation: IntPair = 1,
                   groups: int = 1, parameterization: str = "factorized", backend: Optional[str] = None):
@@ -263,7 +241,7 @@ def palora_conv2d(x, weight, bias, lora_A, lora_B, preference, scale: float, *,
             return reference.palora_conv2d(x, weight, bias, lora_A, lora_B, preference, scale, stride, padding,
                                            dilation, parameterization, groups=groups).to(x.dtype)
         pref, _ = _pref_rows(preference, x.shape[0], x.shape[0], x.dtype)
-        return _conv_groups_composite(x, weight, bias, lora_A, lora_B, pref, float(scale), stride, padding,
+        return conv_groups_composite(x, weight, bias, lora_A, lora_B, pref, float(scale), stride, padding,
                                       dilation, groups, parameterization)
     name = dispatch.select_backend(x.device, op, x.dtype, backend)
     if dispatch.is_composite(name, op):
