@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from .model import palora_layers
-from .nn import PaLoRAConv2d, PaLoRALinear
+from .nn import PaLoRAConv2d
 
 StateDict = Mapping[str, torch.Tensor]
 PEFT_PREFIX = "base_model.model."

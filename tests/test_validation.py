@@ -7,7 +7,6 @@ import re
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import palora_kernels as pk
