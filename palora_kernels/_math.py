@@ -66,9 +66,8 @@ def pref_grad(h: torch.Tensor, dg: torch.Tensor, pref: torch.Tensor,
 
 def merged_delta(A_cat: torch.Tensor, B_cat: torch.Tensor, pref_vec: torch.Tensor,
                  rank: int, scale: float) -> torch.Tensor:
-    """s * B_cat diag(p) A_cat for a per-batch preference p (T,): (out, in). Costs out*in*R."""
-    S = row_scale(pref_vec.reshape(1, -1).to(A_cat.dtype), rank, scale)[0]   # (R,)
-    return (B_cat * S) @ A_cat
+    """s * B_cat diag(p) A_cat for a per-batch preference p (T,) or (1, T): (out, in). Costs out*in*R."""
+    return merged_deltas(A_cat, B_cat, pref_vec.reshape(1, -1), rank, scale)[0]
 
 
 def loralib_delta(lora_A: torch.Tensor, lora_B: torch.Tensor, weight_shape) -> torch.Tensor:

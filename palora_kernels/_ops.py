@@ -11,6 +11,9 @@ lora_mm     (y, H) with  y = x @ wm + bias + ((x @ down) * S) @ up   (N, M), den
             pref (P, T), S[n, t*r + j] = scale * pref[n // rows_per_sample, t], r = R // T.
             Forward: (wm, down, up) = (W^T, A_cat^T, B_cat^T); dX: (W, B_cat, A_cat) gives
             (dX, dG) with dG = dY B_cat.
+lora_conv2d_dgrad (dX, dG), the conv's data gradient (where a backend has the kernel):
+            dG = B_cat^T dY per pixel (N, R, Ho, Wo); dX = conv_transpose([dY | dG S_n], [W; A_cat])
+            (N, C_in, H, W); both dense in dy's memory format.
 lora_conv2d (y, H) with  y = conv(x, W) + bias + B_cat diag(S_n) H_n   (N, C_out, Ho, Wo)
                          H = conv(x, A_cat), unscaled                 (N, R, Ho, Wo)
             weight (C_out, C_in, kh, kw), down = A_cat (R, C_in, kh, kw), up = B_cat (C_out, R),
@@ -149,6 +152,58 @@ def lora_conv2d(x: Tensor, weight: Tensor, down: Tensor, bias: Optional[Tensor],
 def _(x, weight, down, bias, up, pref, stride, padding, dilation, scale, backend):
     Ho, Wo = check_lora_conv2d(x, weight, down, bias, up, pref, stride, padding, dilation)
     return lora_conv2d_layout(x, weight.shape[0], down.shape[0], Ho, Wo)
+
+
+def check_lora_conv2d_dgrad(dy, weight, down, up, pref, x_hw, stride, padding, dilation) -> None:
+    """The contract of lora_conv2d_dgrad: dy is the gradient of lora_conv2d's y for an x of spatial size x_hw."""
+    torch._check(dy.dim() == 4, lambda: f"dy: expected (N, C_out, Ho, Wo), got shape {tuple(dy.shape)}")
+    N, C_out, Ho, Wo = dy.shape
+    torch._check(weight.dim() == 4 and weight.shape[0] == C_out,
+                 lambda: f"weight: expected ({C_out}, C_in, kh, kw), got {tuple(weight.shape)}")
+    _, C_in, kh, kw = weight.shape
+    torch._check(down.dim() == 4 and tuple(down.shape[1:]) == (C_in, kh, kw),
+                 lambda: f"down: expected (R, {C_in}, {kh}, {kw}), got {tuple(down.shape)}")
+    R = down.shape[0]
+    torch._check(tuple(up.shape) == (C_out, R), lambda: f"up: expected ({C_out}, {R}), got {tuple(up.shape)}")
+    for name, t in (("weight", weight), ("down", down), ("up", up)):
+        _same(name, t, dy)
+    _check_pref(pref, dy, R, "down")
+    torch._check(pref.shape[0] in (1, N), lambda: f"pref: expected 1 or N = {N} rows, got {pref.shape[0]}")
+    torch._check(len(x_hw) == 2 and min(x_hw) >= 1, lambda: f"x_hw: expected (H, W) >= 1, got {list(x_hw)}")
+    for name, v, lo in (("stride", stride, 1), ("padding", padding, 0), ("dilation", dilation, 1)):
+        torch._check(len(v) == 2 and min(v) >= lo, lambda: f"{name}: expected 2 values >= {lo}, got {list(v)}")
+    eh = conv_out_size(x_hw[0], kh, stride[0], padding[0], dilation[0])
+    ew = conv_out_size(x_hw[1], kw, stride[1], padding[1], dilation[1])
+    torch._check(Ho == eh and Wo == ew,
+                 lambda: f"dy: expected an output grid of {eh}x{ew} for x of {x_hw[0]}x{x_hw[1]}, got {Ho}x{Wo}")
+
+
+def lora_conv2d_dgrad_layout(dy: Tensor, C_in: int, R: int, H: int, W: int) -> Tuple[Tensor, Tensor]:
+    """Empty (dX, dG): dense, in dy's memory format."""
+    fmt = conv_memory_format(dy)
+    N, _, Ho, Wo = dy.shape
+    kw = dict(dtype=dy.dtype, device=dy.device, memory_format=fmt)
+    return torch.empty((N, C_in, H, W), **kw), torch.empty((N, R, Ho, Wo), **kw)
+
+
+@torch.library.custom_op("palora::lora_conv2d_dgrad", mutates_args=())
+def lora_conv2d_dgrad(dy: Tensor, weight: Tensor, down: Tensor, up: Tensor, pref: Tensor, x_hw: List[int],
+                      stride: List[int], padding: List[int], dilation: List[int], scale: float,
+                      backend: str) -> Tuple[Tensor, Tensor]:
+    """(dX, dG) of lora_conv2d: dG = B_cat^T dY per pixel (N, R, Ho, Wo), unscaled;
+    dX = conv_transpose([dY | dG * S_n], [W; A_cat]) (N, C_in, H, W). Both dense in dy's memory format."""
+    check_lora_conv2d_dgrad(dy, weight, down, up, pref, x_hw, stride, padding, dilation)
+    dx, dg = dispatch.kernel(backend, "lora_conv2d_dgrad")(dy, weight, down, up, pref, x_hw, stride, padding,
+                                                           dilation, scale)
+    _check_layout("lora_conv2d_dgrad", backend, (dx, dg),
+                  lora_conv2d_dgrad_layout(dy.to("meta"), weight.shape[1], down.shape[0], *x_hw))
+    return dx, dg
+
+
+@lora_conv2d_dgrad.register_fake
+def _(dy, weight, down, up, pref, x_hw, stride, padding, dilation, scale, backend):
+    check_lora_conv2d_dgrad(dy, weight, down, up, pref, x_hw, stride, padding, dilation)
+    return lora_conv2d_dgrad_layout(dy, weight.shape[1], down.shape[0], *x_hw)
 
 
 def _check_layout(op: str, backend: str, got, like) -> None:

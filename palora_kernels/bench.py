@@ -8,7 +8,7 @@ imports the same setup factory, :func:`make_step`.
 Providers
     base     the plain layer (F.linear / F.conv2d), no adapters
     unfused  the loop over adapters (palora_kernels.reference): what PaLoRA's code and PEFT run
-    fused    the dispatched path: backend = palora_kernels.select_backend(device) ("torch" on CPU)
+    fused    the dispatched path: automatic backend choice, select_backend(device, op, dtype) ("torch" on CPU)
     merged   per-batch preference only: W_eff = W + s B_cat diag(p) A_cat, then one plain
              GEMM/conv. The merge runs inside every step (it is part of the graph, so fwd+bwd
              trains W, A, B through it); it costs out*in*R flops, 0.3% of the linear case.
@@ -159,7 +159,7 @@ def make_inputs(case: Case, pref: str, dtype=torch.float32, device="cpu", seed: 
     return tensors, 2.0 / r          # scale = lora_alpha / r with lora_alpha = 2
 
 
-def _layer_fn(case: Case, provider: str, backend: str, scale: float) -> Callable:
+def _layer_fn(case: Case, provider: str, backend: Optional[str], scale: float) -> Callable:
     """fn(x, weight, bias, lora_A, lora_B, preference) -> y for one provider."""
     from . import functional as PF
 
@@ -193,9 +193,13 @@ def make_step(case: Case, provider: str, mode: str, pref: str, dtype=torch.float
     if not applicable(provider, pref):
         raise ValueError("provider: 'merged' needs a per-batch preference (pref='batch')")
     tensors, scale = make_inputs(case, pref, dtype, device, seed)
+    op = "lora_mm" if case.op == "linear" else (
+        "loralib_conv2d" if case.parameterization == "loralib" else "lora_conv2d")
+    # fused: automatic choice per op (backend=None); the label says what it chose
+    run_backend = "reference" if provider == "unfused" else None
     backend = {"base": "none", "merged": "none", "unfused": "reference"}.get(
-        provider) or select_backend(torch.device(device))
-    fn = _layer_fn(case, provider, backend, scale)
+        provider) or select_backend(torch.device(device), op, dtype)
+    fn = _layer_fn(case, provider, run_backend, scale)
     args = [tensors[k] for k in ("x", "weight", "bias", "lora_A", "lora_B", "preference")]
     grad_out = tensors["grad_out"]
     if mode == "fwd":

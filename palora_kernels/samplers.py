@@ -1,6 +1,16 @@
-"""Preference samplers (DESIGN.md section 3) and evaluation ray grids.
+"""Preference samplers (docs/design.md section 3) and evaluation ray grids.
 
-All return float tensors of shape (M, T) whose rows lie on the simplex.
+All samplers return float tensors of shape (M, T) whose rows lie on the simplex. The three
+training schedules follow the PaLoRA reference code's behaviour (github.com/nik-dim/palora):
+
+* :class:`AnnealedRaySampler` - deterministic. Fixed points p_m, rays p_m^(mul*t) normalised,
+  t = (step+1)/total_steps clamped to 1. 2 tasks: p_m = linspace(eps, 1-eps, M) with its
+  mirror. 3+ tasks: ALL points of the smallest triangular grid with at least M points (the
+  reference rounds M up the same way: M=5 gives the 6-point grid), pulled inside by eps.
+* :class:`AnnealedDirichletSampler` - random, Dirichlet(alpha(t) * 1) with the reference's
+  alpha(t) = p (1 - t) + 0.001: uniform on the simplex at the start (p=1), near the corners at
+  the end.
+* :class:`DirichletSampler` - random, fixed alpha (1: uniform on the simplex).
 """
 from __future__ import annotations
 
@@ -11,11 +21,21 @@ from typing import Optional
 import torch
 
 
+def _check_int(name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name}: expected an int >= {minimum}, got {value!r}")
+
+
+def _check_positive(name: str, value) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name}: expected a finite number > 0, got {value!r}")
+
+
 def simplex_grid(num_tasks: int, divisions: int, dtype=torch.float32) -> torch.Tensor:
     """Every point k/divisions on the (T-1)-simplex, k integer: C(divisions+T-1, T-1) rows.
     Ordered so that for T=2 the rows go from (0, 1) to (1, 0)."""
-    if num_tasks < 1 or divisions < 0:
-        raise ValueError(f"simplex_grid: expected num_tasks >= 1 and divisions >= 0, got {num_tasks}, {divisions}")
+    _check_int("num_tasks", num_tasks, 1)
+    _check_int("divisions", divisions, 0)
     pts = [c for c in itertools.product(range(divisions + 1), repeat=num_tasks - 1) if sum(c) <= divisions]
     rows = [list(c) + [divisions - sum(c)] for c in pts]
     return torch.tensor(rows, dtype=torch.float64).div_(max(divisions, 1)).to(dtype)
@@ -24,41 +44,59 @@ def simplex_grid(num_tasks: int, divisions: int, dtype=torch.float32) -> torch.T
 def ray_grid(num_tasks: int, num_rays: int = 11, dtype=torch.float32) -> torch.Tensor:
     """Rays to evaluate a front. 2 tasks: ``num_rays`` rays from (0, 1) to (1, 0).
     3+ tasks: the triangular grid with ``num_rays - 1`` divisions per edge (corners included)."""
-    if num_rays < 2:
-        raise ValueError(f"num_rays: expected >= 2, got {num_rays}")
+    _check_int("num_tasks", num_tasks, 2)
+    _check_int("num_rays", num_rays, 2)
     if num_tasks == 2:
         a = torch.linspace(0, 1, num_rays, dtype=torch.float64)
         return torch.stack([a, 1 - a], dim=1).to(dtype)
     return simplex_grid(num_tasks, num_rays - 1, dtype)
 
 
-def base_points(num_tasks: int, num_rays: int, eps: float = 0.01) -> torch.Tensor:
-    """The M fixed points of the annealing schedule, strictly inside the simplex.
-    2 tasks: linspace(eps, 1-eps, M). 3+ tasks: M points spread evenly over the smallest
-    triangular grid with at least M points, pulled inside by eps."""
-    if num_tasks == 1:
-        return torch.ones(num_rays, 1, dtype=torch.float64)
-    if num_tasks == 2:
-        a = torch.linspace(eps, 1 - eps, num_rays, dtype=torch.float64)
-        return torch.stack([a, 1 - a], dim=1)
+def grid_divisions(num_tasks: int, num_rays: int) -> int:
+    """Divisions n of the smallest triangular grid with at least ``num_rays`` points."""
     n = 1
     while math.comb(n + num_tasks - 1, num_tasks - 1) < num_rays:
         n += 1
-    grid = simplex_grid(num_tasks, n, torch.float64)
-    idx = torch.linspace(0, grid.shape[0] - 1, num_rays, dtype=torch.float64).round().long()
-    return eps + (1 - num_tasks * eps) * grid[idx]
+    return n
+
+
+def base_points(num_tasks: int, num_rays: int, eps: float = 0.01) -> torch.Tensor:
+    """The fixed points of the annealing schedule, strictly inside the simplex when eps > 0.
+    2 tasks: linspace(eps, 1-eps, M) and its mirror (M rows). 3+ tasks: every point of the
+    smallest triangular grid with at least M points (C(n+T-1, T-1) >= M rows, the reference's
+    count), mapped to eps + (1 - T eps) * grid."""
+    _check_int("num_tasks", num_tasks, 2)
+    _check_int("num_rays", num_rays, 2)
+    if not (isinstance(eps, (int, float)) and 0 <= eps < 1 / num_tasks):
+        raise ValueError(f"eps: expected 0 <= eps < 1/num_tasks = {1 / num_tasks:g}, got {eps!r}")
+    if num_tasks == 2:
+        a = torch.linspace(eps, 1 - eps, num_rays, dtype=torch.float64)
+        return torch.stack([a, 1 - a], dim=1)
+    grid = simplex_grid(num_tasks, grid_divisions(num_tasks, num_rays), torch.float64)
+    return eps + (1 - num_tasks * eps) * grid
 
 
 class AnnealedRaySampler:
     """The PaLoRA paper's deterministic schedule: progress t = min(1, (step+1)/total_steps),
-    rays lambda_m = p_m^(mul*t) / sum_k p_{m,k}^(mul*t). Uniform rays at t=0, corners at t=1."""
+    rays lambda_m = p_m^(mul*t) / sum_k p_{m,k}^(mul*t). Near-uniform rays at t->0; at t=1 the
+    outer points are pushed to the corners (p^5 of 0.99 vs 0.01 is 1 - 1e-10).
+
+    ``num_rays`` is the requested M; for 3+ tasks the sampler returns ``self.num_rays`` rays,
+    the full grid (>= M). One ray per step (M=1) is refused: a deterministic single ray would
+    train a single trade-off (the reference asserts M > 1 too); use
+    :class:`AnnealedDirichletSampler` to draw one random ray per step."""
 
     def __init__(self, num_tasks: int, num_rays: int, total_steps: int, mul: float = 5.0, eps: float = 0.01):
-        if total_steps < 1 or num_rays < 1:
-            raise ValueError(f"AnnealedRaySampler: expected total_steps >= 1 and num_rays >= 1, "
-                             f"got {total_steps}, {num_rays}")
-        self.num_tasks, self.num_rays, self.total_steps, self.mul = num_tasks, num_rays, total_steps, mul
+        _check_int("num_tasks", num_tasks, 2)
+        if isinstance(num_rays, int) and not isinstance(num_rays, bool) and num_rays == 1:
+            raise ValueError("num_rays: expected >= 2 for the deterministic schedule (one fixed ray trains one "
+                             "trade-off only; for one ray per step use AnnealedDirichletSampler), got 1")
+        _check_int("num_rays", num_rays, 2)
+        _check_int("total_steps", total_steps, 1)
+        _check_positive("mul", mul)
+        self.num_tasks, self.total_steps, self.mul, self.eps = num_tasks, total_steps, float(mul), eps
         self.points = base_points(num_tasks, num_rays, eps)
+        self.num_rays = self.points.shape[0]
 
     def progress(self, step: int) -> float:
         return min(1.0, (step + 1) / self.total_steps)
@@ -68,24 +106,71 @@ class AnnealedRaySampler:
         return (powered / powered.sum(dim=1, keepdim=True)).to(dtype=dtype, device=device)
 
 
-class AnnealedDirichletSampler:
-    """Random rays from Dirichlet(alpha(t) * 1): alpha anneals geometrically from ``alpha_start``
-    (rays concentrated near uniform) to ``alpha_end`` (spread over the simplex; < 1 favours corners)."""
+def _dirichlet(alpha: float, shape, generator) -> torch.Tensor:
+    # Dirichlet as normalised Gamma draws, in log space: for alpha << 1 (the annealed schedule ends
+    # at 0.001) Gamma(alpha) draws underflow, so use Gamma(a) = Gamma(a+1) * U^(1/a) (Marsaglia &
+    # Tsang) and normalise with a softmax of the log-draws. A seeded generator is honoured.
+    a = torch.full(shape, alpha + 1.0, dtype=torch.float64)
+    g = torch._standard_gamma(a, generator=generator) if generator is not None else torch._standard_gamma(a)
+    u = torch.rand(shape, dtype=torch.float64, generator=generator).clamp_min(torch.finfo(torch.float64).tiny)
+    return torch.softmax(g.log() + u.log() / alpha, dim=1)
 
-    def __init__(self, num_tasks: int, num_rays: int, total_steps: int, alpha_start: float = 20.0,
-                 alpha_end: float = 1.0, seed: Optional[int] = 0):
-        if alpha_start <= 0 or alpha_end <= 0:
-            raise ValueError(f"alpha_start, alpha_end: expected > 0, got {alpha_start}, {alpha_end}")
+
+class AnnealedDirichletSampler:
+    """Random rays from Dirichlet(alpha(t) * 1), the reference's annealed Dirichlet:
+    alpha(t) = p (1 - t) + floor, t = min(1, (step+1)/total_steps). With p = 1 the rays start
+    uniform on the simplex and end near its corners (alpha = 0.001). ``num_rays`` = 1 draws one
+    ray per step."""
+
+    def __init__(self, num_tasks: int, num_rays: int, total_steps: int, p: float = 1.0, floor: float = 0.001,
+                 seed: Optional[int] = 0):
+        _check_int("num_tasks", num_tasks, 2)
+        _check_int("num_rays", num_rays, 1)
+        _check_int("total_steps", total_steps, 1)
+        if not isinstance(p, (int, float)) or isinstance(p, bool) or not math.isfinite(p) or p < 0:
+            raise ValueError(f"p: expected a finite number >= 0, got {p!r}")
+        _check_positive("floor", floor)
         self.num_tasks, self.num_rays, self.total_steps = num_tasks, num_rays, total_steps
-        self.alpha_start, self.alpha_end = alpha_start, alpha_end
+        self.p, self.floor = float(p), float(floor)
         self.generator = torch.Generator().manual_seed(seed) if seed is not None else None
 
+    def progress(self, step: int) -> float:
+        return min(1.0, (step + 1) / self.total_steps)
+
     def alpha(self, step: int) -> float:
-        t = min(1.0, (step + 1) / self.total_steps)
-        return self.alpha_start * (self.alpha_end / self.alpha_start) ** t
+        return self.p * (1 - self.progress(step)) + self.floor
 
     def __call__(self, step: int, dtype=torch.float32, device=None) -> torch.Tensor:
-        # Dirichlet via normalised Gamma draws so the seeded generator is honoured
-        a = torch.full((self.num_rays, self.num_tasks), self.alpha(step), dtype=torch.float64)
-        g = torch._standard_gamma(a, generator=self.generator) if self.generator is not None else torch._standard_gamma(a)
-        return (g / g.sum(dim=1, keepdim=True)).to(dtype=dtype, device=device)
+        rays = _dirichlet(self.alpha(step), (self.num_rays, self.num_tasks), self.generator)
+        return rays.to(dtype=dtype, device=device)
+
+
+class DirichletSampler:
+    """Random rays from a fixed Dirichlet(alpha * 1); alpha = 1 is uniform on the simplex (the
+    reference's ``DirichletSampler``, no annealing)."""
+
+    def __init__(self, num_tasks: int, num_rays: int, alpha: float = 1.0, seed: Optional[int] = 0):
+        _check_int("num_tasks", num_tasks, 2)
+        _check_int("num_rays", num_rays, 1)
+        _check_positive("alpha", alpha)
+        self.num_tasks, self.num_rays, self.alpha_value = num_tasks, num_rays, float(alpha)
+        self.generator = torch.Generator().manual_seed(seed) if seed is not None else None
+
+    def __call__(self, step: int, dtype=torch.float32, device=None) -> torch.Tensor:
+        return _dirichlet(self.alpha_value, (self.num_rays, self.num_tasks), self.generator).to(dtype=dtype,
+                                                                                                  device=device)
+
+
+SAMPLERS = ("annealed", "dirichlet", "random")
+
+
+def make_sampler(kind: str, num_tasks: int, num_rays: int, total_steps: int, seed: Optional[int] = 0, **kw):
+    """``kind``: 'annealed' (AnnealedRaySampler), 'dirichlet' (AnnealedDirichletSampler) or
+    'random' (DirichletSampler, alpha 1)."""
+    if kind == "annealed":
+        return AnnealedRaySampler(num_tasks, num_rays, total_steps, **kw)
+    if kind == "dirichlet":
+        return AnnealedDirichletSampler(num_tasks, num_rays, total_steps, seed=seed, **kw)
+    if kind == "random":
+        return DirichletSampler(num_tasks, num_rays, seed=seed, **kw)
+    raise ValueError(f"kind: expected one of {SAMPLERS}, got {kind!r}")

@@ -1,23 +1,31 @@
 """Train PaLoRA on MultiDigits: one network for every trade-off between the tasks.
 
-    PYTHONPATH=. python python/train_multidigits.py --out docs              # the default run
-    torchrun --nproc_per_node=2 python/train_multidigits.py --out runs/ddp  # DDP (gloo on CPU)
+    PYTHONPATH=. python python/train_multidigits.py --out docs/multidigits      # the default run
+    PYTHONPATH=. python python/train_multidigits.py --preset reference --out runs/ref
+    torchrun --nproc_per_node=2 python/train_multidigits.py --seeds 1 --out runs/ddp  # DDP (gloo on CPU)
 
-A MultiLeNet turned into PaLoRA with palora_kernels.convert is trained with the paper's
-annealing sampler (M rays per step, linear scalarisation, Adam), the M rays of a step in
-ONE ray-stacked forward/backward (``--passes loop`` runs the reference's M passes). Then:
-the ray grid is swept on val/test (per-task accuracy and loss per ray), the hypervolume of
-the front is computed, the baselines (one single-task net per task and the plain
-equal-weight multi-task net, same epochs) are trained and evaluated, training throughput
-and memory of the fused and the reference (unfused) layers are measured side by side, and
-everything is written to ``<out>/multidigits.json`` and ``<out>/multidigits_front.png``.
+For each of ``--seeds`` seeds: a MultiLeNet turned into PaLoRA with palora_kernels.convert is
+trained with a preference sampler (``--sampler``: the paper's annealing schedule by default, M
+rays per step, linear scalarisation, optionally loss- or gradient-balanced), the M rays of a
+step in ONE ray-stacked forward/backward (``--passes loop`` runs the reference's M passes).
+The baselines get the same data and the same training budget (``--budget total``: as many
+image forward/backward passes as PaLoRA, see docs/training.md): a PaMaL-style weight ensemble
+(T full copies mixed by the preference), linear-scalarisation nets at each evaluation weight
+(the "MTL front"), the equal-weight net and one single-task net per task. Everything is
+evaluated on val/test at the evaluation rays, hypervolumes are computed (errors and losses,
+reference point 1), mean and sd over seeds and a paired comparison at the corner rays are
+reported, the fused and reference layers' throughput and memory are measured, and everything
+is written to ``<out>/multidigits.json`` and ``<out>/multidigits_front.png`` (with
+``--convergence``, also ``<out>/multidigits_convergence.png``).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
+import statistics
 import sys
 import time
 
@@ -27,25 +35,56 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))                  
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))      # repo root
 
 import palora_kernels  # noqa: E402
-from palora_kernels.samplers import AnnealedRaySampler, ray_grid  # noqa: E402
-from multidigits.data import make_multidigits, num_classes, source_indices  # noqa: E402
+from palora_kernels.samplers import SAMPLERS, make_sampler, ray_grid  # noqa: E402
+from multidigits.data import LAYOUTS, make_multidigits, num_classes, source_indices  # noqa: E402
 from multidigits.nets import MultiLeNet  # noqa: E402
 from multidigits.pareto import hypervolume  # noqa: E402
-from multidigits.training import (Dist, evaluate, loss_reference_point, palora_loss, train,  # noqa: E402
-                                  weighted_loss)
+from multidigits.training import (Dist, WeightEnsemble, ensemble_loss, evaluate, palora_loss,  # noqa: E402
+                                  steps_per_epoch, train, weighted_loss)
+
+# Presets: values of the flags left unset. "tuned" is this project's default; "reference" follows the
+# PaLoRA reference code's MultiMNIST config (loralib conv adapters, r=1, alpha=1, adapter lr x T,
+# Adam 1e-3, batch 256, M=5 annealed rays: the 3-task grid rounds 5 up to 6).
+PRESETS = {
+    "tuned": dict(epochs=4, batch_size=128, lr=2e-3, rank=2, lora_alpha=2.0, conv_layout="factorized",
+                  adapter_lr_mult=None, rays=5),
+    "reference": dict(epochs=4, batch_size=256, lr=1e-3, rank=1, lora_alpha=1.0, conv_layout="loralib",
+                      adapter_lr_mult=None, rays=5),
+}
+PRESET_ADAPTER_LR_X_T = {"tuned": True, "reference": True}
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=tuple(PRESETS), default="tuned",
+                   help="defaults for the flags below that are not given (docs/training.md)")
     p.add_argument("--tasks", type=int, choices=(2, 3), default=2,
                    help="2: left and right digit; 3: adds the parity of their sum")
-    p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--batch-size", type=int, default=128, help="global batch (split over DDP ranks)")
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--rank", type=int, default=2, help="LoRA rank per task")
-    p.add_argument("--lora-alpha", type=float, default=2.0, help="adapter scale = lora_alpha / rank")
-    p.add_argument("--rays", type=int, default=5, help="M rays per training step")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data", choices=tuple(LAYOUTS), default="hard",
+                   help="hard: 12x12 canvas, heavy overlap (default); easy: the original 14x14 layout")
+    p.add_argument("--epochs", type=int, default=None, help="PaLoRA epochs (both presets: 4, sized for the shared 2-core machine)")
+    p.add_argument("--batch-size", type=int, default=None, help="global batch (split over DDP ranks)")
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--adapter-lr-mult", type=float, default=None,
+                   help="adapters' lr = lr x this (both presets: T, the reference's reweight_lr)")
+    p.add_argument("--rank", type=int, default=None, help="LoRA rank per task")
+    p.add_argument("--lora-alpha", type=float, default=None, help="adapter scale = lora_alpha / rank")
+    p.add_argument("--conv-layout", choices=("factorized", "loralib"), default=None,
+                   help="conv adapter parameterization (reference: loralib)")
+    p.add_argument("--rays", type=int, default=None, help="M rays per training step")
+    p.add_argument("--sampler", choices=SAMPLERS, default="annealed",
+                   help="annealed: the paper's deterministic schedule; dirichlet: annealed Dirichlet "
+                        "alpha = 1 - t + 0.001; random: Dirichlet(1), uniform on the simplex")
+    p.add_argument("--balance", choices=("none", "lb", "gb"), default="none",
+                   help="PaLoRA's loss (lb) or gradient (gb, one pass per ray) balancing")
+    p.add_argument("--seeds", type=int, default=3, help="run everything this many times (seeds seed..seed+N-1)")
+    p.add_argument("--seed", type=int, default=0, help="first seed")
+    p.add_argument("--budget", choices=("total", "per-net"), default="total",
+                   help="total: every baseline method gets PaLoRA's number of image passes in all; "
+                        "per-net: every baseline net gets PaLoRA's number of steps")
+    p.add_argument("--ls-rays", type=int, default=None,
+                   help="linear-scalarisation nets per edge of the weight grid (default: --eval-rays for "
+                        "2 tasks, 4 (10 nets) for 3)")
     p.add_argument("--out", default="runs/multidigits", help="directory for the JSON and the PNG")
     p.add_argument("--backend", default=None, help="palora backend of the fused layers (default: automatic)")
     p.add_argument("--impl", choices=("fused", "unfused"), default="fused",
@@ -60,18 +99,33 @@ def parse_args(argv=None):
     p.add_argument("--no-baselines", action="store_true")
     p.add_argument("--no-eval", action="store_true")
     p.add_argument("--no-bench", action="store_true", help="skip the fused vs unfused measurement")
+    p.add_argument("--convergence", action="store_true",
+                   help="also train PaLoRA with --sampler random (first seed) and plot hypervolume per epoch")
     p.add_argument("--bench-steps", type=int, default=3)
     p.add_argument("--bench-rounds", type=int, default=5)
     p.add_argument("--max-steps", type=int, default=None, help="stop PaLoRA training after this many steps")
-    p.add_argument("--save-weights", default=None, help="write the trained PaLoRA state_dict here")
+    p.add_argument("--save-weights", default=None, help="write the trained PaLoRA state_dict (first seed) here")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads per process (1: 2 threads under load from other processes "
                         "ran up to 20x slower here, OpenMP spin-waits)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
+    for k, v in PRESETS[args.preset].items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    if args.adapter_lr_mult is None:
+        args.adapter_lr_mult = float(args.tasks) if PRESET_ADAPTER_LR_X_T[args.preset] else 1.0
     if args.impl == "unfused" and args.backend not in (None, "reference"):
         p.error(f"--impl unfused runs backend 'reference'; got --backend {args.backend}")
+    for name in ("epochs", "batch_size", "rays", "seeds", "rank", "eval_rays"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')}: expected >= 1, got {getattr(args, name)}")
+    if args.sampler == "annealed" and args.rays < 2:
+        p.error(f"--rays: expected >= 2 with --sampler annealed (use dirichlet or random for one ray per "
+                f"step), got {args.rays}")
+    if args.ls_rays is None:
+        args.ls_rays = args.eval_rays if args.tasks == 2 else 4
     return args
 
 
@@ -110,6 +164,210 @@ def corner_index(rays: torch.Tensor, t: int) -> int:
     return hit[0]
 
 
+def _hv(points, T):
+    """Both hypervolume forms of a set of per-task (errors, losses) points, reference point 1."""
+    errs = [[1 - a for a in p["accuracy"]] for p in points]
+    losses = [p["loss"] for p in points]
+    return {"errors": hypervolume(errs, [1.0] * T)[0], "losses": hypervolume(losses, [1.0] * T)[0]}
+
+
+def _front_hv(entries, T, split="test") -> dict:
+    """Front HV and the best single point's HV of a list of {split: metrics} entries."""
+    pts = [e[split] for e in entries]
+    front = _hv(pts, T)
+    singles = [_hv([p], T) for p in pts]
+    return {"front": front, "best_single": {k: max(s[k] for s in singles) for k in ("errors", "losses")}}
+
+
+def _sweep(model, data, rays, dev, backend=None, splits=("val", "test")):
+    out = []
+    with palora_kernels.use_backend(backend):
+        for ray in rays:
+            out.append({"ray": ray.tolist(),
+                        **{s: evaluate(model, data[s].images, data[s].labels, ray, device=dev) for s in splits}})
+    return out
+
+
+def _train_palora(args, seed, data, dist, sampler_kind, backend, common, steps, per_epoch_hv):
+    T, classes = args.tasks, num_classes(args.tasks)
+    torch.manual_seed(seed)
+    net = MultiLeNet(classes, batchnorm=args.batchnorm, image_size=data["train"].images.shape[-1])
+    palora_kernels.convert(net, num_tasks=T, rank=args.rank, lora_alpha=args.lora_alpha,
+                           parameterization=args.conv_layout)
+    net = wrap(net.to(dist.device), dist)
+    sampler = make_sampler(sampler_kind, T, args.rays, steps, seed=seed)
+    curve = []
+    eval_rays = ray_grid(T, args.eval_rays)
+
+    def on_epoch_end(epoch, step):
+        if per_epoch_hv and dist.main:
+            sw = _sweep(unwrap(net), data, eval_rays, dist.device, backend)
+            curve.append({"epoch": epoch + 1, "step": step,
+                          **{s: _hv([r[s] for r in sw], T) for s in ("val", "test")}})
+    tr = data["train"]
+    res = train(net, tr.images, tr.labels,
+                palora_loss(sampler, stacked=args.passes == "stacked", balance=args.balance, num_tasks=T),
+                max_steps=steps, backend=backend, adapter_lr_mult=args.adapter_lr_mult,
+                on_epoch_end=on_epoch_end,
+                desc=f"seed {seed} PaLoRA {sampler_kind} M={sampler.num_rays}", **common)
+    return unwrap(net), sampler, res, curve
+
+
+def run_seed(args, seed, data, dist, backend, progress) -> dict:
+    T, classes = args.tasks, num_classes(args.tasks)
+    tr = data["train"]
+    side = tr.images.shape[-1]
+    dev = dist.device
+    common = dict(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=seed, dist=dist,
+                  progress=progress)
+    steps = args.epochs * steps_per_epoch(len(tr), args.batch_size)
+    if args.max_steps is not None:
+        steps = min(steps, args.max_steps)
+    out = {"seed": seed}
+    # hypervolume per epoch (11 rays on val and test after every epoch) only for the convergence plot
+    model, sampler, res, curve = _train_palora(args, seed, data, dist, args.sampler, backend, common, steps,
+                                               per_epoch_hv=args.convergence and seed == args.seed
+                                               and not args.no_eval)
+    M = sampler.num_rays
+    passes = steps * args.batch_size * M          # image forward/backward passes: the training budget
+    out["palora"] = {"train": {"steps": res.steps, "rays_per_step": M, "image_passes": passes,
+                               "seconds": res.seconds, "images_per_s": res.images_per_s,
+                               "last_loss": res.last_loss, "history": res.history},
+                     "hv_per_epoch": curve}
+    out["_model"], out["_sampler"], out["_steps"] = model, sampler, steps
+
+    eval_rays = ray_grid(T, args.eval_rays)
+    if not args.no_eval and dist.main:
+        out["palora"]["rays"] = _sweep(model, data, eval_rays, dev, backend)
+
+    if not args.no_baselines:
+        def net_steps(n_nets, passes_per_step=1):
+            if args.budget == "per-net":
+                return steps
+            return max(1, round(passes / (n_nets * args.batch_size * passes_per_step)))
+
+        def plain(heads, s):
+            torch.manual_seed(s)
+            return MultiLeNet(heads, batchnorm=args.batchnorm, image_size=side)
+
+        base = {}
+        # PaMaL-style weight ensemble: same sampler, same steps, M rays per step -> same passes
+        torch.manual_seed(seed + 1)
+        ens = WeightEnsemble(lambda: MultiLeNet(classes, batchnorm=args.batchnorm, image_size=side), T).to(dev)
+        r = train(ens, tr.images, tr.labels, ensemble_loss(make_sampler(args.sampler, T, args.rays, steps, seed=seed)),
+                  max_steps=steps, desc=f"seed {seed} PaMaL ensemble", **common)
+        base["pamal"] = {"steps": r.steps, "seconds": r.seconds}
+        if dist.main and not args.no_eval:
+            base["pamal"]["rays"] = _sweep(ens, data, eval_rays, dev)
+        # linear scalarisation: one net per weight of the grid
+        ls_w = ray_grid(T, args.ls_rays)
+        n_ls = net_steps(len(ls_w))
+        base["ls_front"] = {"steps_per_net": n_ls, "nets": []}
+        for i, w in enumerate(ls_w):
+            net = wrap(plain(classes, seed * 1000 + 10 + i).to(dev), dist)
+            r = train(net, tr.images, tr.labels, weighted_loss(w), max_steps=n_ls,
+                      desc=f"seed {seed} LS {i + 1}/{len(ls_w)}", **common)
+            e = {"ray": w.tolist(), "seconds": r.seconds}
+            if dist.main and not args.no_eval:
+                e.update({s: evaluate(unwrap(net), data[s].images, data[s].labels, device=dev) for s in ("val", "test")})
+            base["ls_front"]["nets"].append(e)
+        # equal weight: one net, the whole budget
+        n_ew = net_steps(1)
+        net = wrap(plain(classes, seed * 1000 + 1).to(dev), dist)
+        r = train(net, tr.images, tr.labels, weighted_loss(torch.full((T,), 1.0 / T)), max_steps=n_ew,
+                  desc=f"seed {seed} equal-weight", **common)
+        base["equal_weight"] = {"steps": n_ew, "seconds": r.seconds}
+        if dist.main and not args.no_eval:
+            base["equal_weight"].update({s: evaluate(unwrap(net), data[s].images, data[s].labels, device=dev)
+                                         for s in ("val", "test")})
+        # single task: T nets sharing the budget
+        n_st = net_steps(T)
+        base["single_task"] = []
+        for t in range(T):
+            net = wrap(plain([classes[t]], seed * 1000 + 2 + t).to(dev), dist)
+            r = train(net, tr.images, tr.labels, weighted_loss(torch.ones(1), tasks=[t]), max_steps=n_st,
+                      desc=f"seed {seed} single-task {t + 1}", **common)
+            e = {"task": t, "steps": n_st, "seconds": r.seconds}
+            if dist.main and not args.no_eval:
+                e.update({s: evaluate(unwrap(net), data[s].images, data[s].labels[:, [t]], device=dev)
+                          for s in ("val", "test")})
+            base["single_task"].append(e)
+        out["baselines"] = base
+
+    if not args.no_eval and dist.main:
+        out["hypervolume"] = _seed_hv(out, T)
+    return out
+
+
+def _seed_hv(out: dict, T: int) -> dict:
+    hv = {"palora": _front_hv(out["palora"]["rays"], T)}
+    b = out.get("baselines")
+    if b:
+        hv["pamal"] = _front_hv(b["pamal"]["rays"], T)
+        hv["ls_front"] = _front_hv(b["ls_front"]["nets"], T)
+        hv["equal_weight"] = _hv([b["equal_weight"]["test"]], T)
+        st = b["single_task"]
+        ideal = {"accuracy": [s["test"]["accuracy"][0] for s in st], "loss": [s["test"]["loss"][0] for s in st]}
+        hv["single_task_ideal_point"] = _hv([ideal], T)
+    return hv
+
+
+def _ms(xs) -> dict:
+    xs = [float(x) for x in xs]
+    return {"mean": statistics.fmean(xs), "sd": statistics.stdev(xs) if len(xs) > 1 else 0.0, "values": xs}
+
+
+def summarise(seeds: list, T: int) -> dict:
+    """Mean and sd over seeds; paired comparison at the corner rays; the acceptance checks."""
+    if not seeds or "hypervolume" not in seeds[0]:
+        return {}
+    summ = {"hypervolume": {}}
+    for method in seeds[0]["hypervolume"]:
+        h0 = seeds[0]["hypervolume"][method]
+        if "front" in h0:
+            summ["hypervolume"][method] = {part: {k: _ms([s["hypervolume"][method][part][k] for s in seeds])
+                                                  for k in ("errors", "losses")} for part in ("front", "best_single")}
+        else:
+            summ["hypervolume"][method] = {k: _ms([s["hypervolume"][method][k] for s in seeds])
+                                           for k in ("errors", "losses")}
+    rays = seeds[0]["palora"]["rays"]
+    mean_front = [{"ray": r["ray"], "test_accuracy": [statistics.fmean(s["palora"]["rays"][i]["test"]["accuracy"][t]
+                                                                       for s in seeds) for t in range(T)]}
+                  for i, r in enumerate(rays)]
+    summ["palora_mean_front"] = mean_front
+    # monotone in the preference: along the ray grid's edge from task b's corner to task a's corner
+    # (2 tasks: the 11 rays in order), task a's mean accuracy must not fall and task b's must not rise
+    viol = []
+    if T == 2:
+        acc = [r["test_accuracy"] for r in mean_front]           # ray weight of task 1 rises along the list
+        for i in range(1, len(acc)):
+            viol += [max(0.0, acc[i - 1][0] - acc[i][0]), max(0.0, acc[i][1] - acc[i - 1][1])]
+        summ["monotone"] = {"max_violation": max(viol), "violations": sum(v > 0 for v in viol),
+                            "checked_pairs": len(viol)}
+    corners = []
+    if "baselines" in seeds[0]:
+        grid = torch.tensor([r["ray"] for r in rays])
+        for t in range(T):
+            ci = corner_index(grid, t)
+            pal = [s["palora"]["rays"][ci]["test"]["accuracy"][t] for s in seeds]
+            st = [s["baselines"]["single_task"][t]["test"]["accuracy"][0] for s in seeds]
+            pam = [s["baselines"]["pamal"]["rays"][ci]["test"]["accuracy"][t] for s in seeds]
+            diff = [a - b for a, b in zip(pal, st)]
+            d = _ms(diff)
+            tstat = d["mean"] / (d["sd"] / math.sqrt(len(diff))) if len(diff) > 1 and d["sd"] > 0 else None
+            corners.append({"task": t, "palora": _ms(pal), "single_task": _ms(st), "pamal": _ms(pam),
+                            "paired_diff_palora_minus_single": d, "paired_t": tstat,
+                            "within_1sd_or_better": d["mean"] >= -_ms(st)["sd"]})
+        summ["corners"] = corners
+        pf = [s["hypervolume"]["palora"]["front"]["errors"] for s in seeds]
+        lf = [s["hypervolume"]["ls_front"]["front"]["errors"] for s in seeds]
+        summ["front_vs_ls_front_errors"] = _ms([a - b for a, b in zip(pf, lf)])
+        pl = [s["hypervolume"]["palora"]["front"]["losses"] for s in seeds]
+        ll = [s["hypervolume"]["ls_front"]["front"]["losses"] for s in seeds]
+        summ["front_vs_ls_front_losses"] = _ms([a - b for a, b in zip(pl, ll)])
+    return summ
+
+
 def main(argv=None) -> dict:
     t_start = time.perf_counter()
     args = parse_args(argv)
@@ -119,169 +377,135 @@ def main(argv=None) -> dict:
     backend = "reference" if args.impl == "unfused" else args.backend
     progress = not args.no_progress
 
-    data = {s: make_multidigits(s, getattr(args, f"{s}_size"), T, seed=args.seed) for s in ("train", "val", "test")}
+    # the data is fixed (seed 0) so that seeds vary only the initialisation, the batch order and the
+    # random rays: the paired comparison is then about training randomness alone
+    data = {s: make_multidigits(s, getattr(args, f"{s}_size"), T, seed=0, layout=args.data)
+            for s in ("train", "val", "test")}
     tr = data["train"]
-    log(dist, f"MultiDigits: train {len(tr)}, val {len(data['val'])}, test {len(data['test'])} images "
-              f"({T} tasks); world {dist.world}, device {dist.device}, threads {args.threads}")
-    common = dict(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, dist=dist,
-                  progress=progress)
-    steps_total = args.epochs * (len(tr) // args.batch_size)
-    if args.max_steps is not None:
-        steps_total = min(steps_total, args.max_steps)
-
-    # -- PaLoRA ------------------------------------------------------------------------------
-    torch.manual_seed(args.seed)
-    net = MultiLeNet(classes, batchnorm=args.batchnorm)
-    palora_kernels.convert(net, num_tasks=T, rank=args.rank, lora_alpha=args.lora_alpha)
-    net = wrap(net.to(dist.device), dist)
-    sampler = AnnealedRaySampler(T, args.rays, steps_total)
-    res = train(net, tr.images, tr.labels, palora_loss(sampler, stacked=args.passes == "stacked"),
-                max_steps=args.max_steps, backend=backend,
-                desc=f"PaLoRA {args.impl}/{args.passes} M={args.rays}", **common)
-    palora_model = unwrap(net)
-    if args.save_weights and dist.main:
-        torch.save({k: v.detach().cpu() for k, v in palora_model.state_dict().items()}, args.save_weights)
+    log(dist, f"MultiDigits ({args.data}): train {len(tr)}, val {len(data['val'])}, test {len(data['test'])} "
+              f"images ({T} tasks); preset {args.preset}; {args.seeds} seed(s); world {dist.world}, "
+              f"device {dist.device}, threads {args.threads}")
     result = {
         "config": {**vars(args), "world_size": dist.world, "device": str(dist.device),
                    "torch": torch.__version__, "python": platform.python_version(),
-                   "cpu_count": os.cpu_count(), "steps": res.steps, "classes": classes},
-        "data": {s: {"images": len(d), "sha256": d.digest(), "source_digits": int(len(source_indices(s)))}
-                 for s, d in data.items()},
-        "palora": {"train": {"steps": res.steps, "seconds": res.seconds, "images_per_s": res.images_per_s,
-                             "ray_rows_per_s": res.images_per_s * args.rays, "last_loss": res.last_loss,
-                             "history": res.history}},
-        "timing_s": {"palora_train": res.seconds},
+                   "cpu_count": os.cpu_count(), "classes": classes, "platform": platform.platform(),
+                   "cpu": _cpu_name()},
+        "data": {s: {"images": len(d), "sha256": d.digest(), "source_digits": int(len(source_indices(s))),
+                     "layout": args.data} for s, d in data.items()},
+        "seeds": [], "timing_s": {},
     }
-
-    # -- baselines (same epochs, batch, optimizer) -------------------------------------------
-    baselines = {"single_task": [], "equal_weight": None}
-    if not args.no_baselines:
+    models = []
+    for k in range(args.seeds):
         t0 = time.perf_counter()
-        torch.manual_seed(args.seed + 1)
-        ew = wrap(MultiLeNet(classes, batchnorm=args.batchnorm).to(dist.device), dist)
-        r = train(ew, tr.images, tr.labels, weighted_loss(torch.full((T,), 1.0 / T)),
-                  desc="equal-weight MTL", **common)
-        baselines["equal_weight"] = {"model": unwrap(ew), "train_seconds": r.seconds}
-        for t in range(T):
-            torch.manual_seed(args.seed + 2 + t)
-            st = wrap(MultiLeNet([classes[t]], batchnorm=args.batchnorm).to(dist.device), dist)
-            r = train(st, tr.images, tr.labels, weighted_loss(torch.ones(1), tasks=[t]),
-                      desc=f"single-task {t + 1}", **common)
-            baselines["single_task"].append({"task": t, "model": unwrap(st), "train_seconds": r.seconds})
-        result["timing_s"]["baselines_train"] = time.perf_counter() - t0
-
+        r = run_seed(args, args.seed + k, data, dist, backend, progress)
+        models.append((r.pop("_model"), r.pop("_sampler"), r.pop("_steps")))
+        r["seconds"] = time.perf_counter() - t0
+        result["seeds"].append(r)
+        if k == 0 and args.save_weights and dist.main:
+            torch.save({n: v.detach().cpu() for n, v in models[0][0].state_dict().items()}, args.save_weights)
     if not dist.main:
         _finish(dist)
         return result
 
-    # -- evaluation ----------------------------------------------------------------------------
-    if not args.no_eval:
+    if args.convergence and not args.no_eval:
         t0 = time.perf_counter()
-        dev = dist.device
-        rays = ray_grid(T, args.eval_rays)
-        sweep = []
-        with palora_kernels.use_backend(backend):
-            for ray in rays:
-                entry = {"ray": ray.tolist()}
-                for s in ("val", "test"):
-                    entry[s] = evaluate(palora_model, data[s].images, data[s].labels, ray, device=dev)
-                sweep.append(entry)
-        result["palora"]["rays"] = sweep
-        corners = [sweep[corner_index(rays, t)]["test"]["accuracy"][t] for t in range(T)]
-        result["palora"]["corner_test_accuracy"] = corners
+        common = dict(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, dist=dist,
+                      progress=progress)
+        other = "random" if args.sampler != "random" else "annealed"
+        _, _, res, curve = _train_palora(args, args.seed, data, dist, other, backend, common, models[0][2], True)
+        result["convergence"] = {args.sampler: result["seeds"][0]["palora"]["hv_per_epoch"], other: curve}
+        result["timing_s"]["convergence"] = time.perf_counter() - t0
 
-        out_b = {"single_task": [], "equal_weight": None}
-        if baselines["equal_weight"] is not None:
-            m = baselines["equal_weight"]
-            out_b["equal_weight"] = {s: evaluate(m["model"], data[s].images, data[s].labels, device=dev)
-                                     for s in ("val", "test")}
-            out_b["equal_weight"]["train_seconds"] = m["train_seconds"]
-            for st in baselines["single_task"]:
-                t = st["task"]
-                e = {s: evaluate(st["model"], data[s].images, data[s].labels[:, [t]], device=dev)
-                     for s in ("val", "test")}
-                out_b["single_task"].append({"task": t, **e, "train_seconds": st["train_seconds"]})
-        result["baselines"] = out_b
-        result["hypervolume"] = _hypervolumes(result, classes)
-        result["timing_s"]["evaluation"] = time.perf_counter() - t0
+    if not args.no_eval:
+        result["summary"] = summarise(result["seeds"], T)
 
-    # -- fused vs unfused, same run ------------------------------------------------------------
     if not args.no_bench and dist.world == 1:
         from multidigits.bench import measure
         t0 = time.perf_counter()
+        model, sampler, steps = models[0]
         log(dist, f"measuring fused vs unfused: {args.bench_rounds} rounds x {args.bench_steps} steps each ...")
         g = torch.Generator().manual_seed(args.seed)
         idx = torch.randperm(len(tr), generator=g)[:args.batch_size]
         x, y = tr.images[idx].to(dist.device), tr.labels[idx].to(dist.device)
-        bench_rays = sampler(steps_total // 2, device=dist.device)     # mid-schedule rays
+        bench_rays = make_sampler("annealed", T, max(args.rays, 2), steps)(steps // 2, device=dist.device)
         result["throughput_memory"] = {
-            "batch_images": args.batch_size, "rays": args.rays, "ray_rows": args.batch_size * args.rays,
-            "threads": args.threads, "device": str(dist.device),
-            "configs": measure(palora_model, x, y, bench_rays, steps=args.bench_steps,
+            "batch_images": args.batch_size, "rays": bench_rays.shape[0],
+            "ray_rows": args.batch_size * bench_rays.shape[0], "threads": args.threads, "device": str(dist.device),
+            "configs": measure(model, x, y, bench_rays, steps=args.bench_steps,
                                rounds=args.bench_rounds, fused_backend=args.backend, threads=args.threads)}
         result["timing_s"]["bench"] = time.perf_counter() - t0
 
+    result["timing_s"]["seeds"] = [s["seconds"] for s in result["seeds"]]
     result["timing_s"]["total"] = time.perf_counter() - t_start
-    if "hypervolume" in result:
-        hv = result["hypervolume"]
-        result["acceptance"] = {
-            "corner_test_accuracy": result["palora"]["corner_test_accuracy"],
-            "corner_accuracy_at_least_0.9": all(a >= 0.9 for a in result["palora"]["corner_test_accuracy"]),
-            "hv_errors_above_equal_weight": hv["errors"]["palora"] > hv["errors"]["equal_weight"],
-            "hv_losses_above_equal_weight": hv["losses"]["palora"] > hv["losses"]["equal_weight"],
-            "total_minutes": result["timing_s"]["total"] / 60,
-        }
+    add_acceptance(result)
     os.makedirs(args.out, exist_ok=True)
-    json_path = os.path.join(args.out, "multidigits.json")
-    with open(json_path, "w") as f:
+    with open(os.path.join(args.out, "multidigits.json"), "w") as f:
         json.dump(result, f, indent=1)
-    if "rays" in result["palora"] and result["baselines"]["equal_weight"] is not None:
+    if result.get("summary") and "baselines" in result["seeds"][0]:
         from multidigits.plot import plot_front
         plot_front(result, os.path.join(args.out, "multidigits_front.png"))
+    if "convergence" in result:
+        from multidigits.plot import plot_convergence
+        plot_convergence(result, os.path.join(args.out, "multidigits_convergence.png"))
     _summary(result)
     _finish(dist)
     return result
 
 
-def _hypervolumes(result: dict, classes) -> dict:
-    T = len(classes)
-    rays = result["palora"]["rays"]
-    ew = result["baselines"]["equal_weight"]
-    out = {}
-    for kind, ref, metric in (("errors", [1.0] * T, lambda m: [1 - a for a in m["accuracy"]]),
-                              ("losses", loss_reference_point(classes), lambda m: m["loss"])):
-        pts = [metric(r["test"]) for r in rays]
-        hv, impl = hypervolume(pts, ref)
-        entry = {"ref": ref, "palora": hv, "implementation": impl,
-                 "palora_val": hypervolume([metric(r["val"]) for r in rays], ref)[0]}
-        if ew is not None:
-            entry["equal_weight"] = hypervolume([metric(ew["test"])], ref)[0]
-            entry["equal_weight_val"] = hypervolume([metric(ew["val"])], ref)[0]
-        stl = result["baselines"]["single_task"]
-        if len(stl) == T:
-            # the ideal point of T separate networks (not reachable by one net; an upper reference)
-            entry["single_task_ideal_point"] = hypervolume([[metric(s["test"])[0] for s in stl]], ref)[0]
-        out[kind] = entry
-    out["reference_point"] = ("errors: 1 - accuracy per task, reference 1 (every task); losses: mean test "
-                              "cross-entropy per task, reference ln(C_t) = the loss of a uniform prediction")
-    return out
+def add_acceptance(result: dict) -> None:
+    """The issue's acceptance checks, from the summary over seeds."""
+    summ = result.get("summary") or {}
+    if "corners" not in summ:
+        return
+    T = result["config"]["tasks"]
+    hvp, hvl = summ["hypervolume"]["palora"]["front"], summ["hypervolume"]["ls_front"]["front"]
+    result["acceptance"] = {
+        "monotone_front_on_test": summ.get("monotone", {}).get("violations") == 0 if T == 2 else None,
+        "corners_within_1sd_of_single_task_or_better": all(c["within_1sd_or_better"] for c in summ["corners"]),
+        "front_hv_errors_palora_minus_ls_front": summ["front_vs_ls_front_errors"]["mean"],
+        "front_hv_errors_beats_ls_front": hvp["errors"]["mean"] > hvl["errors"]["mean"],
+        "front_hv_losses_beats_ls_front": hvp["losses"]["mean"] > hvl["losses"]["mean"],
+        "total_minutes": result["timing_s"]["total"] / 60,
+    }
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    flags = next((ln for ln in open("/proc/cpuinfo") if ln.startswith("flags")), "")
+                    isa = "avx512f" if "avx512f" in flags else ("avx2" if "avx2" in flags else "other")
+                    return f"{name} ({isa})"
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _fmt(m: dict, scale: float = 1.0, nd: int = 4) -> str:
+    return f"{m['mean'] * scale:.{nd}f} +- {m['sd'] * scale:.{nd}f}"
 
 
 def _summary(result: dict) -> None:
-    if "rays" in result["palora"]:
-        print("ray -> test accuracy per task")
-        for r in result["palora"]["rays"]:
+    summ = result.get("summary") or {}
+    if "palora_mean_front" in summ:
+        print(f"ray -> mean test accuracy per task over {len(result['seeds'])} seed(s)")
+        for r in summ["palora_mean_front"]:
             print("  " + " ".join(f"{v:.2f}" for v in r["ray"]) + " -> " +
-                  " ".join(f"{a:.4f}" for a in r["test"]["accuracy"]))
-    base = result.get("baselines", {})
-    if base.get("equal_weight"):
-        print("equal-weight test accuracy:", [round(a, 4) for a in base["equal_weight"]["test"]["accuracy"]])
-        print("single-task test accuracy:", [round(s["test"]["accuracy"][0], 4) for s in base["single_task"]])
-    if "hypervolume" in result:
-        for k in ("errors", "losses"):
-            h = result["hypervolume"][k]
-            print(f"hypervolume of {k}: PaLoRA {h['palora']:.4f}, "
-                  f"equal-weight {h.get('equal_weight', float('nan')):.4f}")
+                  " ".join(f"{a:.4f}" for a in r["test_accuracy"]))
+    if "hypervolume" in summ:
+        for method, h in summ["hypervolume"].items():
+            if "front" in h:
+                print(f"hypervolume of errors / losses, {method:12s} front {_fmt(h['front']['errors'])} / "
+                      f"{_fmt(h['front']['losses'])}; best single ray {_fmt(h['best_single']['errors'])}")
+            else:
+                print(f"hypervolume of errors / losses, {method:12s} {_fmt(h['errors'])} / {_fmt(h['losses'])}")
+    for c in summ.get("corners", []):
+        print(f"corner task {c['task'] + 1}: PaLoRA {_fmt(c['palora'])}, single-task {_fmt(c['single_task'])}, "
+              f"paired diff {_fmt(c['paired_diff_palora_minus_single'])}")
+    if "acceptance" in result:
+        print("acceptance:", json.dumps(result["acceptance"]))
     if "throughput_memory" in result:
         for name, c in result["throughput_memory"]["configs"].items():
             mem = c.get("cuda_peak_step_bytes", c.get("cpu_peak_rss_growth_bytes", 0)) / 2**20

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from conftest import TOL, assert_rel_close, rel_err
 from palora_kernels import PaLoRAConv2d, PaLoRALinear, dispatch, reference
-from palora_kernels._math import use_weight_space
+from palora_kernels.ops.conv2d import weight_space as conv_weight_space
 from palora_kernels.backends.cuda_sim import kernels as cuda_sim
 
 pytestmark = pytest.mark.skipif(cuda_sim.unavailable_reason() is not None,
@@ -179,7 +179,8 @@ def test_palora_linear_fwd_bwd(lib, monkeypatch, dtype, per_sample):
     before = _launches(lib)
     y = layer(x, pref)
     (y.float() * torch.linspace(-1, 1, out_f)).sum().backward()
-    assert _launches(lib) - before == 4           # forward (shrink + fused) + dX (shrink + fused)
+    # forward (shrink + fused) + dX (shrink + fused) + d(preference) (partial + finish)
+    assert _launches(lib) - before == 6
 
     ref = {n: p.detach().double().requires_grad_() for n, p in layer.named_parameters()}
     xr = x.detach().double().requires_grad_()
@@ -206,10 +207,12 @@ def test_palora_conv2d_fwd_bwd(lib, monkeypatch, dtype, per_sample):
     before = _launches(lib)
     y = layer(x, pref)
     y.float().square().sum().backward()
-    # forward (shrink + fused), the conv backward is convolution_backward; a per-batch fp32 layer with
-    # this many rows runs merged (one plain conv), no kernel
-    merged = use_weight_space(N * 6 * 5, C_in * 9, C_out, dtype, not per_sample)
-    assert _launches(lib) - before == (0 if merged else 2)
+    # dW, dA, db stay on convolution_backward; an fp32 layer with this many rows per preference runs
+    # through its effective weights (plain or grouped conv), no kernel
+    merged = conv_weight_space(x, layer.weight, pref if per_sample else pref[None], 6, 5)
+    assert merged == (dtype == torch.float32 and not per_sample)   # per-sample: K = 36 > 30 pixels
+    # forward (shrink + fused) + dX and dG (lora_conv2d_dgrad: shrink + transposed fused)
+    assert _launches(lib) - before == (0 if merged else 4)
 
     ref = {n: p.detach().double().requires_grad_() for n, p in layer.named_parameters()}
     xr = x.detach().double().requires_grad_()
@@ -268,3 +271,225 @@ def test_emulator_barrier_divergence_and_wmma_checks(lib):
     assert err is not None and b"256-bit aligned" in err
     s = cuda_sim.stats(lib)
     assert s["barriers"] > 0 and s["switches"] > s["blocks"]
+
+
+# ---- the cp.async fast path (16-byte copies, two stages) ------------------------------------
+
+VEC_MM_SHAPES = [  # 16-byte aligned row strides in fp32 and fp16: A, B (and up when R*2 % 16 == 0) use cp.async
+    (70, 96, 80, 2, 4, 1),        # ragged rows, R = 8
+    (33, 64, 136, 4, 4, 3),       # per-sample, R = 16, ragged 136 = 2*64 + 8 columns
+]
+
+
+def _async_copies(lib):
+    return cuda_sim.stats(lib)["async_copies"]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", VEC_MM_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_lora_mm_cp_async_path_matches_fp64_reference(lib, shape, dtype):
+    for style in ("forward", "dX"):
+        x, wm, b, down, up, pref, L = _mm_inputs(*shape, dtype, style)
+        before = _async_copies(lib)
+        yh = cuda_sim.lora_mm_sim(x, wm, b, down, up, pref, L, 1.3, lib=lib)
+        assert _async_copies(lib) > before, "the 16-byte cp.async path did not run"
+        assert_pair_close(yh, ref_lora_mm(x, wm, b, down, up, pref, L, 1.3), dtype, f"lora_mm cp.async {style}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_lora_mm_cp_async_partial_chunks(lib, dtype):
+    """K = 45 inside rows of 48: aligned rows, the last 16-byte chunk of a row is partly zero-filled."""
+    x, wm, b, down, up, pref, L = _mm_inputs(50, 45, 40, 2, 4, 1, dtype, "dX")
+    buf = torch.randn(50, 48).to(dtype)
+    xs = buf[:, :45]
+    wbuf = torch.randn(48, 40).to(dtype) / 7
+    wms, downs = wbuf[:45], (torch.randn(48, 8) / 7).to(dtype)[:45]
+    before = _async_copies(lib)
+    yh = cuda_sim.lora_mm_sim(xs, wms, b, downs, up, pref, L, 0.9, lib=lib)
+    assert _async_copies(lib) > before
+    assert_pair_close(yh, ref_lora_mm(xs, wms, b, downs, up, pref, L, 0.9), dtype, "lora_mm partial chunks")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_lora_conv2d_cp_async_path_matches_fp64_reference(lib, dtype):
+    """K = C_in*kh*kw = 72: the weight and A_cat tiles are fetched with cp.async, x gathered."""
+    N, C_in, H, W, C_out, T, r = 2, 8, 10, 9, 20, 2, 4
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(N, C_in, H, W, generator=g).to(dtype)
+    wcat = (torch.randn(C_out + T * r, C_in, 3, 3, generator=g) / math.sqrt(C_in * 9)).to(dtype)
+    weight, down = wcat[:C_out], wcat[C_out:]
+    bias = torch.randn(C_out, generator=g).to(dtype)
+    up = torch.randn(C_out, T * r, generator=g).to(dtype)
+    for P, xin in ((1, x), (N, x.contiguous(memory_format=torch.channels_last))):
+        pref = torch.rand(P, T, generator=g)
+        before = _async_copies(lib)
+        yh = cuda_sim.lora_conv2d_sim(xin, weight, down, bias, up, pref, (1, 1), (1, 1), (1, 1), 0.8, lib=lib)
+        assert _async_copies(lib) > before
+        exp = ref_lora_conv2d(x, weight, down, bias, up, pref, (1, 1), (1, 1), (1, 1), 0.8)
+        assert_pair_close(yh, exp, dtype, f"lora_conv2d cp.async P={P}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_broken_cp_async_wait_gives_wrong_result(lib, dtype):
+    """The kernels built with their cp.async waits removed read tiles that have not landed."""
+    broken = cuda_sim.build(("PALORA_BREAK_CPASYNC_WAIT",))
+    assert broken.palora_emu_cpasync_wait_broken() == 1 and lib.palora_emu_cpasync_wait_broken() == 0
+    args = _mm_inputs(*VEC_MM_SHAPES[0], dtype, "forward")
+    expected = ref_lora_mm(*args, 1.7)
+    assert rel_err(cuda_sim.lora_mm_sim(*args, 1.7, lib=lib)[0], expected[0]) <= TOL[dtype]
+    bad = cuda_sim.lora_mm_sim(*args, 1.7, lib=broken, verify=False)[0]
+    err = rel_err(bad, expected[0])
+    assert math.isnan(err) or err > 100 * TOL[dtype], f"missing cp.async wait went unnoticed: rel err {err:.3g}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_new_kernels_are_schedule_independent(lib, dtype):
+    """Both pipelines (cp.async and scalar), linear and conv, bit-identical under every fiber order."""
+    mm_fast = _mm_inputs(*VEC_MM_SHAPES[1], dtype, "forward")
+    mm_scalar = _mm_inputs(113, 203, 150, 3, 3, 1, dtype, "dX")
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 8, 7, 6, generator=g).to(dtype).contiguous(memory_format=torch.channels_last)
+    conv = (x, (torch.randn(12, 8, 3, 3, generator=g) / 8).to(dtype), (torch.randn(6, 8, 3, 3, generator=g) / 8).to(dtype),
+            torch.randn(12, generator=g).to(dtype), torch.randn(12, 6, generator=g).to(dtype), torch.rand(2, 3, generator=g),
+            (2, 1), (1, 1), (1, 1), 0.7)
+    outs = []
+    try:
+        for name, seed in (("forward", 0), ("reverse", 0), ("shuffle", 5)):
+            cuda_sim.set_schedule(lib, name, seed)
+            outs.append([t.clone() for t in (*cuda_sim.lora_mm_sim(*mm_fast, 1.0, lib=lib),
+                                             *cuda_sim.lora_mm_sim(*mm_scalar, 1.0, lib=lib),
+                                             *cuda_sim.lora_conv2d_sim(*conv, lib=lib))])
+    finally:
+        cuda_sim.set_schedule(lib, "forward")
+    for o in outs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(o, outs[0]))
+
+
+def test_emulator_cp_async_lands_at_its_wait_and_fastdiv_is_exact(lib):
+    out = torch.zeros(2)
+    assert lib.palora_emu_selftest(3, out.data_ptr()) is None
+    assert math.isnan(out[0].item()) and out[1].item() == 42.0   # poisoned before the wait, landed after
+    assert lib.palora_emu_selftest(4, out.data_ptr()) is None    # FastDiv == / and % over 2^31
+
+
+# ---- palora::pref_grad on CUDA (partial sums per (chunk, sample, task), then an ordered finish) ----
+
+def ref_pref_grad(h, dg, P, T, rank, scale):
+    prod = (h.double() * dg.double()).reshape(P, -1, T, rank)
+    return prod.sum(dim=(1, 3)) * scale
+
+
+PREF_CASES = [  # N, T, rank, P
+    (37, 2, 3, 1),        # one chunk
+    (300, 3, 4, 1),       # 3 chunks of 128 rows, per batch
+    (600, 2, 5, 4),       # per sample, L = 150: 2 chunks per sample
+    (7, 1, 1, 7),         # per sample, one row each
+    (0, 2, 2, 1),         # empty
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", PREF_CASES, ids=lambda c: "x".join(map(str, c)))
+def test_pref_grad_matches_fp64_reference(lib, case, dtype):
+    N, T, rank, P = case
+    R = T * rank
+    g = torch.Generator().manual_seed(N + 10 * R)
+    hbuf = torch.randn(N, 16 * ((R + 15) // 16) + 16, generator=g).to(dtype)
+    h = hbuf[:, :R]                                   # the padded row stride lora_mm returns H with
+    dg = torch.randn(N, R, generator=g).to(dtype)
+    pref = torch.rand(P, T, generator=g)
+    L = N // P if P > 1 else max(N, 1)
+    before = _launches(lib)
+    dp = cuda_sim.pref_grad_sim(h, dg, pref, L, rank, 0.75, lib=lib)
+    assert _launches(lib) - before == (2 if N else 1)
+    assert dp.shape == (P, T) and dp.dtype == pref.dtype
+    # the inputs are rounded to dtype already; the kernel accumulates in fp32: fp32's tolerance
+    assert_rel_close(dp, ref_pref_grad(h, dg, P, T, rank, 0.75), torch.float32, "pref_grad")
+
+
+def test_pref_grad_is_schedule_independent_and_checks_its_arguments(lib):
+    g = torch.Generator().manual_seed(0)
+    h, dg, pref = torch.randn(300, 8, generator=g), torch.randn(300, 8, generator=g), torch.rand(3, 2, generator=g)
+    outs = []
+    try:
+        for name, seed in (("forward", 0), ("reverse", 0), ("shuffle", 9)):
+            cuda_sim.set_schedule(lib, name, seed)
+            outs.append(cuda_sim.pref_grad_sim(h, dg, pref, 100, 4, 1.0, lib=lib))
+    finally:
+        cuda_sim.set_schedule(lib, "forward")
+    assert all(torch.equal(o, outs[0]) for o in outs[1:])
+    with pytest.raises(RuntimeError, match="expected P == 1 or P \\* rows_per_sample == N = 300"):
+        cuda_sim.pref_grad_sim(h, dg, pref, 99, 4, 1.0, lib=lib)
+    with pytest.raises(RuntimeError, match="expected R = T \\* rank columns"):
+        cuda_sim.pref_grad_sim(h, dg, pref, 100, 3, 1.0, lib=lib)
+
+
+def test_cuda_backends_declare_pref_grad(monkeypatch):
+    monkeypatch.setenv("PALORA_BACKEND", "cuda_sim")
+    assert dispatch.select_backend(torch.device("cpu"), "pref_grad", torch.bfloat16, fallback=True) == "cuda_sim"
+    assert "pref_grad" in dispatch.record("cuda").kernels
+
+
+# ---- palora::lora_conv2d_dgrad: dG = B_cat^T dY, dX = convT([dY | dG*S], [W; A_cat]) ---------------
+
+def ref_conv_dgrad(dy, wcat, up, pref, C_out, r, x_hw, stride, padding, dilation, scale):
+    """fp64: dG per pixel, and dX as the autograd input gradient of conv2d(x, [W; A_cat]) against [dY | dG*S]."""
+    dg = torch.einsum("nchw,cr->nrhw", dy.double(), up.double())
+    S = scale * pref.double().repeat_interleave(r, dim=1)[:, :, None, None]
+    x = torch.zeros(dy.shape[0], wcat.shape[1], *x_hw, dtype=torch.float64, requires_grad=True)
+    y = F.conv2d(x, wcat.double(), None, stride, padding, dilation)
+    (y * torch.cat([dy.double(), dg * S], 1)).sum().backward()
+    return x.grad, dg
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CONV_CASES + [(2, 8, 10, 9, 20, (3, 3), (2, 2), (0, 1), (2, 1), 2, 4)],
+                         ids=lambda c: f"{c[1]}to{c[4]}k{c[5][0]}{c[5][1]}s{c[6][0]}d{c[8][0]}")
+def test_lora_conv2d_dgrad_matches_fp64_reference(lib, case, dtype):
+    N, C_in, H, W, C_out, (kh, kw), stride, padding, dilation, T, r = case
+    g = torch.Generator().manual_seed(C_in * 100 + C_out + 1)
+    R = T * r
+    Ho = (H + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    Wo = (W + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    dy = torch.randn(N, C_out, Ho, Wo, generator=g).to(dtype)
+    wcat = (torch.randn(C_out + R, C_in, kh, kw, generator=g) / math.sqrt(C_in * kh * kw)).to(dtype)
+    up = torch.randn(C_out, R, generator=g).to(dtype)
+    for P, dyin in ((1, dy), (N, dy.contiguous(memory_format=torch.channels_last)), (N, dy.transpose(2, 3).contiguous().transpose(2, 3))):
+        pref = torch.rand(P, T, generator=g)
+        before = _launches(lib)
+        dx, dg = cuda_sim.lora_conv2d_dgrad_sim(dyin, wcat[:C_out], wcat[C_out:], up, pref, (H, W), stride, padding,
+                                                dilation, 0.8, lib=lib)
+        assert _launches(lib) - before == 2
+        fmt = torch.channels_last if dyin.is_contiguous(memory_format=torch.channels_last) and not dyin.is_contiguous() \
+            else torch.contiguous_format
+        assert dx.is_contiguous(memory_format=fmt) and dg.is_contiguous(memory_format=fmt)
+        ex, eg = ref_conv_dgrad(dy, wcat, up, pref, C_out, r, (H, W), stride, padding, dilation, 0.8)
+        assert_rel_close(dx, ex, dtype, f"dgrad dX P={P}")
+        assert_rel_close(dg, eg, dtype, f"dgrad dG P={P}")
+
+
+def test_lora_conv2d_dgrad_is_schedule_independent(lib):
+    g = torch.Generator().manual_seed(4)
+    dy = torch.randn(2, 12, 4, 6, generator=g).to(torch.bfloat16)
+    args = (dy, (torch.randn(12, 8, 3, 3, generator=g) / 8).to(torch.bfloat16),
+            (torch.randn(6, 8, 3, 3, generator=g) / 8).to(torch.bfloat16), torch.randn(12, 6, generator=g).to(torch.bfloat16),
+            torch.rand(2, 3, generator=g), (7, 6), (2, 1), (1, 1), (1, 1), 0.7)
+    outs = []
+    try:
+        for name, seed in (("forward", 0), ("reverse", 0), ("shuffle", 3)):
+            cuda_sim.set_schedule(lib, name, seed)
+            outs.append([t.clone() for t in cuda_sim.lora_conv2d_dgrad_sim(*args, lib=lib)])
+    finally:
+        cuda_sim.set_schedule(lib, "forward")
+    assert all(torch.equal(a, b) for o in outs[1:] for a, b in zip(o, outs[0]))
+
+
+def test_lora_conv2d_dgrad_op_contract():
+    from palora_kernels import _ops
+    dy = torch.zeros(2, 6, 5, 5)
+    w, a, up, pref = torch.zeros(6, 3, 3, 3), torch.zeros(4, 3, 3, 3), torch.zeros(6, 4), torch.ones(1, 2)
+    dx, dg = _ops.lora_conv2d_dgrad(dy.to("meta"), w.to("meta"), a.to("meta"), up.to("meta"), pref.to("meta"),
+                                    [9, 9], [2, 2], [1, 1], [1, 1], 1.0, "cuda_sim")
+    assert dx.shape == (2, 3, 9, 9) and dg.shape == (2, 4, 5, 5)
+    with pytest.raises(RuntimeError, match="dy: expected an output grid of 6x6 for x of 12x12, got 5x5"):
+        _ops.lora_conv2d_dgrad(dy, w, a, up, pref, [12, 12], [2, 2], [1, 1], [1, 1], 1.0, "cuda_sim")

@@ -1,11 +1,11 @@
-"""Preference samplers (DESIGN.md section 3): the annealing schedule, annealed Dirichlet, ray grids."""
+"""Preference samplers (docs/design.md section 3): the annealing schedule, annealed Dirichlet, ray grids."""
 import math
 
 import pytest
 import torch
 
-from palora_kernels.samplers import (AnnealedDirichletSampler, AnnealedRaySampler, base_points, ray_grid,
-                                     simplex_grid)
+from palora_kernels.samplers import (AnnealedDirichletSampler, AnnealedRaySampler, DirichletSampler,
+                                     base_points, grid_divisions, make_sampler, ray_grid, simplex_grid)
 
 
 def assert_on_simplex(rays, T, atol=1e-6):
@@ -21,7 +21,7 @@ def test_annealed_rays_on_simplex_every_step(T, M):
     s = AnnealedRaySampler(T, M, total_steps=20)
     for step in range(0, 25):
         rays = s(step)
-        assert rays.shape == (M, T) and rays.dtype == torch.float32
+        assert rays.shape == (s.num_rays, T) and s.num_rays >= M and rays.dtype == torch.float32
         assert_on_simplex(rays, T)
     assert s(3, dtype=torch.float64).dtype == torch.float64
 
@@ -72,16 +72,47 @@ def test_annealing_three_task_grid():
     assert (late[centre] - 1 / 3).abs().max() < (late - 1 / 3).abs().max()
 
 
-@pytest.mark.parametrize("T, M", [(3, 4), (3, 7), (5, 9)])
-def test_base_points_any_count(T, M):
-    pts = base_points(T, M)
-    assert pts.shape == (M, T) and len({tuple(r) for r in pts.tolist()}) == M
-    assert_on_simplex(pts, T, atol=1e-12)
+@pytest.mark.parametrize("T, M, n", [(3, 2, 1), (3, 3, 1), (3, 4, 2), (3, 5, 2), (3, 6, 2), (3, 7, 3), (3, 10, 3),
+                                     (3, 11, 4), (5, 9, 2)])
+def test_base_points_are_the_full_grid(T, M, n):
+    # the reference's count for 3 tasks, n = int((sqrt(8M - 1) - 1) / 2), is the smallest grid with >= M points
+    if T == 3:
+        assert n == int((math.sqrt(8 * M - 1) - 1) / 2)
+    assert grid_divisions(T, M) == n
+    pts = base_points(T, M, eps=0.0)
+    assert pts.shape == (math.comb(n + T - 1, T - 1), T) and pts.shape[0] >= M
+    assert sorted(map(tuple, pts.tolist())) == sorted(map(tuple, simplex_grid(T, n, torch.float64).tolist()))
+    assert_on_simplex(base_points(T, M), T, atol=1e-12)
+
+
+def test_three_tasks_m5_trades_off_every_pair():
+    # M=5 -> the 6-point grid: the three corners AND the three edge midpoints (1/2, 1/2, 0) etc.
+    s = AnnealedRaySampler(3, 5, total_steps=10, eps=0.0)
+    assert s.num_rays == 6
+    rays = {tuple(r) for r in s(9, dtype=torch.float64).tolist()}
+    assert rays == {(1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0), (0.5, 0.5, 0.0), (0.5, 0.0, 0.5),
+                    (0.0, 0.5, 0.5)}
 
 
 def test_annealing_bad_arguments():
-    with pytest.raises(ValueError, match=r"expected total_steps >= 1 and num_rays >= 1, got 0, 3"):
+    with pytest.raises(ValueError, match=r"total_steps: expected an int >= 1, got 0"):
         AnnealedRaySampler(2, 3, total_steps=0)
+    with pytest.raises(ValueError, match=r"num_tasks: expected an int >= 2, got 0"):
+        AnnealedRaySampler(0, 5, 10)
+    with pytest.raises(ValueError, match=r"eps: expected 0 <= eps < 1/num_tasks = 0.333333, got 0.6"):
+        AnnealedRaySampler(3, 5, 10, eps=0.6)          # used to return NaN rays
+    with pytest.raises(ValueError, match=r"eps: expected .* got -0.1"):
+        AnnealedRaySampler(2, 5, 10, eps=-0.1)
+    with pytest.raises(ValueError, match=r"num_rays: expected >= 2 for the deterministic schedule.*got 1"):
+        AnnealedRaySampler(2, 1, 10)
+    with pytest.raises(ValueError, match=r"num_rays: expected an int >= 2, got 2.5"):
+        AnnealedRaySampler(2, 2.5, 10)
+    with pytest.raises(ValueError, match=r"mul: expected a finite number > 0, got 0"):
+        AnnealedRaySampler(2, 3, 10, mul=0)
+    with pytest.raises(ValueError, match=r"num_rays: expected an int >= 2, got 1"):
+        ray_grid(2, 1)
+    with pytest.raises(ValueError, match=r"kind: expected one of"):
+        make_sampler("sobol", 2, 3, 10)
 
 
 # ------------------------------------------------------------------------- Dirichlet
@@ -95,25 +126,45 @@ def test_dirichlet_reproducible_with_seed():
 
 
 @pytest.mark.parametrize("T", [2, 3, 5])
-def test_dirichlet_on_simplex(T):
-    s = AnnealedDirichletSampler(T, 64, 10, alpha_start=20.0, alpha_end=0.3, seed=0)
-    for step in range(12):
+def test_dirichlet_on_simplex_every_step(T):
+    s = AnnealedDirichletSampler(T, 64, 10, seed=0)
+    for step in range(12):                                     # includes alpha = 0.001: Gamma underflow
         rays = s(step)
-        assert rays.shape == (64, T)
+        assert rays.shape == (64, T) and not bool(rays.isnan().any())
         assert_on_simplex(rays, T)
     assert_on_simplex(AnnealedDirichletSampler(T, 4, 10, seed=None)(0), T)
+    assert_on_simplex(DirichletSampler(T, 16, seed=3)(0), T)
 
 
-def test_dirichlet_anneals_from_concentrated_to_spread():
-    s = AnnealedDirichletSampler(3, 4000, 10, alpha_start=20.0, alpha_end=1.0, seed=1)
-    assert math.isclose(s.alpha(9), 1.0) and math.isclose(s.alpha(0), 20.0 * (1 / 20) ** 0.1)
-    early = (s(0, dtype=torch.float64) - 1 / 3).abs().mean().item()
-    late = (s(9, dtype=torch.float64) - 1 / 3).abs().mean().item()
-    assert early < 0.5 * late, (early, late)
-    # Dirichlet(1,1,1): x_i ~ Beta(1, 2), E|x_i - 1/3| = 16/81 ~= 0.198; a 4000-sample check of the law
-    assert abs(late - 16 / 81) < 0.01, late
-    with pytest.raises(ValueError, match=r"alpha_start, alpha_end: expected > 0, got 0.0, 1.0"):
-        AnnealedDirichletSampler(3, 4, 10, alpha_start=0.0)
+def test_dirichlet_reference_schedule():
+    # the reference's alpha(t) = p (1 - t) + 0.001 with t = (step + 1) / total_steps
+    s = AnnealedDirichletSampler(3, 4000, 10, p=1.0, seed=1)
+    assert math.isclose(s.alpha(0), 0.9 + 0.001) and math.isclose(s.alpha(4), 0.5 + 0.001)
+    assert math.isclose(s.alpha(9), 0.001) and math.isclose(s.alpha(100), 0.001)
+    # alpha = 1: uniform on the simplex, x_i ~ Beta(1, 2), E|x_i - 1/3| = 16/81 ~= 0.198 (4000-sample check)
+    u = DirichletSampler(3, 4000, alpha=1.0, seed=1)(0, dtype=torch.float64)
+    assert abs((u - 1 / 3).abs().mean().item() - 16 / 81) < 0.01
+    # alpha = 0.001: nearly every ray is within 1e-3 of a corner
+    late = s(9, dtype=torch.float64)
+    assert (late.max(1).values > 0.999).double().mean().item() > 0.97       # measured 0.986
+    mid = s(4, dtype=torch.float64)
+    assert (mid.max(1).values > 0.999).double().mean().item() < 0.2
+
+
+def test_dirichlet_one_ray_per_step_and_bad_arguments():
+    s = AnnealedDirichletSampler(2, 1, total_steps=1, seed=0)
+    assert s(0).shape == (1, 2)
+    with pytest.raises(ValueError, match=r"total_steps: expected an int >= 1, got 0"):
+        AnnealedDirichletSampler(2, 5, total_steps=0)           # used to raise ZeroDivisionError on call
+    with pytest.raises(ValueError, match=r"p: expected a finite number >= 0, got -1"):
+        AnnealedDirichletSampler(2, 5, 10, p=-1)
+    with pytest.raises(ValueError, match=r"num_tasks: expected an int >= 2, got 1"):
+        AnnealedDirichletSampler(1, 5, 10)
+    with pytest.raises(ValueError, match=r"alpha: expected a finite number > 0, got 0.0"):
+        DirichletSampler(2, 5, alpha=0.0)
+    assert isinstance(make_sampler("dirichlet", 2, 1, 10), AnnealedDirichletSampler)
+    assert isinstance(make_sampler("random", 2, 1, 10), DirichletSampler)
+    assert make_sampler("annealed", 3, 5, 10).num_rays == 6
 
 
 # ------------------------------------------------------------------------- ray grids
@@ -134,5 +185,3 @@ def test_ray_grid_three_tasks():
     assert {(1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0)} <= rows
     torch.testing.assert_close(g * 4, (g * 4).round())
     assert simplex_grid(4, 3).shape == (math.comb(3 + 3, 3), 4)
-    with pytest.raises(ValueError, match=r"num_rays: expected >= 2, got 1"):
-        ray_grid(2, 1)

@@ -159,28 +159,134 @@ def _script(tmp_path, *extra):
 
 
 def test_script_end_to_end_two_tasks(tmp_path):
-    res, proc = _script(tmp_path, "--rays", "3", "--eval-rays", "5", "--bench-steps", "1", "--bench-rounds", "1")
-    assert res["palora"]["train"]["steps"] == 512 // 64
-    rays = res["palora"]["rays"]
+    res, proc = _script(tmp_path, "--rays", "3", "--eval-rays", "5", "--no-bench", "--seeds", "2", "--convergence")
+    assert len(res["seeds"]) == 2 and res["config"]["data"] == "hard" and res["config"]["preset"] == "tuned"
+    s0 = res["seeds"][0]
+    assert s0["palora"]["train"]["steps"] == 512 // 64
+    assert s0["palora"]["train"]["image_passes"] == 8 * 64 * 3
+    rays = s0["palora"]["rays"]
     assert len(rays) == 5 and rays[0]["ray"] == [0.0, 1.0] and rays[-1]["ray"] == [1.0, 0.0]
     for r in rays:
         for s in ("val", "test"):
             assert all(0 <= a <= 1 for a in r[s]["accuracy"]) and all(v > 0 for v in r[s]["loss"])
-    assert len(res["baselines"]["single_task"]) == 2 and res["baselines"]["equal_weight"] is not None
-    hv = res["hypervolume"]
-    assert hv["errors"]["ref"] == [1.0, 1.0] and 0 < hv["errors"]["palora"] <= 1
-    assert set(res["throughput_memory"]["configs"]) == {"fused/stacked", "unfused/stacked", "unfused/loop",
-                                                        "fused/loop"}
-    for c in res["throughput_memory"]["configs"].values():
-        assert c["images_per_s"] > 0 and c["saved_for_backward_bytes"] > 0
+    b = s0["baselines"]
+    # same total budget: 8 steps x 3 rays = 24 net-steps for each baseline method
+    assert len(b["single_task"]) == 2 and all(st["steps"] == 12 for st in b["single_task"])
+    assert b["equal_weight"]["steps"] == 24 and b["pamal"]["steps"] == 8
+    assert len(b["ls_front"]["nets"]) == 5 and b["ls_front"]["steps_per_net"] == round(24 / 5)
+    assert len(b["pamal"]["rays"]) == 5
+    hv = s0["hypervolume"]
+    for method in ("palora", "pamal", "ls_front"):
+        for k in ("errors", "losses"):
+            assert 0 <= hv[method]["best_single"][k] <= hv[method]["front"][k] <= 1
+    summ = res["summary"]
+    assert summ["hypervolume"]["palora"]["front"]["errors"]["values"] == [
+        s["hypervolume"]["palora"]["front"]["errors"] for s in res["seeds"]]
+    assert len(summ["corners"]) == 2 and len(summ["corners"][0]["paired_diff_palora_minus_single"]["values"]) == 2
+    assert set(res["acceptance"]) >= {"monotone_front_on_test", "corners_within_1sd_of_single_task_or_better",
+                                      "front_hv_errors_beats_ls_front"}
+    assert len(s0["palora"]["hv_per_epoch"]) == 1 and set(res["convergence"]) == {"annealed", "random"}
     assert (tmp_path / "multidigits_front.png").stat().st_size > 10_000
+    assert (tmp_path / "multidigits_convergence.png").stat().st_size > 10_000
     assert "hypervolume of errors" in proc.stdout
+    # merging the two seeds run separately gives the same summary (each seed is a pure function of its settings)
+    import merge_runs
+    one = tmp_path / "one"
+    res1, _ = _script(one, "--rays", "3", "--eval-rays", "5", "--no-bench", "--seeds", "1", "--seed", "1")
+    assert res1["seeds"][0]["palora"]["rays"] == res["seeds"][1]["palora"]["rays"]
+    assert res1["seeds"][0]["hypervolume"] == res["seeds"][1]["hypervolume"]
+    with pytest.raises(ValueError, match="seeds: expected distinct seeds"):
+        merge_runs.merge([str(tmp_path / "multidigits.json"), str(one / "multidigits.json")])
+    merged = merge_runs.merge([str(tmp_path / "multidigits.json")])
+    assert merged["summary"] == res["summary"]
 
 
 def test_script_three_tasks_unfused_with_batchnorm(tmp_path):
     res, _ = _script(tmp_path, "--tasks", "3", "--rays", "3", "--eval-rays", "3", "--impl", "unfused",
-                     "--batchnorm", "--no-bench", "--max-steps", "3")
-    assert res["palora"]["train"]["steps"] == 3
-    assert len(res["palora"]["rays"]) == 6                  # triangular grid, 2 divisions per edge
-    assert len(res["hypervolume"]["errors"]["ref"]) == 3
+                     "--batchnorm", "--no-bench", "--max-steps", "3", "--seeds", "1", "--ls-rays", "2")
+    s0 = res["seeds"][0]
+    assert s0["palora"]["train"]["steps"] == 3 and s0["palora"]["train"]["rays_per_step"] == 3
+    assert len(s0["palora"]["rays"]) == 6                  # triangular grid, 2 divisions per edge
+    assert len(s0["baselines"]["ls_front"]["nets"]) == 3    # the corners: ray_grid(3, 2)
     assert (tmp_path / "multidigits_front.png").exists()
+
+
+def test_script_reference_preset_no_baselines_with_eval(tmp_path):
+    # --no-baselines without --no-eval used to crash (KeyError 'equal_weight') and lose the JSON
+    res, _ = _script(tmp_path, "--preset", "reference", "--no-baselines", "--no-bench", "--seeds", "1",
+                     "--sampler", "dirichlet", "--balance", "lb", "--rays", "1", "--eval-rays", "3",
+                     "--batch-size", "128", "--data", "easy")
+    c = res["config"]
+    assert (c["conv_layout"], c["rank"], c["lora_alpha"], c["lr"], c["adapter_lr_mult"]) == \
+        ("loralib", 1, 1.0, 1e-3, 2.0)
+    s0 = res["seeds"][0]
+    assert s0["palora"]["train"]["steps"] == 512 // 128 and "baselines" not in s0
+    assert len(s0["palora"]["rays"]) == 3 and "palora" in s0["hypervolume"]
+
+
+@pytest.mark.slow          # ~60 s under load: the measurement spawns a fresh process per configuration
+def test_script_throughput_memory_measurement(tmp_path):
+    res, _ = _script(tmp_path, "--no-baselines", "--no-eval", "--seeds", "1", "--max-steps", "2",
+                     "--bench-steps", "1", "--bench-rounds", "1")
+    assert "summary" not in res and res["seeds"][0]["palora"]["train"]["steps"] == 2
+    assert set(res["throughput_memory"]["configs"]) == {"fused/stacked", "unfused/stacked", "unfused/loop",
+                                                        "fused/loop"}
+    for cfg in res["throughput_memory"]["configs"].values():
+        assert cfg["images_per_s"] > 0 and cfg["saved_for_backward_bytes"] > 0
+
+
+def test_gradient_balanced_loss_is_the_reference_formula():
+    from multidigits.training import ray_loss_gradient_balanced, shared_parameters, per_sample_task_losses
+    m = _model(2, False, dtype=torch.float64)
+    x, y = _batch(2)
+    x = x.double()
+    rays = _rays(2, 2)
+    loss, task = ray_loss_gradient_balanced(m, x, y, rays)
+    shared = shared_parameters(m)
+    assert shared and not any(n.startswith("heads.") for n, p in m.named_parameters() if any(p is q for q in shared))
+    expected = 0.0
+    for k, ray in enumerate(rays):
+        with palora_kernels.preference(m, ray):
+            L = per_sample_task_losses(m(x), y).mean(0)
+        torch.testing.assert_close(task[k], L.detach())
+        for t in range(2):
+            g = torch.autograd.grad(L[t], shared, retain_graph=True)
+            norm = torch.sqrt(sum((gi ** 2).sum() for gi in g))
+            expected = expected + ray[t] * L[t].detach() / (norm + 1e-3)
+    torch.testing.assert_close(loss.detach(), expected)
+
+
+def test_loss_balancer_weights():
+    from multidigits.training import LossBalancer
+    lb = LossBalancer(2, window=3)
+    for _ in range(4):                        # weights stay 1 until more than `window` steps were seen
+        assert torch.equal(lb.update(torch.tensor([3.0, 1.0])), torch.ones(2, dtype=torch.float64))
+    w = lb.update(torch.tensor([3.0, 1.0]))
+    torch.testing.assert_close(w, torch.tensor([0.25, 0.75], dtype=torch.float64))   # 1 - 3/4, 1 - 1/4
+
+
+def test_weight_ensemble_mixes_the_copies():
+    from multidigits.training import WeightEnsemble, ensemble_loss
+    torch.manual_seed(0)
+    ens = WeightEnsemble(lambda: MultiLeNet([10, 10]), 2)
+    x, y = _batch(2)
+    ray = torch.tensor([0.3, 0.7])
+    ens.set_ray(ray)
+    out = ens(x)
+    mixed = copy.deepcopy(ens.members[0])
+    with torch.no_grad():
+        for (n, p), p1 in zip(mixed.named_parameters(), ens.members[1].parameters()):
+            p.copy_(0.3 * dict(ens.members[0].named_parameters())[n] + 0.7 * p1)
+    for a, b in zip(out, mixed(x)):
+        torch.testing.assert_close(a, b)
+    ens.set_ray(None)
+    with pytest.raises(ValueError, match="ray: expected a preference"):
+        ens(x)
+    loss, task = ensemble_loss(lambda step, dtype, device: torch.tensor([[1.0, 0.0], [0.0, 1.0]]))(ens, x, y, 0)
+    loss.backward()
+    # ray (1, 0) is copy 0 alone on task 0, ray (0, 1) copy 1 alone on task 1: each copy's head of the
+    # other task gets no gradient, its own task's head does
+    m0, m1 = ens.members
+    assert m0.heads[1][0].weight.grad.abs().max() == 0 and m0.heads[0][0].weight.grad.abs().max() > 0
+    assert m1.heads[0][0].weight.grad.abs().max() == 0 and m1.heads[1][0].weight.grad.abs().max() > 0
+    assert task.shape == (2, 2)

@@ -309,3 +309,27 @@ def test_kernel_report_all_configs_compile_without_spills():
     assert any("sm_80" in l and "mma/HMMA" in l for l in lines)
     assert any("sm_90" in l and "wgmma/HGMMA" in l for l in lines)
     assert len(lines) >= 30 and all(l.split("|")[-2].strip() == "ok" for l in lines)
+
+
+def test_fp32_follows_torch_matmul_precision():
+    """fp32 runs IEEE by default and TF32 when torch allows it, as nn.Linear does; the autotuner
+    keys on the precision, and the cost model prices fp32 at the TF32 rate then."""
+    prev = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        assert triton_linear._precision(torch.float32)[2] == "ieee"
+        assert triton_linear.mma_class(torch.float32, "ieee") == "fp32"
+        torch.set_float32_matmul_precision("high")
+        assert triton_linear._precision(torch.float32)[2] == "tf32"
+        assert triton_linear._precision(torch.bfloat16)[2] == "ieee"        # 16-bit tiles: no TF32 flag
+        assert triton_linear.mma_class(torch.float32, "tf32") == "tf32"
+        assert {c.mma for c in triton_linear.configs_for("sm_90", "tf32")} == {"tf32"}
+        # the kernels run with input_precision="tf32" (the interpreter computes it in fp32)
+        args = stacked_args(*make((21,), 33, 19, 2, 3, torch.float32, "batch"))
+        assert_rel_close(run_mm(*args, SCALE, path="split"), expected_z(*args), torch.float32, "tf32 split")
+        slow = cost_model.path_times(4096, 4096, 4096, 24, 3, torch.float32, "sm_90", per_batch=False)
+        fast = cost_model.path_times(4096, 4096, 4096, 24, 3, torch.float32, "sm_90", per_batch=False,
+                                     allow_tf32=True)
+        assert fast["split"] < slow["split"] / 4                      # 494.7 vs 66.9 TFLOP/s
+    finally:
+        torch.set_float32_matmul_precision(prev)

@@ -1,4 +1,5 @@
-// Torch bindings of the CUDA kernels: palora::lora_mm_cuda and palora::lora_conv2d_cuda.
+// Torch bindings of the CUDA kernels: palora::lora_mm_cuda, palora::lora_conv2d_cuda and
+// palora::pref_grad_cuda (the CUDA kernel of the op the CPU side calls palora::pref_grad).
 //
 // palora::lora_mm / palora::lora_conv2d are Python custom ops (palora_kernels/_ops.py) that
 // dispatch on their `backend` string; a C++ TORCH_LIBRARY_IMPL(palora, CUDA) of those same
@@ -10,6 +11,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <optional>
 #include <tuple>
 
@@ -140,6 +142,75 @@ std::tuple<at::Tensor, at::Tensor> lora_conv2d_cuda(
   return {y, h};
 }
 
+std::tuple<at::Tensor, at::Tensor> lora_conv2d_dgrad_cuda(
+    const at::Tensor& dy, const at::Tensor& weight, const at::Tensor& down, const at::Tensor& up, const at::Tensor& pref,
+    at::IntArrayRef x_hw, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, double scale) {
+  const char* op = "lora_conv2d_dgrad_cuda";
+  TORCH_CHECK(dy.is_cuda(), op, ": dy: expected a CUDA tensor, got device ", dy.device());
+  TORCH_CHECK(dy.dim() == 4, op, ": dy: expected (N, C_out, Ho, Wo), got shape ", dy.sizes());
+  const int64_t dtype = dtype_code(dy);
+  check_operand(op, "weight", weight, dy, 4);
+  check_operand(op, "down", down, dy, 4);
+  check_operand(op, "up", up, dy, 2);
+  TORCH_CHECK(x_hw.size() == 2 && stride.size() == 2 && padding.size() == 2 && dilation.size() == 2, op,
+              ": x_hw, stride, padding, dilation: expected 2 values each, got ", x_hw, ", ", stride, ", ", padding, ", ", dilation);
+  const int64_t N = dy.size(0), C_out = dy.size(1), Ho = dy.size(2), Wo = dy.size(3);
+  const int64_t C_in = weight.size(1), kh = weight.size(2), kw = weight.size(3), R = down.size(0);
+  TORCH_CHECK(weight.size(0) == C_out, op, ": weight: expected (", C_out, ", C_in, kh, kw), got ", weight.sizes());
+  TORCH_CHECK(down.size(1) == C_in && down.size(2) == kh && down.size(3) == kw, op, ": down: expected (R, ", C_in, ", ", kh,
+              ", ", kw, "), got ", down.sizes());
+  TORCH_CHECK(up.size(0) == C_out && up.size(1) == R, op, ": up: expected (", C_out, ", ", R, "), got ", up.sizes());
+  const at::Tensor p = pref_fp32(op, pref, dy);
+  c10::cuda::CUDAGuard guard(dy.device());
+  const at::Tensor w = weight.contiguous(), d = down.contiguous();
+  const auto fmt = conv_format(dy);
+  at::Tensor dx = at::empty({N, C_in, x_hw[0], x_hw[1]}, dy.options().memory_format(fmt));
+  at::Tensor dg = at::empty({N, R, Ho, Wo}, dy.options().memory_format(fmt));
+  LoraConvDgradArgs a{};
+  a.dy = dy.data_ptr(); a.weight = w.data_ptr(); a.down = d.data_ptr(); a.up = up.data_ptr(); a.pref = p.data_ptr<float>();
+  a.dx = dx.data_ptr(); a.dg = dg.data_ptr();
+  a.dtype = dtype; a.N = N; a.C_in = C_in; a.H = x_hw[0]; a.W = x_hw[1]; a.C_out = C_out; a.R = R; a.kh = kh; a.kw = kw;
+  a.P = p.size(0); a.T = p.size(1);
+  a.stride_h = stride[0]; a.stride_w = stride[1]; a.pad_h = padding[0]; a.pad_w = padding[1];
+  a.dil_h = dilation[0]; a.dil_w = dilation[1]; a.Ho = Ho; a.Wo = Wo;
+  a.stride_dyn = dy.stride(0); a.stride_dyc = dy.stride(1); a.stride_dyh = dy.stride(2); a.stride_dyw = dy.stride(3);
+  a.stride_uc = up.stride(0); a.stride_ur = up.stride(1); a.stride_pp = p.stride(0); a.stride_pt = p.stride(1);
+  a.stride_xn = dx.stride(0); a.stride_xp = dx.stride(3); a.stride_xc = dx.stride(1);
+  a.stride_gn = dg.stride(0); a.stride_gp = dg.stride(3); a.stride_gc = dg.stride(1);
+  a.scale = scale;
+  const char* err = lora_conv2d_dgrad_launch(a, c10::cuda::getCurrentCUDAStream().stream());
+  TORCH_CHECK(err == nullptr, op, ": ", err ? err : "");
+  return {dx, dg};
+}
+
+at::Tensor pref_grad_cuda(const at::Tensor& h, const at::Tensor& dg, const at::Tensor& pref, int64_t rows_per_sample,
+                          int64_t rank, double scale) {
+  const char* op = "pref_grad_cuda";
+  TORCH_CHECK(h.is_cuda(), op, ": h: expected a CUDA tensor, got device ", h.device());
+  TORCH_CHECK(h.dim() == 2, op, ": h: expected (N, R), got shape ", h.sizes());
+  const int64_t dtype = dtype_code(h);
+  check_operand(op, "dg", dg, h, 2);
+  TORCH_CHECK(dg.sizes() == h.sizes(), op, ": dg: expected ", h.sizes(), " (h's shape), got ", dg.sizes());
+  TORCH_CHECK(pref.device() == h.device(), op, ": pref: expected device ", h.device(), ", got ", pref.device());
+  TORCH_CHECK(pref.dim() == 2 && pref.is_floating_point(), op, ": pref: expected a floating (P, T), got ",
+              pref.scalar_type(), " ", pref.sizes());
+  c10::cuda::CUDAGuard guard(h.device());
+  at::Tensor out = at::empty({pref.size(0), pref.size(1)}, h.options().dtype(at::kFloat));
+  PrefGradArgs a{};
+  a.h = h.data_ptr(); a.dg = dg.data_ptr(); a.out = out.data_ptr<float>();
+  a.dtype = dtype; a.N = h.size(0); a.R = h.size(1); a.T = pref.size(1); a.rank = rank; a.P = pref.size(0);
+  a.rows_per_sample = rows_per_sample;
+  a.stride_hn = h.stride(0); a.stride_hc = h.stride(1); a.stride_gn = dg.stride(0); a.stride_gc = dg.stride(1);
+  a.scale = scale;
+  TORCH_CHECK(a.T >= 1 && rank >= 1 && a.R == a.T * rank, op, ": h: expected R = T * rank = ", a.T, " * ", rank,
+              " columns, got ", a.R);
+  at::Tensor partial = at::empty({std::max<int64_t>(pref_grad_workspace(a), 1)}, out.options());
+  a.partial = partial.data_ptr<float>();
+  const char* err = pref_grad_launch(a, c10::cuda::getCurrentCUDAStream().stream());
+  TORCH_CHECK(err == nullptr, op, ": ", err ? err : "");
+  return out.to(pref.scalar_type());
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(palora, m) {
@@ -147,11 +218,16 @@ TORCH_LIBRARY_FRAGMENT(palora, m) {
         "int rows_per_sample, float scale) -> (Tensor, Tensor)");
   m.def("lora_conv2d_cuda(Tensor x, Tensor weight, Tensor down, Tensor? bias, Tensor up, Tensor pref, "
         "int[] stride, int[] padding, int[] dilation, float scale) -> (Tensor, Tensor)");
+  m.def("lora_conv2d_dgrad_cuda(Tensor dy, Tensor weight, Tensor down, Tensor up, Tensor pref, int[] x_hw, "
+        "int[] stride, int[] padding, int[] dilation, float scale) -> (Tensor, Tensor)");
+  m.def("pref_grad_cuda(Tensor h, Tensor dg, Tensor pref, int rows_per_sample, int rank, float scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(palora, CUDA, m) {
   m.impl("lora_mm_cuda", &lora_mm_cuda);
   m.impl("lora_conv2d_cuda", &lora_conv2d_cuda);
+  m.impl("pref_grad_cuda", &pref_grad_cuda);
+  m.impl("lora_conv2d_dgrad_cuda", &lora_conv2d_dgrad_cuda);
 }
 
 }  // namespace palora

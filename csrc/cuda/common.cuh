@@ -64,4 +64,73 @@ template <> struct Num<__nv_bfloat16> {
 
 __host__ __device__ inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// Division by a runtime divisor d >= 1 of a dividend 0 <= n < 2^31, by a multiply-high and a
+// shift precomputed on the host (Granlund-Montgomery; the scheme of CUTLASS's FastDivmod): no
+// division instruction, 32-bit or 64-bit, in the kernels' loops. The host side checks n < 2^31.
+struct FastDiv {
+  uint32_t d = 1, mul = 0, shift = 0;
+  FastDiv() = default;
+  explicit FastDiv(int64_t divisor) : d(static_cast<uint32_t>(divisor)) {
+    if (d != 1) {
+      uint32_t l = 0;
+      while ((uint64_t(1) << l) < d) ++l;  // ceil(log2(d))
+      const uint32_t p = 31 + l;
+      mul = static_cast<uint32_t>(((uint64_t(1) << p) + d - 1) / d);
+      shift = p - 32;
+    }
+  }
+  __host__ __device__ __forceinline__ int div(int n) const {
+    if (d == 1) return n;
+#if defined(__CUDA_ARCH__)
+    return static_cast<int>(__umulhi(static_cast<uint32_t>(n), mul) >> shift);
+#else
+    return static_cast<int>(static_cast<uint32_t>((uint64_t(static_cast<uint32_t>(n)) * mul) >> 32) >> shift);
+#endif
+  }
+  // q = n / d and r = n % d
+  __host__ __device__ __forceinline__ void divmod(int n, int& q, int& r) const {
+    q = div(n);
+    r = n - q * static_cast<int>(d);
+  }
+};
+
+// ---- asynchronous global -> shared copies (cp.async, sm_80+) ------------------------------
+// cp_async16(dst, src, n): copy n <= 16 bytes from global src to shared dst and zero-fill the
+// rest of the 16 (n == 0: only zeros, src is not read). dst and src 16-byte aligned. The copy
+// lands only at a cp_async_wait<N>() that retires its group (cp_async_commit() closes a group);
+// the emulator poisons dst until then, so a missing wait reads NaN. -DPALORA_BREAK_CPASYNC_WAIT
+// builds a variant whose waits do nothing: the tests check that it gives wrong results.
+#ifdef PALORA_EMU
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, int n) { ::palora_emu::cp_async(dst, src, 16, n); }
+__device__ __forceinline__ void cp_async_commit() { ::palora_emu::cp_async_commit(); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+#ifndef PALORA_BREAK_CPASYNC_WAIT
+  ::palora_emu::cp_async_wait(N);
+#endif
+}
+#else
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, int n) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(src), "r"(n));
+#else  // synchronous fallback for older archs
+  const unsigned char* sp = static_cast<const unsigned char*>(src);
+  unsigned char* dp = static_cast<unsigned char*>(dst);
+  for (int i = 0; i < 16; ++i) dp[i] = i < n ? sp[i] : 0;
+#endif
+}
+__device__ __forceinline__ void cp_async_commit() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;\n" ::);
+#endif
+}
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800 && !defined(PALORA_BREAK_CPASYNC_WAIT)
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+#endif
+}
+#endif
+
 }  // namespace palora

@@ -27,27 +27,36 @@ inline const char* check_lora_conv2d(const LoraConvArgs& a) {
 template <class T>
 const char* lora_conv2d_typed(const LoraConvArgs& a, void* stream) {
   const int64_t HoWo = a.Ho * a.Wo, K = a.C_in * a.kh * a.kw;
-  if (HoWo == 0) return nullptr;
+  if (HoWo == 0 || a.N == 0) return nullptr;
+  for (auto [what, v] : {std::pair<const char*, int64_t>{"N * Ho * Wo (rows)", a.N * HoWo}, {"C_in * kh * kw (K)", K},
+                         {"C_out", a.C_out}, {"R", a.R}, {"H", a.H}, {"W", a.W}})
+    if (const char* e = check_int32("lora_conv2d", what, v)) return e;
+  // the gather computes ho * stride - pad + i * dilation in 32 bits
+  if (a.Ho * a.stride_h + a.kh * a.dil_h > 0x3fffffff || a.Wo * a.stride_w + a.kw * a.dil_w > 0x3fffffff)
+    return arg_error("lora_conv2d: stride/dilation: the input extent they span exceeds 2^30");
   GemmParams p{};
-  p.a = a.x; p.C = a.C_in; p.H = a.H; p.W = a.W; p.kh = a.kh; p.kw = a.kw;
-  p.sh = a.stride_h; p.sw = a.stride_w; p.ph = a.pad_h; p.pw = a.pad_w; p.dh = a.dil_h; p.dw = a.dil_w; p.Wo = a.Wo;
+  p.a = a.x; p.H = static_cast<int>(a.H); p.W = static_cast<int>(a.W); p.kh = static_cast<int>(a.kh); p.kw = static_cast<int>(a.kw);
+  p.sh = static_cast<int>(a.stride_h); p.sw = static_cast<int>(a.stride_w); p.ph = static_cast<int>(a.pad_h);
+  p.pw = static_cast<int>(a.pad_w); p.dh = static_cast<int>(a.dil_h); p.dw = static_cast<int>(a.dil_w);
+  p.div_khw = FastDiv(a.kh * a.kw); p.div_kw = FastDiv(a.kw); p.div_Wo = FastDiv(a.Wo);
   p.sxn = a.stride_xn; p.sxc = a.stride_xc; p.sxh = a.stride_xh; p.sxw = a.stride_xw;
-  p.rows = a.N * HoWo; p.K = K;
+  p.rows = static_cast<int>(a.N * HoWo); p.K = static_cast<int>(K);
   p.b_sk = 1; p.b_sc = K;  // weight (down) row c is output channel c
-  p.z_hw = HoWo;
+  p.div_hw = FastDiv(HoWo);
   // 1. shrink: H = im2col(x) A_cat^T -> h
   GemmParams sh = p;
-  sh.cols = a.R; sh.b = a.down;
+  sh.cols = static_cast<int>(a.R); sh.b = a.down;
   sh.z = a.h; sh.z_sn = a.stride_hn; sh.z_sp = a.stride_hp; sh.z_sc = a.stride_hc;
-  if (const char* e = launch_gemm<T, ShrinkCfg, true>(sh, stream)) return e;
+  if (const char* e = launch_gemm<T, ShrinkCfg, kIm2col>(sh, stream)) return e;
   // 2. fused: y = im2col(x) W^T + bias + (H * S_n) B_cat^T
   GemmParams f = p;
-  f.cols = a.C_out; f.b = a.weight; f.bias = a.bias; f.bias_s = a.stride_bias;
+  f.cols = static_cast<int>(a.C_out); f.b = a.weight; f.bias = a.bias; f.bias_s = a.stride_bias;
   f.z = a.y; f.z_sn = a.stride_yn; f.z_sp = a.stride_yp; f.z_sc = a.stride_yc;
-  f.R = a.R; f.h = a.h; f.h_sn = a.stride_hn; f.h_sp = a.stride_hp; f.h_sc = a.stride_hc; f.up = a.up; f.up_sr = a.stride_ur; f.up_sc = a.stride_uc;
-  f.pref = a.pref; f.P = a.P; f.rank = a.R / a.T; f.rows_per_sample = HoWo;
+  f.R = static_cast<int>(a.R); f.h = a.h; f.h_sn = a.stride_hn; f.h_sp = a.stride_hp; f.h_sc = a.stride_hc;
+  f.up = a.up; f.up_sr = a.stride_ur; f.up_sc = a.stride_uc;
+  f.pref = a.pref; f.P = static_cast<int>(a.P); f.div_rank = FastDiv(a.R / a.T); f.div_rps = FastDiv(HoWo);
   f.pref_sp = a.stride_pp; f.pref_st = a.stride_pt; f.scale = static_cast<float>(a.scale);
-  return launch_gemm<T, FusedCfg, true>(f, stream);
+  return launch_gemm<T, FusedCfg, kIm2col>(f, stream);
 }
 
 inline const char* lora_conv2d_dispatch(const LoraConvArgs& a, void* stream) {

@@ -6,6 +6,7 @@
 // The same call serves the forward (W^T, A_cat^T, B_cat^T) and dX (W, B_cat, A_cat).
 #pragma once
 #include <string>
+#include <utility>
 
 #include "cuda/lora_gemm.cuh"
 
@@ -31,26 +32,37 @@ inline const char* check_lora_mm(const LoraMMArgs& a) {
   return nullptr;
 }
 
+// The kernels' index math is 32-bit: sizes below 2^31 (offsets stay 64-bit).
+inline const char* check_int32(const char* op, const char* what, int64_t v) {
+  if (v < 0x7fffffff) return nullptr;
+  return arg_error(std::string(op) + ": " + what + ": expected < 2^31 - 1 (32-bit tile indices), got " + std::to_string(v));
+}
+
 template <class T>
 const char* lora_mm_typed(const LoraMMArgs& a, void* stream) {
+  for (auto [what, v] : {std::pair<const char*, int64_t>{"x.shape[0] (N)", a.N}, {"x.shape[1] (K)", a.K},
+                         {"wm.shape[1] (M)", a.M}, {"down.shape[1] (R)", a.R}})
+    if (const char* e = check_int32("lora_mm", what, v)) return e;
   GemmParams p{};
   p.a = a.x; p.a_sm = a.stride_xn; p.a_sk = a.stride_xk;
-  p.rows = a.N; p.K = a.K;
-  p.z_hw = 1; p.z_sp = 0;
+  p.rows = static_cast<int>(a.N); p.K = static_cast<int>(a.K);
+  p.div_hw = FastDiv(1); p.z_sp = 0;
   // 1. shrink: H = x down -> h
   GemmParams sh = p;
-  sh.cols = a.R; sh.b = a.down; sh.b_sk = a.stride_dk; sh.b_sc = a.stride_dr;
+  sh.cols = static_cast<int>(a.R); sh.b = a.down; sh.b_sk = a.stride_dk; sh.b_sc = a.stride_dr;
   sh.z = a.h; sh.z_sn = a.stride_hn; sh.z_sc = a.stride_hc;
-  if (const char* e = launch_gemm<T, ShrinkCfg, false>(sh, stream)) return e;
+  if (const char* e = launch_gemm<T, ShrinkCfg, kDense>(sh, stream)) return e;
   // 2. fused: y = x wm + bias + (H * S) up
   GemmParams f = p;
   f.z = a.y; f.z_sn = a.stride_yn; f.z_sc = a.stride_yc;
-  f.cols = a.M; f.b = a.wm; f.b_sk = a.stride_wk; f.b_sc = a.stride_wm;
+  f.cols = static_cast<int>(a.M); f.b = a.wm; f.b_sk = a.stride_wk; f.b_sc = a.stride_wm;
   f.bias = a.bias; f.bias_s = a.stride_bias;
-  f.R = a.R; f.h = a.h; f.h_sn = a.stride_hn; f.h_sp = 0; f.h_sc = a.stride_hc; f.up = a.up; f.up_sr = a.stride_ur; f.up_sc = a.stride_um;
-  f.pref = a.pref; f.P = a.P; f.rank = a.R / a.T; f.rows_per_sample = a.rows_per_sample;
+  f.R = static_cast<int>(a.R); f.h = a.h; f.h_sn = a.stride_hn; f.h_sp = 0; f.h_sc = a.stride_hc;
+  f.up = a.up; f.up_sr = a.stride_ur; f.up_sc = a.stride_um;
+  f.pref = a.pref; f.P = static_cast<int>(a.P); f.div_rank = FastDiv(a.R / a.T);
+  f.div_rps = FastDiv(a.rows_per_sample < 1 ? 1 : a.rows_per_sample);
   f.pref_sp = a.stride_pp; f.pref_st = a.stride_pt; f.scale = static_cast<float>(a.scale);
-  return launch_gemm<T, FusedCfg, false>(f, stream);
+  return launch_gemm<T, FusedCfg, kDense>(f, stream);
 }
 
 inline const char* lora_mm_dispatch(const LoraMMArgs& a, void* stream) {

@@ -50,8 +50,48 @@ struct LoraConvArgs {
   double scale;
 };
 
-// Both return nullptr on success, else a message naming the bad argument or the CUDA error.
+// The conv's data gradient, two launches (csrc/cuda/conv_dgrad.cuh):
+//   dG (N, R, Ho, Wo) = B_cat^T dY per pixel                          (1x1 implicit GEMM)
+//   dX (N, C_in, H, W) = convT(dY, W) + convT(dG * S_n, A_cat)         (transposed implicit GEMM
+//                        over K = (C_out + R) kh kw, [dY | dG*S] against [W; A_cat])
+// dY any strides; dX and dG dense NCHW or NHWC (pixel q of image n, channel c at n*s_n + q*s_p + c*s_c).
+struct LoraConvDgradArgs {
+  const void* dy;     // (N, C_out, Ho, Wo)
+  const void* weight; // (C_out, C_in, kh, kw), contiguous
+  const void* down;   // (R, C_in, kh, kw), contiguous: A_cat
+  const void* up;     // (C_out, R): B_cat
+  const float* pref;  // (P, T), fp32, P == 1 or N
+  void* dx;           // (N, C_in, H, W)
+  void* dg;           // (N, R, Ho, Wo)
+  int64_t dtype, N, C_in, H, W, C_out, R, kh, kw, P, T;
+  int64_t stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, Ho, Wo;
+  int64_t stride_dyn, stride_dyc, stride_dyh, stride_dyw;
+  int64_t stride_uc, stride_ur, stride_pp, stride_pt;
+  int64_t stride_xn, stride_xp, stride_xc, stride_gn, stride_gp, stride_gc;
+  double scale;
+};
+
+// dp (P, T) fp32 = scale * sum over the rows of sample p of sum_j H[n, t*rank+j] dG[n, t*rank+j]
+// (csrc/cuda/pref_grad.cuh). partial: a workspace of pref_grad_workspace(args) floats.
+struct PrefGradArgs {
+  const void* h;      // (N, R)
+  const void* dg;     // (N, R)
+  float* partial;     // workspace
+  float* out;         // (P, T) fp32, dense
+  int64_t dtype, N, R, T, rank, P, rows_per_sample;
+  int64_t stride_hn, stride_hc, stride_gn, stride_gc;
+  double scale;
+};
+constexpr int64_t kPrefRows = 128;  // rows of one sample summed by one block
+inline int64_t pref_grad_workspace(const PrefGradArgs& a) {
+  const int64_t L = a.P == 1 ? a.N : a.rows_per_sample;
+  return (L + kPrefRows - 1) / kPrefRows * a.P * a.T;
+}
+
+// All return nullptr on success, else a message naming the bad argument or the CUDA error.
 const char* lora_mm_launch(const LoraMMArgs& args, void* stream);
 const char* lora_conv2d_launch(const LoraConvArgs& args, void* stream);
+const char* pref_grad_launch(const PrefGradArgs& args, void* stream);
+const char* lora_conv2d_dgrad_launch(const LoraConvDgradArgs& args, void* stream);
 
 }  // namespace palora

@@ -12,6 +12,10 @@
 //   * threadIdx/blockIdx/blockDim/gridDim are per fiber (set on every switch);
 //   * the order in which fibers run between barriers is a parameter (forward, reverse,
 //     seeded shuffle): a race-free kernel gives bit-identical results under every order;
+//   * cp.async (cp_async in common.cuh) is a per-thread queue: the destination is poisoned with
+//     0xFF bytes (NaN) when the copy is issued and the bytes land only at the cp.async.wait_group
+//     that retires the copy's group, so reading a tile before its wait gives NaN; 16-byte
+//     alignment of both addresses is checked;
 //   * nvcuda::wmma is emulated with per-thread full-tile fragments (fragments are opaque in
 //     CUDA, so this is a faithful model); load/store check the documented ldm and 256-bit
 //     pointer alignment rules.
@@ -108,10 +112,18 @@ struct Fiber {
   int barrier_line = 0;
   uint3 tid{0, 0, 0};
   size_t shared_calls = 0;  // index of this fiber's next PALORA_SHARED declaration
+  struct Copy {
+    unsigned char* dst;
+    const unsigned char* src;
+    int bytes, src_bytes;
+    int64_t group;
+  };
+  std::vector<Copy> copies;  // issued cp.async copies not yet retired by a wait
+  int64_t groups = 0;        // cp.async groups committed so far
 };
 
 struct Stats {
-  int64_t launches = 0, blocks = 0, barriers = 0, switches = 0;
+  int64_t launches = 0, blocks = 0, barriers = 0, switches = 0, async_copies = 0;
 };
 
 struct Runtime {
@@ -175,6 +187,35 @@ inline unsigned char* block_shared(size_t bytes) {
   return reinterpret_cast<unsigned char*>(base) + rt.allocs[k].first;
 }
 
+// cp.async: dst poisoned now, filled (src_bytes from src, then zeros) at the retiring wait
+inline void cp_async(void* dst, const void* src, int bytes, int src_bytes) {
+  if (reinterpret_cast<uintptr_t>(dst) % bytes != 0 || (src_bytes > 0 && reinterpret_cast<uintptr_t>(src) % bytes != 0))
+    fail("cp.async: " + std::to_string(bytes) + "-byte copy with a misaligned source or destination");
+  if (src_bytes < 0 || src_bytes > bytes) fail("cp.async: src-size " + std::to_string(src_bytes) + " out of range");
+  const uintptr_t base = (reinterpret_cast<uintptr_t>(rt.arena.data()) + 255) & ~uintptr_t(255);
+  const uintptr_t d = reinterpret_cast<uintptr_t>(dst);
+  if (d < base || d + bytes > base + kSharedBytes) fail("cp.async: the destination is not shared memory");
+  Fiber& f = self();
+  ++rt.stats.async_copies;
+  std::memset(dst, 0xff, bytes);
+  f.copies.push_back({static_cast<unsigned char*>(dst), static_cast<const unsigned char*>(src), bytes, src_bytes, f.groups});
+}
+inline void cp_async_commit() { ++self().groups; }
+// cp.async.wait_group n: every group but the newest n committed ones has landed
+inline void cp_async_wait(int n) {
+  Fiber& f = self();
+  std::vector<Fiber::Copy> keep;
+  for (const auto& c : f.copies) {
+    if (c.group < f.groups - n) {
+      if (c.src_bytes) std::memcpy(c.dst, c.src, c.src_bytes);
+      std::memset(c.dst + c.src_bytes, 0, c.bytes - c.src_bytes);
+    } else {
+      keep.push_back(c);
+    }
+  }
+  f.copies.swap(keep);
+}
+
 inline void trampoline() {
   (*rt.body)();
   Fiber& f = self();
@@ -215,6 +256,8 @@ inline bool run_block(int nthreads) {
     f.tid = uint3{i % blockDim.x, (i / blockDim.x) % blockDim.y, i / (blockDim.x * blockDim.y)};
     f.state = kRunnable;
     f.shared_calls = 0;
+    f.copies.clear();
+    f.groups = 0;
     getcontext(&f.ctx);
     f.ctx.uc_stack.ss_sp = f.stack + kPage;
     f.ctx.uc_stack.ss_size = kStackBytes;
@@ -307,6 +350,13 @@ inline const char* take_error() {
 }  // namespace palora_emu
 
 #define __syncthreads() ::palora_emu::syncthreads(__LINE__)
+
+// fibers switch only at barriers: a read-modify-write is atomic
+inline float atomicAdd(float* p, float v) {
+  float old = *p;
+  *p = old + v;
+  return old;
+}
 
 // ---- nvcuda::wmma: per-thread full-tile fragments -------------------------------------
 namespace nvcuda {

@@ -33,8 +33,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .. import _ops
-from .._math import composite_grads, conv_composite, merged_deltas, row_scale, stack_A, stack_B, unstack_B, use_weight_space, weight_space_grads
+from .. import _ops, dispatch
+from .._math import (composite_grads, conv_composite, merged_deltas, row_scale, stack_A, stack_B, unstack_B,
+                     use_weight_space, weight_space_grads)
 
 
 def _cm(t: torch.Tensor) -> torch.Tensor:
@@ -84,13 +85,13 @@ class PaLoRAConv2dFunction(torch.autograd.Function):
             y, h = _ops.lora_conv2d(x, weight, stack_A(lora_A), bias, stack_B(lora_B), pref, stride, padding,
                                     dilation, scale, backend)
         ctx.save_for_backward(x, weight, lora_A, lora_B, pref, h)
-        ctx.conf = (stride, padding, dilation, scale, bias is not None, ws)
+        ctx.conf = (stride, padding, dilation, scale, bias is not None, ws, backend)
         return y
 
     @staticmethod
     def backward(ctx, dy):
         x, weight, lora_A, lora_B, pref, h = ctx.saved_tensors
-        stride, padding, dilation, scale, has_bias, ws = ctx.conf
+        stride, padding, dilation, scale, has_bias, ws, backend = ctx.conf
         needs = ctx.needs_input_grad[:6]
         if torch.is_grad_enabled():      # create_graph: a differentiable backward (module docstring)
             dx, dW, dA, dB, dp = composite_grads(
@@ -108,16 +109,25 @@ class PaLoRAConv2dFunction(torch.autograd.Function):
         B_cat = stack_B(lora_B)                                           # (C_out, R)
         S = row_scale(pref.to(h.dtype), rank, scale)[:, :, None]          # (P, R, 1)
         dy3, h3 = _cm(dy), _cm(h)                                         # (N, C_out, HW), (N, R, HW)
-        dg = torch.matmul(B_cat.t(), dy3)                                 # (N, R, HW)
         dx = dW = db = dA = dB = dp = None
-        if need_x or need_w or need_A or (need_b and has_bias):
+        # a backend with a data-gradient kernel (cuda, cuda_sim) computes dX and dG in two launches
+        kernel_dx = need_x and "lora_conv2d_dgrad" in dispatch.record(backend).kernels
+        if kernel_dx:
+            dx, dg = _ops.lora_conv2d_dgrad(dy, weight, stack_A(lora_A), B_cat, pref, [x.shape[2], x.shape[3]],
+                                            stride, padding, dilation, scale, backend)
+            dg = _cm(dg)                                                  # (N, R, HW)
+        else:
+            dg = torch.matmul(B_cat.t(), dy3)                             # (N, R, HW)
+        if (need_x and not kernel_dx) or need_w or need_A or (need_b and has_bias):
             wcat = torch.cat([weight, stack_A(lora_A)])
-            dz = torch.cat([dy, (dg * S).view(N, R, Ho, Wo).contiguous(memory_format=_ops.conv_memory_format(dy))],
+            dz = torch.cat([dy, (dg * S).reshape(N, R, Ho, Wo).contiguous(memory_format=_ops.conv_memory_format(dy))],
                            dim=1)
-            dx, dwcat, dbcat = torch.ops.aten.convolution_backward(
+            dx_conv, dwcat, dbcat = torch.ops.aten.convolution_backward(
                 dz, x, wcat, [C_out + R] if has_bias else None, stride, padding, dilation,
-                False, [0, 0], 1, [need_x, need_w or need_A, need_b and has_bias])
+                False, [0, 0], 1, [need_x and not kernel_dx, need_w or need_A, need_b and has_bias])
             del dz
+            if not kernel_dx:
+                dx = dx_conv
             if dwcat is not None:
                 dW, dA = (dwcat[:C_out] if need_w else None), (dwcat[C_out:].view(lora_A.shape) if need_A else None)
             if dbcat is not None:

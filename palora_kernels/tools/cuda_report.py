@@ -2,7 +2,13 @@
 
 ``cuda_rows()`` gives one dict per kernel and arch: kernel, config, arch, registers, spills
 (bytes of local memory: 0 means ptxas spilled nothing), smem (static shared bytes per block),
-tensor_core (number of HMMA/mma instructions in its SASS). cuobjdump ships in triton's wheel
+tensor_core (number of HMMA/mma instructions in its SASS), and the memory-pipeline facts of its
+SASS: ldgsts (cp.async global->shared copies, LDGSTS), ldsm (ldmatrix loads of WMMA fragments,
+LDSM), div64 (64-bit integer divisions: the reciprocal I2F.U64.RP that starts nvcc's 64-bit
+division sequence, inline or in a called subroutine; 0 means none anywhere in the kernel, so none
+in its main loop), div32 (32-bit divisions by a runtime value, I2F.U32.RP: the grouped tile order,
+once per block) and calls (subroutine returns, RET.REL: nvcc's division routines are subroutines).
+expect_ldgsts / expect_ldsm say what kernel_report requires of the row. cuobjdump ships in triton's wheel
 (triton/backends/nvidia/bin), so no CUDA toolkit is needed at run time. No GPU is needed.
 """
 from __future__ import annotations
@@ -16,8 +22,16 @@ from typing import List, Optional
 # tile configs of csrc/cuda/lora_gemm.cuh (BM x BN x BK, 128 threads)
 _CONFIGS = {"FusedCfg": ("fused", "64x64x32"), "ShrinkCfg": ("shrink", "128x32x32")}
 _DTYPES = {"f": "fp32", "6__half": "fp16", "13__nv_bfloat16": "bf16"}
-_KERNEL = re.compile(r"lora_gemm_kernelI(f|6__half|13__nv_bfloat16)NS_(\d+)(\w+?Cfg)ELb([01])E")
+# lora_gemm_kernel<T, Cfg, Gather G, BKMAJ>: G 0 dense (lora_mm), 1 im2col (lora_conv2d, and the dG
+# shrink of lora_conv2d_dgrad), 2 the transposed gather of lora_conv2d_dgrad
+_KERNEL = re.compile(r"lora_gemm_kernelI(f|6__half|13__nv_bfloat16)NS_(\d+)(\w+?Cfg)ELi([012])ELb([01])E")
+_GATHER_OP = {"0": "lora_mm", "1": "lora_conv2d", "2": "lora_conv2d_dgrad"}
+_PREF = re.compile(r"pref_grad_(partial|finish)_kernel(?:I(f|6__half|13__nv_bfloat16)E)?")
 _TC = re.compile(r"\b(HMMA|IMMA|HGMMA|mma)\b")
+# SASS opcodes counted per kernel (the column name, the pattern)
+_SASS = {"ldgsts": re.compile(r"\bLDGSTS\b"), "ldsm": re.compile(r"\bLDSM\b"),
+         "div64": re.compile(r"\bI2F\.U64\.RP\b"), "div32": re.compile(r"\bI2F\.U32\.RP\b"),
+         "calls": re.compile(r"\bRET\.REL")}
 
 
 def find_cuobjdump() -> Optional[str]:
@@ -63,11 +77,15 @@ def _dump(flag: str, path: str) -> str:
 def _name(mangled: str):
     m = _KERNEL.search(mangled)
     if not m:
+        pm = _PREF.search(mangled)
+        if pm:   # csrc/cuda/pref_grad.cuh: the partial sums are per dtype, the finish reads fp32
+            return f"pref_grad.{pm.group(1)}", f"{_DTYPES[pm.group(2)] if pm.group(2) else 'fp32'} 128 threads simt"
         return mangled, ""
-    dtype, cfg, im2col = _DTYPES[m.group(1)], m.group(3), m.group(4) == "1"
+    dtype, cfg, bk = _DTYPES[m.group(1)], m.group(3), m.group(5) == "1"
     role, tile = _CONFIGS.get(cfg, (cfg, "?"))
-    op = "lora_conv2d" if im2col else "lora_mm"
-    return f"{op}.{role}", f"{dtype} tile {tile} 128 threads {'wmma' if dtype != 'fp32' else 'simt'}"
+    op = _GATHER_OP[m.group(4)]
+    return (f"{op}.{role}", f"{dtype} tile {tile} 128 threads {'wmma' if dtype != 'fp32' else 'simt'} "
+                            f"B {'k' if bk else 'n'}-major")
 
 
 def cuda_rows(path: Optional[str] = None) -> List[dict]:
@@ -92,7 +110,11 @@ def cuda_rows(path: Optional[str] = None) -> List[dict]:
             kernel, config = _name(fn)
             row = {"kernel": kernel, "config": config, "arch": arch, "registers": int(u.group(1)),
                    "spills": int(u.group(2)) + int(u.group(4)), "smem": int(u.group(3)), "tensor_core": 0,
-                   "function": fn}
+                   "function": fn, **{k: 0 for k in _SASS}}
+            if _KERNEL.search(fn):   # GEMM kernels have a cp.async path (not the all-gather dX of the
+                # conv: its A and B tiles are both gathered element by element); 16-bit ones WMMA from smem
+                row["expect_ldgsts"] = kernel != "lora_conv2d_dgrad.fused"
+                row["expect_ldsm"] = config.startswith(("fp16", "bf16")) and int(arch[3:]) >= 80
             index[(arch, fn)] = row
             rows.append(row)
     arch = fn = None
@@ -102,8 +124,13 @@ def cuda_rows(path: Optional[str] = None) -> List[dict]:
         m = re.match(r"\s*Function : (\S+)", line)
         if m:
             fn = m.group(1)
-        elif fn and _TC.search(line) and (arch, fn) in index:
-            index[(arch, fn)]["tensor_core"] += 1
+        elif fn and (arch, fn) in index:
+            row = index[(arch, fn)]
+            if _TC.search(line):
+                row["tensor_core"] += 1
+            for key, pat in _SASS.items():
+                if pat.search(line):
+                    row[key] += 1
     return rows
 
 
@@ -112,5 +139,6 @@ if __name__ == "__main__":
     if why:
         print(f"no CUDA kernels: {why}")
     for r in cuda_rows():
-        print(f"{r['kernel']:20s} {r['config']:40s} {r['arch']:6s} regs {r['registers']:4d} "
-              f"spills {r['spills']:3d} smem {r['smem']:6d} tensor_core {r['tensor_core']}")
+        print(f"{r['kernel']:20s} {r['config']:50s} {r['arch']:6s} regs {r['registers']:4d} "
+              f"spills {r['spills']:3d} smem {r['smem']:6d} tensor_core {r['tensor_core']:3d} "
+              f"ldgsts {r['ldgsts']:3d} ldsm {r['ldsm']:3d} div64 {r['div64']} div32 {r['div32']} calls {r['calls']}")

@@ -9,7 +9,8 @@ wheel). Prints one table and exits 1 if any config fails to compile, spills, exc
 memory of its arch, or (a bf16 or TF32 kernel) runs without tensor cores. IEEE fp32 and fp64 run on
 FMA units by design: their rows say so and are not failures for it.
 Rows of palora_kernels.tools.cuda_report.cuda_rows() (the CUDA C++ kernels), if that module
-exists, are checked and printed the same way.
+exists, are checked and printed the same way, and must also show LDGSTS (cp.async), LDSM (ldmatrix,
+16-bit kernels) and no 64-bit integer division in their SASS.
 
 Compiled for bf16 (the tensor-core configs; fp16 tiles are the same size), TF32 (fp32 when torch
 allows TF32 matmuls), IEEE fp32 and fp64, for a 4096 x 4096 layer with T=3 tasks of rank 8 (R=24 ->
@@ -32,7 +33,7 @@ import time
 SMEM_LIMIT = {"sm_80": 166912, "sm_90": 232448}   # max dynamic smem per block (A100 163 KB, H100 227 KB)
 ARCHS = {"sm_80": 80, "sm_90": 90}
 TC = {"sm_80": ("mma.sync.aligned", "HMMA"), "sm_90": ("wgmma.mma_async", "HGMMA")}
-KEYS = ("kernel", "config", "arch", "registers", "spills", "smem", "tensor_core")
+KEYS = ("kernel", "config", "arch", "registers", "spills", "smem", "tensor_core", "ldgsts", "ldsm", "div64")
 
 
 # one per MMA class: tensor cores (bf16; fp16 tiles are the same size), TF32 tensor cores (fp32 with
@@ -245,6 +246,13 @@ def problems(row) -> list:
         out.append(f"smem {row.get('smem')} > {limit}")
     if row.get("expect_tc") and row.get("tensor_core") in (None, "none", False):
         out.append("no tensor-core instruction")
+    # CUDA C++ rows (cuda_report): the cp.async pipeline, ldmatrix fragments, no 64-bit division
+    if row.get("expect_ldgsts") and not row.get("ldgsts"):
+        out.append("no LDGSTS (cp.async)")
+    if row.get("expect_ldsm") and not row.get("ldsm"):
+        out.append("no LDSM (ldmatrix)")
+    if row.get("div64"):
+        out.append(f"{row['div64']} 64-bit division sequences")
     return out
 
 

@@ -1,10 +1,9 @@
-"""MultiLeNet (Sener & Koltun 2018; the PaLoRA paper's MultiMNIST network) sized for 14x14 inputs.
+"""MultiLeNet (Sener & Koltun 2018; the PaLoRA paper's MultiMNIST network) sized for small inputs.
 
 Trunk: conv 5x5 (1->10, pad 2) -> [BN] -> maxpool 2 -> ReLU -> conv 5x5 (10->20, pad 2) -> [BN]
--> maxpool 2 -> ReLU -> flatten (20*3*3 = 180) -> linear 180->50 -> ReLU.
+-> maxpool 2 -> ReLU -> flatten (20*3*3 = 180 for 12x12 and 14x14 inputs) -> linear 180->50 -> ReLU.
 Heads: one per task, linear 50->50 -> ReLU -> linear 50->classes.
-The paper's dropout is left out: it would make the stacked and looped passes draw
-different masks (and the net does not overfit in the default run: see docs/training.md).
+No dropout, like the PaLoRA reference's MultiLeNet.
 """
 from __future__ import annotations
 

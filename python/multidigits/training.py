@@ -1,6 +1,6 @@
 """Losses, the ray-stacked and M-pass PaLoRA steps, the training loop and evaluation.
 
-Linear scalarisation (DESIGN.md section 3): the loss of ray m is sum_t lambda_{m,t} L_t with
+Linear scalarisation (docs/design.md section 3): the loss of ray m is sum_t lambda_{m,t} L_t with
 L_t the mean cross-entropy of task t over the batch; the M ray losses are summed.
 
 Ray-stacked step: the batch x (B, ...) is repeated M times (ray-major: rows [m*B, (m+1)*B)
@@ -65,11 +65,123 @@ def weighted_loss(weights: torch.Tensor, tasks: Optional[list] = None):
     return loss_fn
 
 
-def palora_loss(sampler, stacked: bool = True):
+class LossBalancer:
+    """PaLoRA's loss balancing (LB), as the reference behaves: keep the mean task losses of the last
+    ``window`` steps; once more than ``window`` steps have been seen, task t's loss is multiplied by
+    w_t = 1 - mean_t / sum_k mean_k (so, with 2 tasks, each task is weighted by the OTHER task's
+    share of the running loss: the task that is already low is not left behind). Before that w = 1.
+    The reference pushes the losses once per ray pass; here once per step (mean over the M rays)."""
+
+    def __init__(self, num_tasks: int, window: int = 25):
+        if window < 1:
+            raise ValueError(f"window: expected >= 1, got {window}")
+        self.window, self.seen = window, 0
+        self.costs = torch.ones(window, num_tasks, dtype=torch.float64)
+        self.weights = torch.ones(num_tasks, dtype=torch.float64)
+
+    def update(self, task_losses: torch.Tensor) -> torch.Tensor:
+        """task_losses (T,) of this step (detached) -> the weights (T,) to use for this step."""
+        self.costs = torch.cat([self.costs[1:], task_losses.detach().double().cpu()[None]])
+        if self.seen > self.window:
+            m = self.costs.mean(0).abs()
+            self.weights = 1 - m / m.sum()
+        self.seen += 1
+        return self.weights
+
+
+def shared_parameters(model: nn.Module) -> list:
+    """The trunk's parameters (everything but the task heads, adapters included): what PaLoRA's
+    gradient balancing normalises by (the reference uses its encoder's parameters)."""
+    model = getattr(model, "module", model)
+    return [p for n, p in model.named_parameters() if not n.startswith("heads.") and p.requires_grad]
+
+
+def ray_loss_gradient_balanced(model: nn.Module, x, labels, rays, xi: float = 1e-3):
+    """PaLoRA's gradient balancing (GB): per ray, sum_t lambda_t L_t / (||grad_shared L_t|| + xi),
+    the norms taken as constants (no second-order term), as in the reference. One pass per ray
+    plus T gradient evaluations for the norms: about (T + 1)x the cost of a plain step."""
+    shared = shared_parameters(model)
+    total, tasks = 0.0, []
+    for ray in rays:
+        with palora_kernels.preference(model, ray.to(x.dtype)):
+            task = per_sample_task_losses(model(x), labels).mean(dim=0)   # (T,)
+        norms = []
+        for t in range(task.shape[0]):
+            g = torch.autograd.grad(task[t], shared, retain_graph=True, allow_unused=True)
+            norms.append(torch.sqrt(sum((gi.double() ** 2).sum() for gi in g if gi is not None)))
+        norms = torch.stack(norms).to(task.dtype)
+        total = total + (ray.to(task.dtype) * task / (norms + xi)).sum()
+        tasks.append(task.detach())
+    return total, torch.stack(tasks)
+
+
+def palora_loss(sampler, stacked: bool = True, balance: str = "none", num_tasks: Optional[int] = None):
+    """The PaLoRA loss of a step: M rays from ``sampler``, linear scalarisation, summed over rays.
+    balance: 'none', 'lb' (loss balancing, :class:`LossBalancer`) or 'gb' (gradient balancing,
+    :func:`ray_loss_gradient_balanced`; always one pass per ray)."""
+    if balance not in ("none", "lb", "gb"):
+        raise ValueError(f"balance: expected 'none', 'lb' or 'gb', got {balance!r}")
     step_fn = ray_loss_stacked if stacked else ray_loss_loop
+    balancer = None
+    if balance == "lb":
+        if num_tasks is None:
+            raise ValueError("num_tasks: expected the number of tasks with balance='lb', got None")
+        balancer = LossBalancer(num_tasks)
 
     def loss_fn(model, x, labels, step):
-        return step_fn(model, x, labels, sampler(step, dtype=x.dtype, device=x.device))
+        rays = sampler(step, dtype=x.dtype, device=x.device)
+        if balance == "gb":
+            return ray_loss_gradient_balanced(model, x, labels, rays)
+        if balancer is None:
+            return step_fn(model, x, labels, rays)
+        # LB: the weights come from past steps' losses, so scaling the rays by them is exact
+        # (w is a constant in this step's graph); the current losses are pushed after the pass
+        w = balancer.weights.to(dtype=x.dtype, device=x.device)
+        loss, task = step_fn(model, x, labels, rays * w)
+        balancer.update(task.mean(0))
+        return loss, task
+    return loss_fn
+
+
+# -- PaMaL-style weight ensemble ----------------------------------------------------------------
+class WeightEnsemble(nn.Module):
+    """PaMaL-style baseline: T full copies of a network (independently initialised), used at
+    preference lambda as ONE network with weights sum_t lambda_t theta_t (torch.func.functional_call).
+    ``set_ray`` fixes the preference for plain forward calls (evaluation)."""
+
+    def __init__(self, make_net: Callable[[], nn.Module], num_tasks: int):
+        super().__init__()
+        self.members = nn.ModuleList(make_net() for _ in range(num_tasks))
+        self.ray: Optional[torch.Tensor] = None
+
+    def set_ray(self, ray: Optional[torch.Tensor]) -> None:
+        self.ray = ray
+
+    def mixed(self, ray: torch.Tensor) -> dict:
+        names = [n for n, _ in self.members[0].named_parameters()]
+        params = [dict(m.named_parameters()) for m in self.members]
+        return {n: sum(ray[t].to(params[t][n].dtype) * params[t][n] for t in range(len(self.members)))
+                for n in names}
+
+    def forward(self, x: torch.Tensor):
+        if self.ray is None:
+            raise ValueError("ray: expected a preference set with set_ray(...) before forward, got None")
+        return torch.func.functional_call(self.members[0], self.mixed(self.ray), (x,))
+
+
+def ensemble_loss(sampler):
+    """PaMaL's loss: the M rays of a step, one mixed network per ray, linear scalarisation, summed."""
+    def loss_fn(model, x, labels, step):
+        model = getattr(model, "module", model)
+        rays = sampler(step, dtype=x.dtype, device=x.device)
+        total, tasks = 0.0, []
+        for ray in rays:
+            model.set_ray(ray)
+            task = per_sample_task_losses(model(x), labels).mean(dim=0)
+            total = total + (ray * task).sum()
+            tasks.append(task.detach())
+        model.set_ray(None)
+        return total, torch.stack(tasks)
     return loss_fn
 
 
@@ -105,15 +217,28 @@ class TrainResult:
     history: list
 
 
+def param_groups(model: nn.Module, lr: float, adapter_lr_mult: float = 1.0):
+    """Adam parameter groups: the adapters (lora_A, lora_B) at lr * adapter_lr_mult, the rest at lr
+    (the reference's ``reweight_lr`` gives adapters lr * T)."""
+    if adapter_lr_mult == 1.0:
+        return [{"params": list(model.parameters())}]
+    lora = [p for n, p in model.named_parameters() if "lora_" in n]
+    rest = [p for n, p in model.named_parameters() if "lora_" not in n]
+    return [{"params": rest}, {"params": lora, "lr": lr * adapter_lr_mult}]
+
+
 def train(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, loss_fn: Callable, *,
           epochs: int, batch_size: int, lr: float, seed: int, dist: Dist = Dist(),
           max_steps: Optional[int] = None, progress: bool = True, desc: str = "train",
-          backend: Optional[str] = None, log_every: int = 10) -> TrainResult:
+          backend: Optional[str] = None, log_every: int = 10, adapter_lr_mult: float = 1.0,
+          on_epoch_end: Optional[Callable[[int, int], None]] = None) -> TrainResult:
     """Adam on ``loss_fn(model, x, labels, step) -> (loss, per-ray task losses)``.
 
+    Trains ``max_steps`` steps when given (as many epochs as that takes), else ``epochs`` epochs.
     The global batch ``batch_size`` is split evenly over ``dist.world`` ranks; the epoch order is
     a permutation drawn from (seed, epoch), identical on every rank, so 1 process and N
     processes see the same global batches. ``model`` may be wrapped in DDP.
+    ``on_epoch_end(epoch, step)`` is called after every full epoch (and after the last step).
     """
     if batch_size % dist.world:
         raise ValueError(f"batch_size: expected a multiple of the world size {dist.world}, got {batch_size}")
@@ -121,8 +246,9 @@ def train(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, loss_fn:
     spe = steps_per_epoch(n, batch_size)
     if spe == 0:
         raise ValueError(f"batch_size: expected <= the training set size {n}, got {batch_size}")
-    total = epochs * spe if max_steps is None else min(max_steps, epochs * spe)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    total = epochs * spe if max_steps is None else max_steps
+    epochs = -(-total // spe)
+    opt = torch.optim.Adam(param_groups(model, lr, adapter_lr_mult), lr=lr)
     model.train()
     bar = None
     if progress and dist.main:
@@ -151,6 +277,8 @@ def train(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, loss_fn:
                         bar.set_postfix(loss=f"{loss_val:.4f}", img_s=f"{rate:.0f}", refresh=False)
                 if bar is not None:
                     bar.update(1)
+            if on_epoch_end is not None:
+                on_epoch_end(epoch, step)
     seconds = time.perf_counter() - t0
     if bar is not None:
         bar.close()
@@ -167,7 +295,12 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, ray: 
     n, T = labels.shape
     loss_sum = torch.zeros(T, dtype=torch.float64)
     correct = torch.zeros(T, dtype=torch.float64)
-    ctx = palora_kernels.preference(model, ray.to(device)) if ray is not None else contextlib.nullcontext()
+    if ray is None:
+        ctx = contextlib.nullcontext()
+    elif hasattr(model, "set_ray"):          # WeightEnsemble
+        ctx = _ray_set(model, ray.to(device))
+    else:
+        ctx = palora_kernels.preference(model, ray.to(device))
     with ctx:
         for i in range(0, n, batch_size):
             x, y = images[i:i + batch_size].to(device), labels[i:i + batch_size].to(device)
@@ -176,6 +309,15 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, ray: 
             correct += torch.stack([(lg.argmax(1) == y[:, t]).sum() for t, lg in enumerate(logits)]).double().cpu()
     model.train()
     return {"accuracy": (correct / n).tolist(), "loss": (loss_sum / n).tolist()}
+
+
+@contextlib.contextmanager
+def _ray_set(model, ray):
+    model.set_ray(ray)
+    try:
+        yield model
+    finally:
+        model.set_ray(None)
 
 
 def loss_reference_point(classes) -> list:

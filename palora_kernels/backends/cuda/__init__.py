@@ -22,7 +22,9 @@ def check(device: torch.device) -> Optional[str]:
 RECORD = Backend(
     name="cuda",
     kernels={"lora_mm": "palora_kernels.backends.cuda.kernels:lora_mm",
-             "lora_conv2d": "palora_kernels.backends.cuda.kernels:lora_conv2d"},
+             "lora_conv2d": "palora_kernels.backends.cuda.kernels:lora_conv2d",
+             "pref_grad": "palora_kernels.backends.cuda.kernels:pref_grad",
+             "lora_conv2d_dgrad": "palora_kernels.backends.cuda.kernels:lora_conv2d_dgrad"},
     dtypes=HALF_AND_FP32,            # fp64 (gradcheck) goes to the next backend: torch on cuBLAS
     devices=frozenset({"cuda"}),
     priority=20,

@@ -6,7 +6,8 @@ from __future__ import annotations
 import torch
 
 from ... import _ext  # noqa: F401  (loads palora_kernels._C, which registers the ops)
-from ..._ops import check_lora_conv2d, lora_conv2d_layout, lora_mm_layout
+from ..._ops import (check_lora_conv2d, check_lora_conv2d_dgrad, lora_conv2d_dgrad_layout, lora_conv2d_layout,
+                     lora_mm_layout)
 
 if hasattr(torch.ops.palora, "lora_mm_cuda"):
     @torch.library.register_fake("palora::lora_mm_cuda")
@@ -18,6 +19,15 @@ if hasattr(torch.ops.palora, "lora_mm_cuda"):
         Ho, Wo = check_lora_conv2d(x, weight, down, bias, up, pref, stride, padding, dilation)
         return lora_conv2d_layout(x, weight.shape[0], down.shape[0], Ho, Wo)
 
+    @torch.library.register_fake("palora::lora_conv2d_dgrad_cuda")
+    def _(dy, weight, down, up, pref, x_hw, stride, padding, dilation, scale):
+        check_lora_conv2d_dgrad(dy, weight, down, up, pref, x_hw, stride, padding, dilation)
+        return lora_conv2d_dgrad_layout(dy, weight.shape[1], down.shape[0], *x_hw)
+
+    @torch.library.register_fake("palora::pref_grad_cuda")
+    def _(h, dg, pref, rows_per_sample, rank, scale):
+        return pref.new_empty(pref.shape)
+
 
 def lora_mm(x, wm, bias, down, up, pref, rows_per_sample, scale):
     """(y, H); see palora_kernels._ops."""
@@ -28,3 +38,14 @@ def lora_conv2d(x, weight, down, bias, up, pref, stride, padding, dilation, scal
     """(y, H); see palora_kernels._ops."""
     return torch.ops.palora.lora_conv2d_cuda(x, weight, down, bias, up, pref, list(stride), list(padding),
                                              list(dilation), scale)
+
+
+def pref_grad(h, dg, pref, rows_per_sample, rank, scale):
+    """dp (P, T) in pref's dtype; see palora_kernels._math.pref_grad for the formula."""
+    return torch.ops.palora.pref_grad_cuda(h, dg, pref, rows_per_sample, rank, scale)
+
+
+def lora_conv2d_dgrad(dy, weight, down, up, pref, x_hw, stride, padding, dilation, scale):
+    """(dX, dG); see palora_kernels._ops."""
+    return torch.ops.palora.lora_conv2d_dgrad_cuda(dy, weight, down, up, pref, list(x_hw), list(stride),
+                                                   list(padding), list(dilation), scale)

@@ -16,7 +16,9 @@ def check(device: torch.device) -> Optional[str]:
 RECORD = Backend(
     name="cuda_sim",
     kernels={"lora_mm": "palora_kernels.backends.cuda_sim.kernels:lora_mm",
-             "lora_conv2d": "palora_kernels.backends.cuda_sim.kernels:lora_conv2d"},
+             "lora_conv2d": "palora_kernels.backends.cuda_sim.kernels:lora_conv2d",
+             "pref_grad": "palora_kernels.backends.cuda_sim.kernels:pref_grad",
+             "lora_conv2d_dgrad": "palora_kernels.backends.cuda_sim.kernels:lora_conv2d_dgrad"},
     dtypes=HALF_AND_FP32,            # as on the GPU
     devices=frozenset({"cpu"}),
     check="palora_kernels.backends.cuda_sim:check",

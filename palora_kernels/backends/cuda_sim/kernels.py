@@ -29,7 +29,9 @@ from . import RECORD
 
 CSRC = Path(__file__).resolve().parents[3] / "csrc"
 _SOURCES = ("emu/emu.h", "emu/emu_capi.cpp", "cuda/palora_cuda.h", "cuda/common.cuh",
-            "cuda/lora_gemm.cuh", "cuda/lora_mm.cuh", "cuda/lora_conv2d.cuh", "emu/selftest.cuh")
+            "cuda/lora_gemm.cuh", "cuda/lora_mm.cuh", "cuda/lora_conv2d.cuh", "cuda/pref_grad.cuh",
+            "cuda/conv_dgrad.cuh",
+            "emu/selftest.cuh")
 _DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _GUARD = 64                                   # sentinel elements on each side of an output
 SCHEDULES = {"forward": 0, "reverse": 1, "shuffle": 2}
@@ -56,6 +58,25 @@ class LoraConvArgs(ctypes.Structure):         # mirrors palora::LoraConvArgs
                 + [("scale", ctypes.c_double)])
 
 
+class LoraConvDgradArgs(ctypes.Structure):    # mirrors palora::LoraConvDgradArgs
+    _fields_ = ([(n, ctypes.c_void_p) for n in ("dy", "weight", "down", "up", "pref", "dx", "dg")]
+                + [(n, ctypes.c_int64) for n in (
+                    "dtype", "N", "C_in", "H", "W", "C_out", "R", "kh", "kw", "P", "T",
+                    "stride_h", "stride_w", "pad_h", "pad_w", "dil_h", "dil_w", "Ho", "Wo",
+                    "stride_dyn", "stride_dyc", "stride_dyh", "stride_dyw",
+                    "stride_uc", "stride_ur", "stride_pp", "stride_pt",
+                    "stride_xn", "stride_xp", "stride_xc", "stride_gn", "stride_gp", "stride_gc")]
+                + [("scale", ctypes.c_double)])
+
+
+class PrefGradArgs(ctypes.Structure):         # mirrors palora::PrefGradArgs
+    _fields_ = ([(n, ctypes.c_void_p) for n in ("h", "dg", "partial", "out")]
+                + [(n, ctypes.c_int64) for n in (
+                    "dtype", "N", "R", "T", "rank", "P", "rows_per_sample",
+                    "stride_hn", "stride_hc", "stride_gn", "stride_gc")]
+                + [("scale", ctypes.c_double)])
+
+
 def _compiler() -> Optional[str]:
     return shutil.which(os.environ.get("CXX", "g++"))
 
@@ -71,7 +92,8 @@ _lock = threading.Lock()
 def build(defines: Sequence[str] = ()) -> ctypes.CDLL:
     """Compile (once per source hash and defines) and load the emulated kernels.
 
-    defines: extra -D macros, e.g. ("PALORA_BREAK_BARRIER",) for the deliberate race test."""
+    defines: extra -D macros, e.g. ("PALORA_BREAK_BARRIER",) or ("PALORA_BREAK_CPASYNC_WAIT",) for
+    the deliberate race tests."""
     key = tuple(sorted(defines))
     with _lock:
         if key in _libs:
@@ -95,12 +117,17 @@ def build(defines: Sequence[str] = ()) -> ctypes.CDLL:
                 raise RuntimeError(f"building the CUDA emulator failed:\n{' '.join(cmd)}\n{res.stderr[-4000:]}")
             os.replace(tmp, out)                  # atomic: concurrent builders agree
         lib = ctypes.CDLL(str(out))
-        for fn, argt in (("palora_emu_lora_mm", LoraMMArgs), ("palora_emu_lora_conv2d", LoraConvArgs)):
+        for fn, argt in (("palora_emu_lora_mm", LoraMMArgs), ("palora_emu_lora_conv2d", LoraConvArgs),
+                         ("palora_emu_pref_grad", PrefGradArgs), ("palora_emu_lora_conv2d_dgrad", LoraConvDgradArgs)):
             getattr(lib, fn).argtypes = [ctypes.POINTER(argt)]
             getattr(lib, fn).restype = ctypes.c_char_p
+        lib.palora_emu_pref_grad_workspace.argtypes = [ctypes.POINTER(PrefGradArgs)]
+        lib.palora_emu_pref_grad_workspace.restype = ctypes.c_longlong
         lib.palora_emu_set_schedule.argtypes = [ctypes.c_int, ctypes.c_ulonglong]
         lib.palora_emu_stats.argtypes = [ctypes.POINTER(ctypes.c_longlong)]
         lib.palora_emu_barrier_broken.restype = ctypes.c_int
+        lib.palora_emu_cpasync_wait_broken.restype = ctypes.c_int
+        lib.palora_emu_async_copies.restype = ctypes.c_longlong
         lib.palora_emu_selftest.argtypes = [ctypes.c_int, ctypes.c_void_p]
         lib.palora_emu_selftest.restype = ctypes.c_char_p
         _libs[key] = lib
@@ -113,10 +140,13 @@ def set_schedule(lib: ctypes.CDLL, name: str, seed: int = 0) -> None:
 
 
 def stats(lib: ctypes.CDLL) -> dict:
-    """Counters of the calling OS thread: launches, blocks, barriers released, fiber switches."""
+    """Counters of the calling OS thread: launches, blocks, barriers released, fiber switches,
+    cp.async copies."""
     buf = (ctypes.c_longlong * 4)()
     lib.palora_emu_stats(buf)
-    return dict(zip(("launches", "blocks", "barriers", "switches"), buf))
+    out = dict(zip(("launches", "blocks", "barriers", "switches"), buf))
+    out["async_copies"] = lib.palora_emu_async_copies()   # 16-byte cp.async copies issued
+    return out
 
 
 def _ptr(t: Optional[torch.Tensor]) -> Optional[int]:
@@ -233,6 +263,61 @@ def lora_conv2d_sim(x, weight, down, bias, up, pref, stride, padding, dilation, 
     return y, h
 
 
+def lora_conv2d_dgrad_sim(dy, weight, down, up, pref, x_hw, stride, padding, dilation, scale, lib=None, verify=True):
+    """(dX, dG) of palora::lora_conv2d_dgrad via the emulated kernels (the layout of the cuda backend)."""
+    if dy.dtype not in _DTYPES:
+        raise TypeError(f"dy: cuda_sim supports float32, float16, bfloat16, got {dy.dtype}")
+    for name, t in (("dy", dy), ("weight", weight), ("down", down), ("up", up)):
+        _check(name, t, dy.dtype)
+    lib = lib or build()
+    weight, down = weight.contiguous(), down.contiguous()
+    N, C_out, Ho, Wo = dy.shape
+    _, C_in, kh, kw = weight.shape
+    R = down.shape[0]
+    H, W = x_hw
+    fmt = conv_memory_format(dy)
+    pref32 = pref.float()
+    xbuf, dx = _guarded((N, C_in, H, W), _conv_strides(N, C_in, H, W, fmt), dy.dtype)
+    gbuf, dg = _guarded((N, R, Ho, Wo), _conv_strides(N, R, Ho, Wo, fmt), dy.dtype)
+    a = LoraConvDgradArgs(
+        dy=_ptr(dy), weight=_ptr(weight), down=_ptr(down), up=_ptr(up), pref=_ptr(pref32), dx=_ptr(dx), dg=_ptr(dg),
+        dtype=_DTYPES[dy.dtype], N=N, C_in=C_in, H=H, W=W, C_out=C_out, R=R, kh=kh, kw=kw, P=pref.shape[0],
+        T=pref.shape[1], stride_h=stride[0], stride_w=stride[1], pad_h=padding[0], pad_w=padding[1],
+        dil_h=dilation[0], dil_w=dilation[1], Ho=Ho, Wo=Wo,
+        stride_dyn=dy.stride(0), stride_dyc=dy.stride(1), stride_dyh=dy.stride(2), stride_dyw=dy.stride(3),
+        stride_uc=up.stride(0), stride_ur=up.stride(1), stride_pp=pref32.stride(0), stride_pt=pref32.stride(1),
+        stride_xn=dx.stride(0), stride_xp=dx.stride(3), stride_xc=dx.stride(1),
+        stride_gn=dg.stride(0), stride_gp=dg.stride(3), stride_gc=dg.stride(1), scale=float(scale))
+    _run(lib, "palora_emu_lora_conv2d_dgrad", a)
+    if verify:
+        _verify_output(xbuf, dx, "lora_conv2d_dgrad", "dX")
+        _verify_output(gbuf, dg, "lora_conv2d_dgrad", "dG")
+    return dx, dg
+
+
+def pref_grad_sim(h, dg, pref, rows_per_sample, rank, scale, lib=None):
+    """dp (P, T) in pref's dtype via the emulated pref_grad kernels (the cuda backend's)."""
+    if h.dtype not in _DTYPES:
+        raise TypeError(f"h: cuda_sim supports float32, float16, bfloat16, got {h.dtype}")
+    _check("h", h, h.dtype)
+    _check("dg", dg, h.dtype)
+    if h.dim() != 2 or dg.shape != h.shape:
+        raise ValueError(f"pref_grad: h and dg: expected (N, R) of one shape, got {tuple(h.shape)} and {tuple(dg.shape)}")
+    lib = lib or build()
+    N, R = h.shape
+    P, T = pref.shape
+    out = torch.full((P, T), float("nan"))             # every element must be written
+    a = PrefGradArgs(h=_ptr(h), dg=_ptr(dg), partial=None, out=_ptr(out), dtype=_DTYPES[h.dtype], N=N, R=R, T=T,
+                     rank=rank, P=P, rows_per_sample=rows_per_sample, stride_hn=h.stride(0), stride_hc=h.stride(1),
+                     stride_gn=dg.stride(0), stride_gc=dg.stride(1), scale=float(scale))
+    partial = torch.full((max(int(lib.palora_emu_pref_grad_workspace(ctypes.byref(a))), 1),), float("nan"))
+    a.partial = _ptr(partial)
+    _run(lib, "palora_emu_pref_grad", a)
+    if out.isnan().any() and not (h.isnan().any() or dg.isnan().any()):
+        raise RuntimeError("pref_grad: the emulated kernels left elements of dp unwritten")
+    return out.to(pref.dtype)
+
+
 def unavailable_reason() -> Optional[str]:
     if _compiler() is None:
         return "no C++ compiler (g++ or $CXX) on PATH"
@@ -247,3 +332,11 @@ def lora_mm(x, wm, bias, down, up, pref, rows_per_sample, scale):
 
 def lora_conv2d(x, weight, down, bias, up, pref, stride, padding, dilation, scale):
     return lora_conv2d_sim(x, weight, down, bias, up, pref, stride, padding, dilation, scale)
+
+
+def lora_conv2d_dgrad(dy, weight, down, up, pref, x_hw, stride, padding, dilation, scale):
+    return lora_conv2d_dgrad_sim(dy, weight, down, up, pref, x_hw, stride, padding, dilation, scale)
+
+
+def pref_grad(h, dg, pref, rows_per_sample, rank, scale):
+    return pref_grad_sim(h, dg, pref, rows_per_sample, rank, scale)
