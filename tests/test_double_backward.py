@@ -132,3 +132,26 @@ def test_first_order_backward_without_create_graph_is_not_a_graph():
     gx, gA = torch.autograd.grad(palora_linear(x, w, None, A, B, p, 1.0, backend="torch").sum(), (x, A),
                                  create_graph=True)
     assert gA.grad_fn is not None
+
+
+@pytest.mark.parametrize("backend", ["torch", "cuda_sim"])
+@pytest.mark.parametrize("pref_kind", ["batch", "sample"])
+def test_conv_gradient_penalty_matches_naive_loop(pref_kind, backend):
+    """The factorized conv on a backend with its own data-gradient kernel (cuda_sim) and on torch."""
+    from palora_kernels import dispatch
+    why = dispatch.why_not(backend, torch.device("cpu"), "lora_conv2d", torch.float32)
+    if why is not None:
+        pytest.skip(f"{backend}: {why}")
+    g = torch.Generator().manual_seed(5)
+    N = 2
+    shapes = [(N, 3, 5, 5), (4, 3, 3, 3), (4,), (T, R, 3, 3, 3), (T, 4, R), (T,) if pref_kind == "batch" else (N, T)]
+    base = [torch.randn(s, generator=g, **f64) for s in shapes]
+    base[-1] = base[-1].abs() + 0.1
+
+    def leaves(dtype):
+        return [b.to(dtype).requires_grad_(True) for b in base]
+
+    want = _penalty(lambda *a: reference.palora_conv2d(*a, 0.5, padding=1), leaves(torch.float64))
+    got = _penalty(lambda *a: palora_conv2d(*a, 0.5, padding=1, backend=backend), leaves(torch.float32))
+    assert want.abs().max() > 1e-3
+    assert_rel_close(got, want, torch.float32, f"conv gradient penalty ({backend}, {pref_kind})")
