@@ -7,7 +7,8 @@ from .dispatch import select_backend, use_backend
 from .functional import palora_conv2d, palora_linear
 from .model import convert, export_merged, preference, set_preference
 from .nn import PaLoRAConv2d, PaLoRALinear
+from . import interop  # noqa: E402  (checkpoints of the PaLoRA reference code and of PEFT)
 
 __version__ = "0.1.0"
 __all__ = ["PaLoRALinear", "PaLoRAConv2d", "convert", "set_preference", "preference", "export_merged",
-           "palora_linear", "palora_conv2d", "select_backend", "use_backend", "samplers", "reference"]
+           "palora_linear", "palora_conv2d", "select_backend", "use_backend", "samplers", "reference", "interop"]

@@ -13,6 +13,7 @@ is ``P == 1`` with ``L == max(N, 1)``, so every backend has one code path.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 def stack_A(lora_A: torch.Tensor) -> torch.Tensor:
@@ -119,3 +120,53 @@ def use_weight_space(rows: int, in_features: int, out_features: int, dtype: torc
     result and the adapter gradients."""
     return (dtype in (torch.float32, torch.float64)
             and rows > 0 and rows * (in_features + out_features) >= 2 * in_features * out_features)
+
+
+def linear_composite(x, weight, lora_A, lora_B, pref, rows_per_sample: int, scale: float):
+    """x W^T + ((x A_cat^T) * S) B_cat^T (no bias) as differentiable torch ops on the stacked form.
+
+    What the autograd Functions differentiate when a backward must itself be differentiable
+    (``create_graph=True``): autograd records it, so every derivative of every order is exact."""
+    h = x @ stack_A(lora_A).t()
+    return x @ weight.t() + apply_row_scale(h, pref, rows_per_sample, lora_A.shape[1], scale) @ stack_B(lora_B).t()
+
+
+def conv_composite(x, weight, lora_A, lora_B, pref, stride, padding, dilation, scale: float):
+    """conv(x, W) + B_cat diag(S_n) conv(x, A_cat) (no bias, factorized adapters) as differentiable
+    torch ops; see :func:`linear_composite`. pref (P, T) with P == 1 or P == N."""
+    C_out, rank = weight.shape[0], lora_A.shape[1]
+    z = F.conv2d(x, torch.cat([weight, stack_A(lora_A)]), None, stride, padding, dilation)
+    y, h = z[:, :C_out], z[:, C_out:]
+    S = row_scale(pref.to(h.dtype), rank, scale)[:, :, None, None]               # (P, R, 1, 1)
+    return y + torch.einsum("or,nrhw->nohw", stack_B(lora_B), h * S)
+
+
+def composite_grads(fn, inputs, needs, dy):
+    """The gradients of ``fn(*inputs)`` against upstream ``dy``, as a graph (create_graph): the
+    backward of an autograd Function whose backward is being differentiated. None where not needed."""
+    want = [t for t, n in zip(inputs, needs) if n]
+    with torch.enable_grad():
+        got = iter(torch.autograd.grad(fn(*inputs), want, dy, create_graph=True, allow_unused=True)) if want else iter(())
+    return [next(got) if n else None for n in needs]
+
+
+def conv_groups_composite(x, weight, bias, lora_A, lora_B, pref, scale, stride, padding, dilation, groups,
+                           parameterization):
+    """groups > 1, as differentiable torch ops (every derivative exact): the grouped base conv, then
+    factorized: the full-channel adapter (shrink conv over C_in -> R, expand B_cat diag(S_n));
+    loralib: the grouped update (B_t A_t).view(W.shape) -- per-batch merged into the one grouped conv,
+    per-sample one grouped conv per task (the (T+1)x floor of that parameterisation)."""
+    rank = lora_A.shape[1]
+    if parameterization == "factorized":
+        y = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+        h = F.conv2d(x, stack_A(lora_A), None, stride, padding, dilation)
+        S = row_scale(pref.to(h.dtype), rank, scale)[:, :, None, None]
+        return y + torch.einsum("or,nrhw->nohw", stack_B(lora_B), h * S)
+    deltas = loralib_delta(lora_A, lora_B, weight.shape)
+    p = pref.to(weight.dtype) * scale
+    if pref.shape[0] == 1:
+        return F.conv2d(x, weight + torch.tensordot(p[0], deltas, dims=1), bias, stride, padding, dilation, groups)
+    y = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+    for t in range(deltas.shape[0]):
+        y = y + p[:, t, None, None, None] * F.conv2d(x, deltas[t], None, stride, padding, dilation, groups)
+    return y

@@ -10,6 +10,7 @@ from typing import Iterable, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from .functional import check_finite, check_preference
 from .nn import PaLoRAConv2d, PaLoRALinear
 
 log = logging.getLogger("palora_kernels")
@@ -36,8 +37,8 @@ def convert(model: nn.Module, num_tasks: int, rank: int, target_modules: Pattern
 
     target_modules: None (every Linear and Conv2d), a regex matched against the full module
     name, or a list of names (a module matches when its name equals one or ends with
-    '.' + one), as in PEFT. exclude: the same forms, applied after. Grouped convolutions are
-    left as they are unless named in a target_modules list, which raises (see PaLoRAConv2d).
+    '.' + one), as in PEFT. exclude: the same forms, applied after. Grouped convolutions and
+    padding="same"/"valid" are converted as well (see PaLoRAConv2d); an error names the module.
     A call that raises leaves the model as it was (every new layer is built before any swap).
     """
     targets = []
@@ -48,19 +49,19 @@ def convert(model: nn.Module, num_tasks: int, rank: int, target_modules: Pattern
             continue
         if exclude is not None and _matches(name, exclude):
             continue
-        if isinstance(mod, nn.Conv2d) and mod.groups != 1 and not isinstance(target_modules, (list, tuple)):
-            log.info("palora convert: leaving grouped conv %s (groups=%d) as it is", name, mod.groups)
-            continue
         targets.append((name, mod))
     if target_modules is not None and not targets:
         raise ValueError(f"target_modules: no nn.Linear/nn.Conv2d of the model matches {target_modules!r}")
     swaps = []
     for name, mod in targets:
-        if isinstance(mod, nn.Linear):
-            new = PaLoRALinear.from_module(mod, num_tasks=num_tasks, rank=rank, lora_alpha=lora_alpha)
-        else:
-            new = PaLoRAConv2d.from_module(mod, num_tasks=num_tasks, rank=rank, lora_alpha=lora_alpha,
-                                           parameterization=parameterization)
+        try:
+            if isinstance(mod, nn.Linear):
+                new = PaLoRALinear.from_module(mod, num_tasks=num_tasks, rank=rank, lora_alpha=lora_alpha)
+            else:
+                new = PaLoRAConv2d.from_module(mod, num_tasks=num_tasks, rank=rank, lora_alpha=lora_alpha,
+                                               parameterization=parameterization)
+        except (TypeError, ValueError) as exc:     # name the module: the message alone names an argument
+            raise type(exc)(f"{name} ({type(mod).__name__}): {exc}") from exc
         swaps.append((name, new))
     for name, new in swaps:
         parent_name, _, child = name.rpartition(".")
@@ -77,7 +78,14 @@ def set_preference(model: nn.Module, preference: Optional[torch.Tensor]) -> None
         if preference is not None and m.num_tasks != layers[0].num_tasks:
             raise ValueError("model: layers disagree on num_tasks; set preferences per layer")
     if preference is not None:
-        layers[0].set_preference(preference)
+        check_preference(preference, layers[0].num_tasks, None, None)
+        check_finite(preference)
+        for name, m in palora_layers(model):     # a merged layer computes its merged preference only
+            if m.merged:
+                try:
+                    m._check_merged_call(preference)
+                except ValueError as exc:
+                    raise ValueError(f"{name or type(m).__name__}: {exc}") from None
     for m in layers:
         m._preference = preference
 

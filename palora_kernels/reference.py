@@ -39,20 +39,22 @@ def delta_weight_loralib(lora_A_t, lora_B_t, weight_shape):
 
 
 def palora_conv2d(x, weight, bias, lora_A, lora_B, preference, scale,
-                  stride=1, padding=0, dilation=1, parameterization="factorized"):
+                  stride=1, padding=0, dilation=1, parameterization="factorized", groups=1):
     """Conv2d plus the preference-weighted sum of T adapters.
 
     factorized: lora_A (T, r, C_in, kh, kw) is a conv with the base's stride, padding,
     dilation; lora_B (T, C_out, r) a 1x1 conv.
     loralib: lora_A (T, r*k, C_in*k), lora_B (T, C_out*k, r*k); update (B_t A_t).view(W.shape).
+    groups: the base conv's; a factorized adapter stays full-channel, a loralib update is grouped as
+    W (lora_B (T, C_out/groups*k, r*k), as in the PaLoRA reference code).
     """
-    y = F.conv2d(x, weight, bias, stride, padding, dilation)
+    y = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
     for t in range(lora_A.shape[0]):
         if parameterization == "factorized":
             h = F.conv2d(x, lora_A[t], None, stride, padding, dilation)
             update = F.conv2d(h, lora_B[t][:, :, None, None])
         else:
             dw = delta_weight_loralib(lora_A[t], lora_B[t], weight.shape)
-            update = F.conv2d(x, dw, None, stride, padding, dilation)
+            update = F.conv2d(x, dw, None, stride, padding, dilation, groups)
         y = y + _weight(preference, t, y.dim()) * (update * scale)
     return y

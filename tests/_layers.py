@@ -28,8 +28,8 @@ def make_linear(in_f, out_f, T, r, bias=True, lora_alpha=1.0, dtype=torch.float3
 
 
 def make_conv(c_in, c_out, k, T, r, stride=1, padding=0, dilation=1, bias=True, lora_alpha=1.0,
-              parameterization="factorized", dtype=torch.float32, seed=0):
-    return randomize_(PaLoRAConv2d(c_in, c_out, k, stride, padding, dilation, bias=bias, num_tasks=T,
+              parameterization="factorized", dtype=torch.float32, seed=0, groups=1):
+    return randomize_(PaLoRAConv2d(c_in, c_out, k, stride, padding, dilation, groups, bias=bias, num_tasks=T,
                                    rank=r, lora_alpha=lora_alpha, parameterization=parameterization,
                                    dtype=dtype), seed)
 
@@ -75,7 +75,7 @@ def reference_with_grads(layer, x_base, view, pref_base, pref_view, dy_seed=1, d
     leaves = _leaves(layer, dtype)
     xb = x_base.detach().to(dtype).clone().requires_grad_(True)
     pb = pref_base.detach().to(dtype).clone().requires_grad_(True)
-    hyper = {k: getattr(layer, k) for k in ("scaling", "stride", "padding", "dilation", "parameterization")
+    hyper = {k: getattr(layer, k) for k in ("scaling", "stride", "padding", "dilation", "parameterization", "groups")
              if hasattr(layer, k)}
     shadow = SimpleNamespace(**{"bias": None, **hyper, **leaves})   # hyper-parameters + cast leaves
     y = _reference(layer, shadow, view(xb), pref_view(pb))
@@ -86,7 +86,7 @@ def _reference(layer, p, x, pref):
     if isinstance(layer, PaLoRALinear):
         return reference.palora_linear(x, p.weight, p.bias, p.lora_A, p.lora_B, pref, p.scaling)
     return reference.palora_conv2d(x, p.weight, p.bias, p.lora_A, p.lora_B, pref, p.scaling, p.stride,
-                                   p.padding, p.dilation, p.parameterization)
+                                   p.padding, p.dilation, p.parameterization, groups=p.groups)
 
 
 def snapshot(module):

@@ -174,8 +174,12 @@ def test_convert_with_bad_rank_changes_nothing(arg):
 
 
 def test_conv_constructor_arguments():
-    with pytest.raises(ValueError, match=r"groups: PaLoRAConv2d supports groups=1 only, got 2"):
-        pk.PaLoRAConv2d(4, 4, 3, groups=2, num_tasks=2, rank=1)
+    with pytest.raises(ValueError, match=r"in_channels: expected a multiple of groups = 2, got 3"):
+        pk.PaLoRAConv2d(3, 4, 3, groups=2, num_tasks=2, rank=1)
+    with pytest.raises(ValueError, match=r"out_channels: expected a multiple of groups = 2, got 5"):
+        pk.PaLoRAConv2d(4, 5, 3, groups=2, num_tasks=2, rank=1)
+    with pytest.raises(ValueError, match=r"groups: expected an int >= 1, got 0"):
+        pk.PaLoRAConv2d(4, 4, 3, groups=0, num_tasks=2, rank=1)
     with pytest.raises(ValueError, match=r"parameterization: expected one of .*got 'bogus'"):
         pk.PaLoRAConv2d(4, 4, 3, num_tasks=2, rank=1, parameterization="bogus")
     with pytest.raises(ValueError, match=re.escape("kernel_size: parameterization='loralib' needs a square "

@@ -14,7 +14,7 @@ class Block(nn.Module):
     def __init__(self):
         super().__init__()
         self.conv = nn.Conv2d(4, 4, 3, padding=1)
-        self.dw = nn.Conv2d(4, 4, 3, padding=1, groups=4)        # grouped: left alone
+        self.dw = nn.Conv2d(4, 4, 3, padding=1, groups=4)        # grouped: converted too (issue 11)
         self.fc1 = nn.Linear(4, 4)
 
     def forward(self, x):
@@ -51,11 +51,11 @@ def _types(model):
                                                                                   pk.PaLoRAConv2d))}
 
 
-def test_convert_swaps_every_linear_and_conv_but_grouped():
+def test_convert_swaps_every_linear_and_conv_grouped_too():
     model = _net()
     out = pk.convert(model, num_tasks=2, rank=3, lora_alpha=6.0)
     assert out is model
-    assert _types(model) == {"stem": "PaLoRAConv2d", "block.conv": "PaLoRAConv2d", "block.dw": "Conv2d",
+    assert _types(model) == {"stem": "PaLoRAConv2d", "block.conv": "PaLoRAConv2d", "block.dw": "PaLoRAConv2d",
                              "block.fc1": "PaLoRALinear", "fc1": "PaLoRALinear", "head": "PaLoRALinear"}
     for _, m in model.named_modules():
         if isinstance(m, (pk.PaLoRALinear, pk.PaLoRAConv2d)):
@@ -79,7 +79,7 @@ def test_convert_parameterization():
 @pytest.mark.parametrize("targets, expected", [
     (["fc1"], {"block.fc1", "fc1"}),                  # a name matches itself and any '.fc1' suffix
     (["block.fc1", "stem"], {"block.fc1", "stem"}),
-    (r"block\..*", {"block.conv", "block.fc1"}),      # a regex, full match; grouped block.dw left alone
+    (r"block\..*", {"block.conv", "block.dw", "block.fc1"}),      # a regex, full match
     (r"(stem|head)", {"stem", "head"}),
 ])
 def test_convert_target_modules(targets, expected):
@@ -88,8 +88,8 @@ def test_convert_target_modules(targets, expected):
 
 
 @pytest.mark.parametrize("exclude, expected", [
-    (["fc1"], {"stem", "block.conv", "head"}),
-    (r".*conv|stem", {"block.fc1", "fc1", "head"}),
+    (["fc1"], {"stem", "block.conv", "block.dw", "head"}),
+    (r".*conv|stem", {"block.dw", "block.fc1", "fc1", "head"}),
 ])
 def test_convert_exclude(exclude, expected):
     model = pk.convert(_net(), num_tasks=2, rank=1, exclude=exclude)
@@ -102,9 +102,12 @@ def test_convert_errors_change_nothing():
     with pytest.raises(ValueError, match=re.escape("target_modules: no nn.Linear/nn.Conv2d of the model matches "
                                                    "['nope']")):
         pk.convert(model, num_tasks=2, rank=1, target_modules=["nope"])
-    with pytest.raises(ValueError, match=r"groups: PaLoRAConv2d supports groups=1 only, got 4"):
-        pk.convert(model, num_tasks=2, rank=1, target_modules=["conv", "dw"])  # named in a list: raises
-    assert _types(model) == before                                  # block.conv was not swapped either
+    model.block.odd = nn.Conv2d(4, 4, (3, 1))
+    before = _types(model)
+    with pytest.raises(ValueError, match=re.escape("block.odd (Conv2d): kernel_size: parameterization='loralib' "
+                                                   "needs a square kernel, got (3, 1)")):
+        pk.convert(model, num_tasks=2, rank=1, parameterization="loralib")
+    assert _types(model) == before                                  # nothing was swapped either
 
 
 @pytest.mark.parametrize("kind", ["linear", "conv-factorized", "conv-loralib"])

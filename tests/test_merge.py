@@ -165,3 +165,104 @@ def test_merged_layer_checks_its_preference(kind):
     assert_unchanged(layer, snap)
     plain = pk.export_merged(layer, p)                          # the merged preference itself is fine
     assert_rel_close(plain(x), layer(x), torch.float32, "export of a merged layer")
+
+
+# ---- merged state is part of the layer's state (issue 11) -----------------------------------
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_merged_layer_refuses_another_default_preference(kind):
+    """set_preference(q) / `with pk.preference(model, q)` on a merged layer raise, change nothing;
+    a default set before merging that differs from the merged one makes forward raise, not
+    silently return the output at the merged preference."""
+    layer, x, p, q = _layer(kind), _x(kind), torch.tensor([0.2, 0.5, 0.3]), torch.tensor([0.3, 0.5, 0.2])
+    layer.set_preference(q)
+    layer.merge(p)
+    with pytest.raises(ValueError, match=r"preference \(the layer's default.*\): the layer is merged at "
+                                         r"\[0\.2.*\]; call unmerge\(\) to use another preference, got \[0\.3"):
+        layer(x)
+    layer.set_preference(p)                               # the merged preference itself is fine
+    snap, default = snapshot(layer), layer._preference
+    assert torch.equal(layer(x), layer(x, p))
+    with pytest.raises(ValueError, match=r"preference: the layer is merged at .*got \[0\.3"):
+        layer.set_preference(q)
+    with pytest.raises(ValueError, match=r"preference: the layer is merged at .*got \(4, 3\)"):
+        layer.set_preference(p.expand(4, T))
+    with pytest.raises(ValueError, match=r"the layer is merged at"):
+        pk.set_preference(layer, q)
+    with pytest.raises(ValueError, match=r"the layer is merged at"):
+        with pk.preference(layer, q):
+            pass
+    assert layer._preference is default
+    assert_unchanged(layer, snap)
+    layer.unmerge()
+    layer.set_preference(q)                               # unmerged: any preference again
+    assert_rel_close(layer(x), _ref(layer, x, q), torch.float32, "unmerged at q")
+
+
+def test_model_preference_names_the_merged_module():
+    model, p, q = _Net(), torch.tensor([0.1, 0.7, 0.2]), torch.tensor([0.2, 0.7, 0.1])
+    model.conv2.merge(p)
+    with pytest.raises(ValueError, match=r"^conv2: preference: the layer is merged at"):
+        pk.set_preference(model, q)
+    assert all(m._preference is None for m in (model.conv1, model.conv2, model.head))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_merged_state_dict_round_trips(kind):
+    """A merged layer's state_dict holds the unmerged weight and merged_preference; a fresh layer
+    that loads it is merged at that preference with the same weight bit for bit, computes the same
+    output, and unmerges to the original weight. An unmerged layer's keys are unchanged."""
+    layer, x, p = _layer(kind), _x(kind), torch.tensor([0.6, 0.1, 0.3])
+    keys_unmerged = set(layer.state_dict())
+    w0 = layer.weight.detach().clone()
+    layer.merge(p)
+    sd = layer.state_dict()
+    assert set(sd) == keys_unmerged | {"merged_preference"}
+    assert torch.equal(sd["weight"], w0) and torch.equal(sd["merged_preference"], p)
+    fresh = _layer(kind)
+    with torch.no_grad():
+        for t in fresh.parameters():
+            t.add_(1.0)
+    fresh.load_state_dict(sd)
+    assert fresh.merged and torch.equal(fresh.weight, layer.weight)
+    assert torch.equal(fresh(x), layer(x))
+    fresh.unmerge()
+    assert torch.equal(fresh.weight, w0)
+    # loading an unmerged state_dict into a merged layer unmerges it (nothing stale is kept)
+    layer.load_state_dict(fresh.state_dict())
+    assert not layer.merged and torch.equal(layer.weight, w0)
+    # a plain module refuses the merged state_dict instead of loading a half-understood one
+    if kind == "linear":
+        layer.merge(p)
+        with pytest.raises(RuntimeError, match="merged_preference"):
+            nn.Linear(7, 5).load_state_dict(layer.state_dict())
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_merged_layer_deepcopy_and_pickle(kind):
+    import io
+    layer, x, p = _layer(kind), _x(kind), torch.tensor([0.6, 0.1, 0.3])
+    w0 = layer.weight.detach().clone()
+    layer.merge(p)
+    y = layer(x)
+    buf = io.BytesIO()
+    torch.save(layer, buf)
+    buf.seek(0)
+    for c in (copy.deepcopy(layer), torch.load(buf, weights_only=False)):
+        assert c.merged and torch.equal(c(x), y)
+        with pytest.raises(ValueError, match="the layer is merged at"):
+            c(x, torch.tensor([0.1, 0.1, 0.8]))
+        c.unmerge()
+        assert torch.equal(c.weight, w0)
+
+
+def test_merged_model_state_dict_round_trips():
+    model, x, p = _Net(), _x("conv"), torch.tensor([0.1, 0.7, 0.2])
+    model.head.merge(p)
+    with pk.preference(model, p):
+        y = model(x)
+    fresh = _Net()
+    fresh.load_state_dict(model.state_dict())
+    assert fresh.head.merged and not fresh.conv1.merged
+    with pk.preference(fresh, p):
+        assert torch.equal(fresh(x), y)

@@ -46,10 +46,14 @@ class PaLoRALayerMixin:
 
     # -- preferences ------------------------------------------------------------------
     def set_preference(self, preference: Optional[torch.Tensor]) -> None:
-        """Default preference for calls that pass none: (T,) or (B, T); None clears it."""
+        """Default preference for calls that pass none: (T,) or (B, T); None clears it.
+
+        A merged layer computes one preference only: another one raises (nothing is set)."""
         if preference is not None:
             check_preference(preference, self.num_tasks, None, None)
             check_finite(preference)          # here, once, not in every forward (a GPU sync)
+            if self.merged:
+                self._check_merged_call(preference)
         self._preference = preference
 
     def _resolve_preference(self, preference):
@@ -105,13 +109,57 @@ class PaLoRALayerMixin:
         self._unmerged_weight = None
         self._merged_preference = None
 
-    def _check_merged_call(self, preference) -> None:
+    def _check_merged_call(self, preference, source: str = "preference") -> None:
+        """Refuse any preference but the merged one, wherever it comes from (an argument, the
+        default set by set_preference / ``with preference(model, p)``): a merged layer computes
+        only its merged preference, and silently computing that one would be a wrong result."""
         if preference is not None:
-            check_preference(preference, self.num_tasks, None, None)   # a list, NaN, wrong T: clear errors
+            check_preference(preference, self.num_tasks, None, None, name=source)   # a list, wrong T: clear
         if preference is not None and not (preference.dim() == 1 and torch.equal(
                 preference.to(self._merged_preference), self._merged_preference)):
-            raise ValueError(f"preference: the layer is merged at {self._merged_preference.tolist()}; "
-                             "call unmerge() to use another preference")
+            got = tuple(preference.shape) if preference.dim() != 1 else preference.tolist()
+            raise ValueError(f"{source}: the layer is merged at {self._merged_preference.tolist()}; "
+                             f"call unmerge() to use another preference, got {got}")
+
+    def _merged_call_preference(self, preference) -> None:
+        """forward() of a merged layer: check the passed preference, else the default one."""
+        if preference is not None:
+            self._check_merged_call(preference)
+        else:
+            self._check_merged_call(self._preference, "preference (the layer's default, set by "
+                                                      "set_preference or `with preference(model, p)`)")
+
+    # -- state_dict: the merged state travels with the weights ------------------------------
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        """A merged layer saves its unmerged weight (as PEFT does) plus ``merged_preference``; loading
+        that into any PaLoRA layer restores the adapters and merges again at the same preference,
+        bit for bit. An unmerged layer's state_dict is unchanged."""
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.merged:
+            w = self._unmerged_weight
+            destination[prefix + "weight"] = w if keep_vars else w.detach()
+            destination[prefix + "merged_preference"] = self._merged_preference.clone()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        key = prefix + "merged_preference"
+        merged_p = state_dict.pop(key, None)        # load_state_dict passes its own copy of the dict
+        if merged_p is not None:
+            try:
+                self._check_merge_preference(merged_p)
+            except (TypeError, ValueError) as exc:
+                error_msgs.append(f"{key}: {exc}")
+                return
+        was_merged = self.merged
+        if was_merged:        # load into the unmerged layer: the weight it would read is the unmerged one
+            self.unmerge()
+        n_err = len(error_msgs)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        if len(error_msgs) > n_err:
+            return            # load_state_dict raises; our state stays unmerged-consistent
+        if merged_p is not None:
+            self.merge(merged_p)
 
     def extra_palora_repr(self) -> str:
         return f"num_tasks={self.num_tasks}, rank={self.rank}, lora_alpha={self.lora_alpha}"

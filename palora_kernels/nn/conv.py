@@ -24,9 +24,12 @@ class PaLoRAConv2d(PaLoRALayerMixin, nn.Module):
     parameterization="loralib" (the PaLoRA reference code; square kernels, k = kh = kw):
         lora_A (T, r*k, C_in*k), lora_B (T, C_out*k, r*k), update (B_t A_t).view(W.shape).
         Per-batch preference: merged into one conv. Per-sample: one conv of (T+1)*C_out channels.
-    groups > 1 is not supported (ValueError): a grouped base weight and a full-channel adapter
-    cannot share one convolution, and convert() leaves grouped convs as they are.
-    padding_mode other than "zeros" is not supported.
+    groups > 1: the base weight is grouped as nn.Conv2d's (C_out, C_in/groups, kh, kw).
+        factorized: the adapter stays full-channel (PEFT's shapes); it runs as a separate grouped
+        base conv plus the shrink conv and expand (torch ops, every backend); it cannot be merged
+        into the grouped weight (merge raises). loralib: the update (B_t A_t).view(W.shape) is
+        grouped as W, lora_B (T, C_out/groups*k, r*k) as in the PaLoRA reference; it merges.
+    padding: an int, a pair, "same" or "valid", as nn.Conv2d. padding_mode must be "zeros".
     forward(x: (N, C_in, H, W), preference: (T,) | (N, T) | None) -> (N, C_out, Ho, Wo).
     """
 
@@ -38,28 +41,35 @@ class PaLoRAConv2d(PaLoRALayerMixin, nn.Module):
         self._init_palora(num_tasks, rank, lora_alpha)
         check_positive("in_channels", in_channels)
         check_positive("out_channels", out_channels)
-        if groups != 1:
-            raise ValueError(f"groups: PaLoRAConv2d supports groups=1 only, got {groups}")
+        groups = check_positive("groups", groups)
+        for name, c in (("in_channels", in_channels), ("out_channels", out_channels)):
+            if c % groups:
+                raise ValueError(f"{name}: expected a multiple of groups = {groups}, got {c}")
         if padding_mode != "zeros":
             raise ValueError(f"padding_mode: expected 'zeros', got {padding_mode!r}")
         if parameterization not in PARAMETERIZATIONS:
             raise ValueError(f"parameterization: expected one of {PARAMETERIZATIONS}, got {parameterization!r}")
-        if isinstance(padding, str):
-            raise ValueError(f"padding: expected an int or a pair of ints, got {padding!r}")
         kh, kw = _pair(kernel_size)
+        if isinstance(padding, str):
+            if padding not in ("same", "valid"):
+                raise ValueError(f"padding: expected an int, a pair of ints, 'same' or 'valid', got {padding!r}")
+            if padding == "same" and _pair(stride) != (1, 1):
+                raise ValueError(f"padding: 'same' needs stride 1 (as nn.Conv2d), got stride {_pair(stride)}")
         if parameterization == "loralib" and kh != kw:
             raise ValueError(f"kernel_size: parameterization='loralib' needs a square kernel, got {(kh, kw)}")
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size, self.stride = (kh, kw), _pair(stride)
-        self.padding, self.dilation, self.groups = _pair(padding), _pair(dilation), 1
+        self.padding = padding if isinstance(padding, str) else _pair(padding)
+        self.dilation, self.groups = _pair(dilation), groups
         self.parameterization = parameterization
         kw_ = {"device": device, "dtype": dtype}
-        self.weight = nn.Parameter(torch.empty(out_channels, in_channels, kh, kw, **kw_))
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups, kh, kw, **kw_))
         self.bias = nn.Parameter(torch.empty(out_channels, **kw_)) if bias else None
         if parameterization == "factorized":
             a_shape, b_shape = (num_tasks, rank, in_channels, kh, kw), (num_tasks, out_channels, rank)
         else:
-            a_shape, b_shape = (num_tasks, rank * kh, in_channels * kh), (num_tasks, out_channels * kh, rank * kh)
+            a_shape = (num_tasks, rank * kh, in_channels * kh)
+            b_shape = (num_tasks, out_channels // groups * kh, rank * kh)
         self.lora_A = nn.Parameter(torch.empty(a_shape, **kw_))
         self.lora_B = nn.Parameter(torch.empty(b_shape, **kw_))
         self.reset_parameters()
@@ -90,14 +100,15 @@ class PaLoRAConv2d(PaLoRALayerMixin, nn.Module):
         return new
 
     def _conv_kwargs(self):
-        return {"stride": self.stride, "padding": self.padding, "dilation": self.dilation}
+        return {"stride": self.stride, "padding": self.padding, "dilation": self.dilation, "groups": self.groups}
 
     def _merged_weight(self, p):
-        return merged_conv_weight(self.weight, self.lora_A, self.lora_B, p, self.scaling, self.parameterization)
+        return merged_conv_weight(self.weight, self.lora_A, self.lora_B, p, self.scaling, self.parameterization,
+                                  self.groups)
 
     def forward(self, x: torch.Tensor, preference: torch.Tensor | None = None) -> torch.Tensor:
         if self.merged:
-            self._check_merged_call(preference)
+            self._merged_call_preference(preference)
             return F.conv2d(x, self.weight, self.bias, **self._conv_kwargs())
         p = self._resolve_preference(preference)
         return palora_conv2d(x, self.weight, self.bias, self.lora_A, self.lora_B, p, self.scaling,
@@ -118,6 +129,6 @@ class PaLoRAConv2d(PaLoRALayerMixin, nn.Module):
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
-                f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, "
+                f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, groups={self.groups}, "
                 f"bias={self.bias is not None}, parameterization={self.parameterization!r}, "
                 f"{self.extra_palora_repr()}")

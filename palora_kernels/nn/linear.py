@@ -57,7 +57,7 @@ class PaLoRALinear(PaLoRALayerMixin, nn.Module):
 
     def forward(self, x: torch.Tensor, preference: torch.Tensor | None = None) -> torch.Tensor:
         if self.merged:
-            self._check_merged_call(preference)
+            self._merged_call_preference(preference)
             return F.linear(x, self.weight, self.bias)
         p = self._resolve_preference(preference)
         return palora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, p, self.scaling)

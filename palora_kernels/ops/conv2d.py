@@ -24,16 +24,18 @@ The stacked kernels otherwise:
     One call over C_out + R channels: the R-channel convolutions alone ran at a fraction of oneDNN's
     speed (12 channels: 39 ms against 60 ms for 76 channels, same shape as above).
 
-The backward is once-differentiable (see ops/linear.py).
+Double backward: with grad mode on in the backward (``create_graph=True``) the gradients come from
+differentiating _math.conv_composite with ``create_graph`` instead, as in ops/linear.py: exact
+second derivatives on both paths, per-batch and per-sample.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
 from .. import _ops, dispatch
-from .._math import merged_deltas, row_scale, stack_A, stack_B, unstack_B, use_weight_space, weight_space_grads
+from .._math import (composite_grads, conv_composite, merged_deltas, row_scale, stack_A, stack_B, unstack_B,
+                     use_weight_space, weight_space_grads)
 
 
 def _cm(t: torch.Tensor) -> torch.Tensor:
@@ -87,11 +89,16 @@ class PaLoRAConv2dFunction(torch.autograd.Function):
         return y
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, dy):
         x, weight, lora_A, lora_B, pref, h = ctx.saved_tensors
         stride, padding, dilation, scale, has_bias, ws, backend = ctx.conf
         needs = ctx.needs_input_grad[:6]
+        if torch.is_grad_enabled():      # create_graph: a differentiable backward (module docstring)
+            dx, dW, dA, dB, dp = composite_grads(
+                lambda *t: conv_composite(*t, stride, padding, dilation, scale), (x, weight, lora_A, lora_B, pref),
+                needs[:2] + needs[3:], dy)
+            db = dy.sum((0, 2, 3)) if needs[2] and has_bias else None
+            return dx, dW, db, dA, dB, dp, None, None, None, None, None
         if ws:
             return _weight_space_backward(dy, x, weight, lora_A, lora_B, pref, stride, padding, dilation,
                                           scale, has_bias, needs)
@@ -128,7 +135,10 @@ class PaLoRAConv2dFunction(torch.autograd.Function):
         if need_B:
             dB = unstack_B(torch.matmul(dy3, (h3 * S).transpose(1, 2)).sum(0), T)
         if need_p:
-            dp = (h3 * dg).sum(-1).view(N, T, rank).sum(-1) * scale
+            # products and sums in fp32 for fp16/bf16, one rounding at the end: half-precision products
+            # and partial sums gave 2-3x the naive loop's error (issue 11)
+            acc = torch.promote_types(h.dtype, torch.float32)
+            dp = (h3.to(acc) * dg.to(acc)).sum(-1).view(N, T, rank).sum(-1) * scale
             dp = (dp.sum(0, keepdim=True) if pref.shape[0] == 1 else dp).to(pref.dtype)
         return dx, dW, db, dA, dB, dp, None, None, None, None, None
 

@@ -16,18 +16,21 @@ plain layer's -- dX = dY W_eff, dW = dY^T x -- plus weight-sized products for dA
 (_math.weight_space_grads). H is neither computed nor saved. In fp16/bf16 the rounded W_eff and
 dW would feed the result and the adapter gradients, so those dtypes take the kernel path.
 
-The backward is once-differentiable: it treats the saved H as a constant, so a second derivative
-through it would be wrong; autograd raises instead.
+Double backward: the fast backward above treats the saved H as a constant and uses hand-written
+kernels, so it is not itself differentiable. When the backward runs with grad mode on
+(``create_graph=True``, e.g. a gradient penalty), it instead differentiates the stacked form written
+in torch ops (_math.linear_composite) with ``create_graph``: a backward that autograd records, so
+second (and higher) derivatives are exact on every backend and every path (per-batch or per-sample,
+kernel or weight space). Without grad mode the fast path runs, as before.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
 from .. import _ops, dispatch
-from .._math import (apply_row_scale, merged_delta, row_scale, stack_A, stack_B, unstack_B,
-                     use_weight_space, weight_space_grads)
+from .._math import (apply_row_scale, composite_grads, linear_composite, merged_delta, row_scale, stack_A,
+                     stack_B, unstack_B, use_weight_space, weight_space_grads)
 
 
 class PaLoRALinearFunction(torch.autograd.Function):
@@ -45,11 +48,16 @@ class PaLoRALinearFunction(torch.autograd.Function):
         return y
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, dy):
         x, weight, lora_A, lora_B, pref, h = ctx.saved_tensors
         rows_per_sample, scale, backend, has_bias, ws = ctx.conf
         need_x, need_w, need_b, need_A, need_B, need_p = ctx.needs_input_grad[:6]
+        if torch.is_grad_enabled():      # create_graph: a differentiable backward (module docstring)
+            dx, dW, dA, dB, dp = composite_grads(
+                lambda *t: linear_composite(*t, rows_per_sample, scale), (x, weight, lora_A, lora_B, pref),
+                (need_x, need_w, need_A, need_B, need_p), dy)
+            db = dy.sum(0) if need_b and has_bias else None
+            return dx, dW, db, dA, dB, dp, None, None, None
         T, rank, in_f = lora_A.shape
         A_cat, B_cat = stack_A(lora_A), stack_B(lora_B)
         dx = dW = db = dA = dB = dp = None
