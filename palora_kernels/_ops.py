@@ -14,6 +14,9 @@ lora_mm     (y, H) with  y = x @ wm + bias + ((x @ down) * S) @ up   (N, M), den
 lora_conv2d_dgrad (dX, dG), the conv's data gradient (where a backend has the kernel):
             dG = B_cat^T dY per pixel (N, R, Ho, Wo); dX = conv_transpose([dY | dG S_n], [W; A_cat])
             (N, C_in, H, W); both dense in dy's memory format.
+lora_conv2d_wgrad (dW, dA_cat), the conv's weight gradients from one pass over im2col(x) (where a
+            backend has the kernel): GEMM columns [dY | dG S_n]; dW (C_out or 0, C_in, kh, kw),
+            dA_cat (R, C_in, kh, kw), contiguous.
 lora_conv2d (y, H) with  y = conv(x, W) + bias + B_cat diag(S_n) H_n   (N, C_out, Ho, Wo)
                          H = conv(x, A_cat), unscaled                 (N, R, Ho, Wo)
             weight (C_out, C_in, kh, kw), down = A_cat (R, C_in, kh, kw), up = B_cat (C_out, R),
@@ -102,25 +105,38 @@ def conv_memory_format(x: Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
-def check_lora_conv2d(x, weight, down, bias, up, pref, stride, padding, dilation) -> Tuple[int, int]:
-    """Checks the contract; returns (Ho, Wo)."""
-    torch._check(x.dim() == 4, lambda: f"x: expected (N, C_in, H, W), got shape {tuple(x.shape)}")
-    N, C_in, H, W = x.shape
-    torch._check(weight.dim() == 4 and weight.shape[1] == C_in,
-                 lambda: f"weight: expected (C_out, {C_in}, kh, kw), got {tuple(weight.shape)}")
-    C_out, _, kh, kw = weight.shape
+def _check_conv_adapters(weight, down, up, C_in: int, C_out: int, anchor: Tensor) -> int:
+    """weight (C_out, C_in, kh, kw), down (R, C_in, kh, kw), up (C_out, R) on anchor's dtype and device; returns R."""
+    torch._check(weight.dim() == 4 and weight.shape[0] == C_out and weight.shape[1] == C_in,
+                 lambda: f"weight: expected ({C_out}, {C_in}, kh, kw), got {tuple(weight.shape)}")
+    kh, kw = weight.shape[2:]
     torch._check(down.dim() == 4 and tuple(down.shape[1:]) == (C_in, kh, kw),
                  lambda: f"down: expected (R, {C_in}, {kh}, {kw}), got {tuple(down.shape)}")
     R = down.shape[0]
     torch._check(tuple(up.shape) == (C_out, R), lambda: f"up: expected ({C_out}, {R}), got {tuple(up.shape)}")
-    for name, t in (("weight", weight), ("down", down), ("up", up)) + ((("bias", bias),) if bias is not None else ()):
-        _same(name, t, x)
-    if bias is not None:
-        torch._check(tuple(bias.shape) == (C_out,), lambda: f"bias: expected ({C_out},), got {tuple(bias.shape)}")
-    _check_pref(pref, x, R, "down")
+    for name, t in (("weight", weight), ("down", down), ("up", up)):
+        _same(name, t, anchor)
+    return R
+
+
+def _check_conv_geometry(pref: Tensor, anchor: Tensor, R: int, N: int, stride, padding, dilation) -> None:
+    _check_pref(pref, anchor, R, "down")
     torch._check(pref.shape[0] in (1, N), lambda: f"pref: expected 1 or N = {N} rows, got {pref.shape[0]}")
     for name, v, lo in (("stride", stride, 1), ("padding", padding, 0), ("dilation", dilation, 1)):
         torch._check(len(v) == 2 and min(v) >= lo, lambda: f"{name}: expected 2 values >= {lo}, got {list(v)}")
+
+
+def check_lora_conv2d(x, weight, down, bias, up, pref, stride, padding, dilation) -> Tuple[int, int]:
+    """Checks the contract; returns (Ho, Wo)."""
+    torch._check(x.dim() == 4, lambda: f"x: expected (N, C_in, H, W), got shape {tuple(x.shape)}")
+    N, C_in, H, W = x.shape
+    torch._check(weight.dim() == 4, lambda: f"weight: expected (C_out, {C_in}, kh, kw), got {tuple(weight.shape)}")
+    C_out, _, kh, kw = weight.shape
+    R = _check_conv_adapters(weight, down, up, C_in, C_out, x)
+    if bias is not None:
+        _same("bias", bias, x)
+        torch._check(tuple(bias.shape) == (C_out,), lambda: f"bias: expected ({C_out},), got {tuple(bias.shape)}")
+    _check_conv_geometry(pref, x, R, N, stride, padding, dilation)
     Ho = conv_out_size(H, kh, stride[0], padding[0], dilation[0])
     Wo = conv_out_size(W, kw, stride[1], padding[1], dilation[1])
     torch._check(Ho >= 1 and Wo >= 1,
@@ -154,28 +170,23 @@ def _(x, weight, down, bias, up, pref, stride, padding, dilation, scale, backend
     return lora_conv2d_layout(x, weight.shape[0], down.shape[0], Ho, Wo)
 
 
+def _check_grid(what: str, Ho: int, Wo: int, x_hw, kh: int, kw: int, stride, padding, dilation) -> None:
+    """An output grid Ho x Wo is the one a conv of x_hw with this geometry produces."""
+    eh = conv_out_size(x_hw[0], kh, stride[0], padding[0], dilation[0])
+    ew = conv_out_size(x_hw[1], kw, stride[1], padding[1], dilation[1])
+    torch._check(Ho == eh and Wo == ew,
+                 lambda: f"{what}: expected an output grid of {eh}x{ew} for x of {x_hw[0]}x{x_hw[1]}, got {Ho}x{Wo}")
+
+
 def check_lora_conv2d_dgrad(dy, weight, down, up, pref, x_hw, stride, padding, dilation) -> None:
     """The contract of lora_conv2d_dgrad: dy is the gradient of lora_conv2d's y for an x of spatial size x_hw."""
     torch._check(dy.dim() == 4, lambda: f"dy: expected (N, C_out, Ho, Wo), got shape {tuple(dy.shape)}")
     N, C_out, Ho, Wo = dy.shape
-    torch._check(weight.dim() == 4 and weight.shape[0] == C_out,
-                 lambda: f"weight: expected ({C_out}, C_in, kh, kw), got {tuple(weight.shape)}")
-    _, C_in, kh, kw = weight.shape
-    torch._check(down.dim() == 4 and tuple(down.shape[1:]) == (C_in, kh, kw),
-                 lambda: f"down: expected (R, {C_in}, {kh}, {kw}), got {tuple(down.shape)}")
-    R = down.shape[0]
-    torch._check(tuple(up.shape) == (C_out, R), lambda: f"up: expected ({C_out}, {R}), got {tuple(up.shape)}")
-    for name, t in (("weight", weight), ("down", down), ("up", up)):
-        _same(name, t, dy)
-    _check_pref(pref, dy, R, "down")
-    torch._check(pref.shape[0] in (1, N), lambda: f"pref: expected 1 or N = {N} rows, got {pref.shape[0]}")
+    torch._check(weight.dim() == 4, lambda: f"weight: expected ({C_out}, C_in, kh, kw), got {tuple(weight.shape)}")
+    R = _check_conv_adapters(weight, down, up, weight.shape[1], C_out, dy)
+    _check_conv_geometry(pref, dy, R, N, stride, padding, dilation)
     torch._check(len(x_hw) == 2 and min(x_hw) >= 1, lambda: f"x_hw: expected (H, W) >= 1, got {list(x_hw)}")
-    for name, v, lo in (("stride", stride, 1), ("padding", padding, 0), ("dilation", dilation, 1)):
-        torch._check(len(v) == 2 and min(v) >= lo, lambda: f"{name}: expected 2 values >= {lo}, got {list(v)}")
-    eh = conv_out_size(x_hw[0], kh, stride[0], padding[0], dilation[0])
-    ew = conv_out_size(x_hw[1], kw, stride[1], padding[1], dilation[1])
-    torch._check(Ho == eh and Wo == ew,
-                 lambda: f"dy: expected an output grid of {eh}x{ew} for x of {x_hw[0]}x{x_hw[1]}, got {Ho}x{Wo}")
+    _check_grid("dy", Ho, Wo, x_hw, weight.shape[2], weight.shape[3], stride, padding, dilation)
 
 
 def lora_conv2d_dgrad_layout(dy: Tensor, C_in: int, R: int, H: int, W: int) -> Tuple[Tensor, Tensor]:
@@ -206,10 +217,58 @@ def _(dy, weight, down, up, pref, x_hw, stride, padding, dilation, scale, backen
     return lora_conv2d_dgrad_layout(dy, weight.shape[1], down.shape[0], *x_hw)
 
 
-def _check_layout(op: str, backend: str, got, like) -> None:
+def check_lora_conv2d_wgrad(x, dy, dg, pref, kernel_hw, stride, padding, dilation) -> None:
+    """The contract of lora_conv2d_wgrad: dy and dg are the gradients of lora_conv2d's y and (unscaled) H."""
+    torch._check(x.dim() == 4, lambda: f"x: expected (N, C_in, H, W), got shape {tuple(x.shape)}")
+    N = x.shape[0]
+    torch._check(dy.dim() == 4 and dy.shape[0] == N,
+                 lambda: f"dy: expected ({N}, C_out, Ho, Wo), got shape {tuple(dy.shape)}")
+    Ho, Wo = dy.shape[2:]
+    torch._check(dg.dim() == 4 and dg.shape[0] == N and tuple(dg.shape[2:]) == (Ho, Wo),
+                 lambda: f"dg: expected ({N}, R, {Ho}, {Wo}), got shape {tuple(dg.shape)}")
+    for name, t in (("dy", dy), ("dg", dg)):
+        _same(name, t, x)
+    _check_conv_geometry(pref, x, dg.shape[1], N, stride, padding, dilation)
+    torch._check(len(kernel_hw) == 2 and min(kernel_hw) >= 1,
+                 lambda: f"kernel_hw: expected (kh, kw) >= 1, got {list(kernel_hw)}")
+    _check_grid("dy", Ho, Wo, x.shape[2:], kernel_hw[0], kernel_hw[1], stride, padding, dilation)
+
+
+def lora_conv2d_wgrad_layout(x: Tensor, C_out: int, R: int, kh: int, kw: int,
+                             need_weight: bool) -> Tuple[Tensor, Tensor]:
+    """Empty (dW, dA), contiguous; dW has 0 rows when the base weight needs no gradient."""
+    C_in = x.shape[1]
+    return x.new_empty((C_out if need_weight else 0, C_in, kh, kw)), x.new_empty((R, C_in, kh, kw))
+
+
+@torch.library.custom_op("palora::lora_conv2d_wgrad", mutates_args=())
+def lora_conv2d_wgrad(x: Tensor, dy: Tensor, dg: Tensor, pref: Tensor, kernel_hw: List[int], stride: List[int],
+                      padding: List[int], dilation: List[int], scale: float, need_weight: bool,
+                      backend: str) -> Tuple[Tensor, Tensor]:
+    """(dW, dA_cat) of lora_conv2d from ONE pass over im2col(x): the columns of the weight-gradient GEMM
+    are [dY | dG * S_n], so dW = sum_n,pixels dY (x) im2col(x) and dA = sum (dG * S_n) (x) im2col(x),
+    accumulated in fp32. dg is the unscaled gradient of H (lora_conv2d_dgrad's second output); S is
+    applied in registers. need_weight=False (a frozen base) skips dW: it comes back with 0 rows.
+    x, dy and dg may have any strides (NCHW, channels_last or views); the backend handles them."""
+    check_lora_conv2d_wgrad(x, dy, dg, pref, kernel_hw, stride, padding, dilation)
+    dw, da = dispatch.kernel(backend, "lora_conv2d_wgrad")(x, dy, dg, pref, kernel_hw, stride, padding,
+                                                           dilation, scale, need_weight)
+    _check_layout("lora_conv2d_wgrad", backend, (dw, da),
+                  lora_conv2d_wgrad_layout(x.to("meta"), dy.shape[1], dg.shape[1], *kernel_hw, need_weight),
+                  names=("dW", "dA"))
+    return dw, da
+
+
+@lora_conv2d_wgrad.register_fake
+def _(x, dy, dg, pref, kernel_hw, stride, padding, dilation, scale, need_weight, backend):
+    check_lora_conv2d_wgrad(x, dy, dg, pref, kernel_hw, stride, padding, dilation)
+    return lora_conv2d_wgrad_layout(x, dy.shape[1], dg.shape[1], *kernel_hw, need_weight)
+
+
+def _check_layout(op: str, backend: str, got, like, names=("y", "H")) -> None:
     """A backend returned tensors in the layout of the contract (``like``: meta tensors, no data).
     Shapes, dtypes and the strides of every dimension longer than 1 must agree."""
-    for name, g, e in zip(("y", "H"), got, like):
+    for name, g, e in zip(names, got, like):
         ok = g.shape == e.shape and g.dtype == e.dtype and all(
             gs == es for n, gs, es in zip(g.shape, g.stride(), e.stride()) if n > 1)
         if not ok:

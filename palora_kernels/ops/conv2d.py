@@ -113,12 +113,22 @@ class PaLoRAConv2dFunction(torch.autograd.Function):
         # a backend with a data-gradient kernel (cuda, cuda_sim) computes dX and dG in two launches
         kernel_dx = need_x and "lora_conv2d_dgrad" in dispatch.record(backend).kernels
         if kernel_dx:
-            dx, dg = _ops.lora_conv2d_dgrad(dy, weight, stack_A(lora_A), B_cat, pref, [x.shape[2], x.shape[3]],
-                                            stride, padding, dilation, scale, backend)
-            dg = _cm(dg)                                                  # (N, R, HW)
+            dx, dg4 = _ops.lora_conv2d_dgrad(dy, weight, stack_A(lora_A), B_cat, pref, [x.shape[2], x.shape[3]],
+                                             stride, padding, dilation, scale, backend)
+            dg = _cm(dg4)                                                 # (N, R, HW)
         else:
             dg = torch.matmul(B_cat.t(), dy3)                             # (N, R, HW)
-        if (need_x and not kernel_dx) or need_w or need_A or (need_b and has_bias):
+            dg4 = dg.view(N, R, Ho, Wo)
+        # and a backend with a weight-gradient kernel computes dW and dA in one pass over im2col(x)
+        # (only where dX needs no convolution_backward, which would compute dW on the way)
+        kernel_dw = ((need_w or need_A) and (kernel_dx or not need_x)
+                     and "lora_conv2d_wgrad" in dispatch.record(backend).kernels)
+        if kernel_dw:
+            dw_, da_ = _ops.lora_conv2d_wgrad(x, dy, dg4, pref, list(weight.shape[2:]), stride,
+                                              padding, dilation, scale, need_w, backend)
+            dW, dA = (dw_ if need_w else None), (da_.view(lora_A.shape) if need_A else None)
+            db = dy.sum((0, 2, 3)) if need_b and has_bias else None
+        elif (need_x and not kernel_dx) or need_w or need_A or (need_b and has_bias):
             wcat = torch.cat([weight, stack_A(lora_A)])
             dz = torch.cat([dy, (dg * S).reshape(N, R, Ho, Wo).contiguous(memory_format=_ops.conv_memory_format(dy))],
                            dim=1)
