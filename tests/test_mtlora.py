@@ -81,3 +81,273 @@ def _flat(y, lt):
 
 
 MODES = ["matrix", "matrixv2", "addition", "lora_only"]
+BACKENDS = ["torch", "triton"]
+
+
+def run_with_grads(m, x, xt, fn, seed=5):
+    """fn(m, x, xt) -> (y, {task: y_t}); the outputs and the gradients of x, the task inputs and every
+    trainable parameter of m (by name) for a random upstream gradient on every output."""
+    x = x.clone().requires_grad_()
+    xt = {k: v.clone().requires_grad_() for k, v in xt.items()} if xt else None
+    y, lt = fn(m, x, xt)
+    outs = _flat(y, lt)
+    g = torch.Generator().manual_seed(seed)
+    loss = sum((o * torch.randn(o.shape, generator=g).to(o.dtype)).sum() for o in outs)
+    names = [n for n, p in m.named_parameters() if p.requires_grad]
+    wrt = [x] + (list(xt.values()) if xt else []) + [p for n, p in m.named_parameters() if p.requires_grad]
+    got = torch.autograd.grad(loss, wrt, allow_unused=True)
+    grads = dict(zip(["x"] + [f"x_tasks.{k}" for k in (xt or {})] + names, got))
+    return outs, grads
+
+
+def oracle_fn(m):
+    return oracle_linear if isinstance(m, pk.MTLoRALinear) else oracle_qkv
+
+
+def assert_matches_oracle(m, x, xt, backend, tol):
+    outs, grads = run_with_grads(m, x, xt, lambda m, x, xt: m(x, xt, backend=backend))
+    m64 = __import__("copy").deepcopy(m).double()
+    x64 = x.double()
+    xt64 = {k: v.double() for k, v in xt.items()} if xt else None
+    outs64, grads64 = run_with_grads(m64, x64, xt64, oracle_fn(m))
+    for i, (a, b) in enumerate(zip(outs, outs64)):
+        assert rel_err(a, b) <= tol, f"output {i}: {rel_err(a, b):.3g}"
+    assert grads.keys() == grads64.keys()
+    for k in grads:
+        a, b = grads[k], grads64[k]
+        assert (a is None) == (b is None), f"{k}: gradient {'missing' if a is None else 'unexpected'}"
+        if a is not None:
+            # trainable scales are fp32 parameters (as the reference's): their gradient is fp32-rounded
+            t = max(tol, TOL[torch.float32]) if "scale" in k else tol
+            assert rel_err(a, b) <= t, f"grad {k}: {rel_err(a, b):.3g}"
+
+
+@pytest.mark.parametrize("with_tasks", [False, True], ids=["x_tasks=None", "x_tasks"])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("cls", [pk.MTLoRALinear, pk.MTLoRAQKV], ids=["Linear", "QKV"])
+def test_torch_backend_matches_reference_fp64(cls, mode, with_tasks):
+    for trainable in (False, True):
+        m = make(mode, trainable=trainable, cls=cls)
+        x, xt = inputs(13, m.tasks, with_tasks)
+        assert_matches_oracle(m, x, xt, "torch", TOL[torch.float64])
+
+
+@pytest.mark.parametrize("with_tasks", [False, True], ids=["x_tasks=None", "x_tasks"])
+@pytest.mark.parametrize("mode", ["matrix", "matrixv2", "addition"])
+@pytest.mark.parametrize("cls", [pk.MTLoRALinear, pk.MTLoRAQKV], ids=["Linear", "QKV"])
+def test_triton_interpreter_matches_reference_fp64(cls, mode, with_tasks):
+    # 19 x 21 with 3 x 11 rows: ragged last tiles of the interpreter's 16 x 16 x 16 tiles in N, M and K
+    m = make(mode, trainable=True, cls=cls, in_f=21, out_f=19)
+    x, xt = inputs(21, m.tasks, with_tasks, shape=(3, 11))
+    assert_matches_oracle(m, x, xt, "triton", TOL[torch.float64])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_unequal_ranks_one_task_and_rank_zero(backend):
+    # shared rank 7, tasks of rank 1, 3 and 0 (a rank-0 task keeps the base output), scales per task
+    m = make("matrixv2", r={"shared": 7, "seg": 1, "depth": 3, "normals": 0}, in_f=17, out_f=9)
+    x, xt = inputs(17, m.tasks, True, shape=(5,))
+    assert_matches_oracle(m, x, xt, backend, TOL[torch.float64])
+    m1 = make("matrix", tasks=["only"], r={"shared": 2, "only": 5}, in_f=6, out_f=4)
+    x1, xt1 = inputs(6, m1.tasks, False, shape=(2, 3))
+    assert_matches_oracle(m1, x1, xt1, backend, TOL[torch.float64])
+
+
+def test_non_contiguous_inputs_and_no_bias():
+    m = make("matrix", bias=False, in_f=8, out_f=6)
+    x = torch.randn(8, 10, dtype=torch.float64).t()[:, None, :]            # (10, 1, 8), stride 1 on dim 0
+    xt = {t: torch.randn(8, 10, dtype=torch.float64).t()[:, None, :] for t in m.tasks}
+    assert_matches_oracle(m, x, xt, "torch", TOL[torch.float64])
+
+
+def test_r_zero_is_the_plain_linear():
+    m = pk.MTLoRALinear(5, 4, r=0, tasks=TASKS, lora_task_scale=1.0)
+    x = torch.randn(3, 5)
+    y, lt = m(x)
+    assert lt is None and torch.equal(y, m.linear(x))
+    assert set(m.state_dict()) == {"linear.weight", "linear.bias"}
+
+
+# ------------------------------------------------------------------------------------------------
+# checkpoints and initialisation: the reference's names and draw order
+# ------------------------------------------------------------------------------------------------
+def reference_keys(tasks, mode, trainable_shared, trainable_task, bias=True, prefix=""):
+    """The state_dict keys of the reference MTLoRALinear, from its attribute names (models/lora.py)."""
+    keys = {prefix + "linear.weight"} | ({prefix + "linear.bias"} if bias else set())
+    if mode == "lora_only" or tasks is None:
+        tasks, mode = None, "matrix"
+    for t in tasks or []:
+        keys |= {f"{prefix}lora_tasks_A.{t}", f"{prefix}lora_tasks_B.{t}"}
+        if trainable_task:
+            keys.add(f"{prefix}lora_task_scale.{t}")
+    if mode in ("addition", "add"):
+        keys |= {prefix + "lora_norm.weight", prefix + "lora_norm.bias"}
+    else:
+        keys |= {prefix + "lora_shared_A", prefix + "lora_shared_B"}
+    if trainable_shared:
+        keys.add(prefix + "lora_shared_scale")
+    return keys
+
+
+@pytest.mark.parametrize("mode", ["matrix", "matrixv2", "add", "lora_only"])
+@pytest.mark.parametrize("trainable", [False, True])
+def test_state_dict_of_the_reference_loads_strict(mode, trainable):
+    r = {"shared": 4, "seg": 2, "depth": 3, "normals": 1}
+    keys = reference_keys(TASKS, mode, trainable, trainable)
+    m = pk.MTLoRALinear(9, 7, r=r, lora_task_scale={t: 1.0 for t in TASKS}, tasks=TASKS, shared_mode=mode,
+                        trainable_scale_shared=trainable, trainable_scale_per_task=trainable)
+    assert set(m.state_dict()) == keys
+    # a checkpoint with the reference's keys and shapes (random values) loads strict and is what runs
+    shapes = {"linear.weight": (7, 9), "linear.bias": (7,), "lora_shared_A": (4, 9), "lora_shared_B": (7, 4),
+              "lora_norm.weight": (7,), "lora_norm.bias": (7,), "lora_shared_scale": (1,)}
+    for t in TASKS:
+        shapes.update({f"lora_tasks_A.{t}": (r[t], 9), f"lora_tasks_B.{t}": (7, r[t]), f"lora_task_scale.{t}": (1,)})
+    sd = {k: torch.randn(shapes[k]) for k in keys}
+    m.load_state_dict(sd, strict=True)
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, sd[k]), k
+    qkv = pk.MTLoRAQKV(9, 7, r=r, lora_task_scale=1.0, tasks=TASKS, shared_mode=mode,
+                       trainable_scale_shared=trainable, trainable_scale_per_task=trainable)
+    assert set(qkv.state_dict()) == set().union(*[reference_keys(TASKS, mode, trainable, trainable, prefix=p + ".")
+                                                   for p in "qkv"])
+
+
+def test_init_draws_as_the_reference():
+    """Same seed -> the same numbers: nn.Linear, then the shared A, then each task's A (kaiming a=sqrt(5))."""
+    r = {"shared": 3, "seg": 2, "depth": 4, "normals": 1}
+    torch.manual_seed(7)
+    lin = nn.Linear(10, 6)
+    want = {"linear.weight": lin.weight.detach().clone(), "linear.bias": lin.bias.detach().clone()}
+    for name, shape in [("lora_shared_A", (3, 10))] + [(f"lora_tasks_A.{t}", (r[t], 10)) for t in TASKS]:
+        w = torch.zeros(shape)
+        nn.init.kaiming_uniform_(w, a=5 ** 0.5)
+        want[name] = w
+    torch.manual_seed(7)
+    m = pk.MTLoRALinear(10, 6, r=r, lora_task_scale={t: 1.0 for t in TASKS}, tasks=TASKS)
+    sd = m.state_dict()
+    for k, v in want.items():
+        assert torch.equal(sd[k], v), k
+    assert all(not sd[k].any() for k in sd if "_B" in k), "B must start at zero"
+    y, lt = m(torch.randn(2, 10))
+    assert all(torch.equal(v, y) for v in lt.values()), "a fresh layer: every output is the base output"
+
+
+# ------------------------------------------------------------------------------------------------
+# merge / unmerge, frozen base
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", ["matrix", "matrixv2", "addition"])
+def test_merge_each_output_and_unmerge_exactly(mode):
+    m = make(mode, trainable=True)
+    x, _ = inputs(13, m.tasks, False)
+    w0 = m.linear.weight.detach().clone()
+    y, lt = m(x)
+    for out in (["shared"] if mode != "addition" else []) + TASKS:
+        m.merge(out)
+        ym, none = m(x)
+        assert none is None
+        assert rel_err(ym, y if out == "shared" else lt[out]) <= TOL[torch.float64]
+        assert torch.equal(m.state_dict()["linear.weight"], w0), "a merged layer saves the unmerged weight"
+        with pytest.raises(ValueError, match="x_tasks"):
+            m(x, {t: x for t in TASKS})
+        m.unmerge()
+        assert torch.equal(m.linear.weight, w0)
+    if mode == "addition":
+        with pytest.raises(ValueError, match="LayerNorm"):
+            m.merge("shared")
+        assert torch.equal(m.linear.weight, w0) and not m.merged
+    with pytest.raises(ValueError, match="output"):
+        m.merge("nope")
+
+
+def test_qkv_merge():
+    m = make("matrix", cls=pk.MTLoRAQKV)
+    x, _ = inputs(13, m.tasks, False)
+    y, lt = m(x)
+    m.merge("depth")
+    assert rel_err(m(x)[0], lt["depth"]) <= TOL[torch.float64]
+    m.unmerge()
+    assert rel_err(m(x)[0], y) == 0
+
+
+def test_frozen_base_computes_no_weight_gradient(monkeypatch):
+    from palora_kernels import dispatch
+    from palora_kernels.backends.torch import mtlora as tm
+    seen = []
+    real = tm.mtlora_mm_dgrad
+
+    def spy(*args):
+        seen.append(args[-1])     # need_base
+        return real(*args)
+    monkeypatch.setattr(tm, "mtlora_mm_dgrad", spy)
+    dispatch.clear_cache()
+    try:
+        m = make("matrix")
+        m.linear.requires_grad_(False)          # MTLoRA's FREEZE_PRETRAINED
+        x, xt = inputs(13, m.tasks, True)
+        assert_matches_oracle(m, x, xt, "torch", TOL[torch.float64])
+        assert seen and not any(seen), "a frozen base must not ask for dBase (dW, db)"
+        assert m.linear.weight.grad is None
+    finally:
+        dispatch.clear_cache()
+
+
+# ------------------------------------------------------------------------------------------------
+# LoRA dropout: a counter-based mask on the adapters' input x, regenerated in the backward
+# ------------------------------------------------------------------------------------------------
+def _masks(m, x, p, seed_torch):
+    """The masks the layer draws under torch.manual_seed(seed_torch): one per q/k/v group."""
+    from palora_kernels._rng import draw_seed_offset, keep_mask
+    G = 3 if isinstance(m, pk.MTLoRAQKV) else 1
+    torch.manual_seed(seed_torch)
+    seed, offset = draw_seed_offset(G * x.numel())
+    return [keep_mask(seed, offset + g * x.numel(), x.shape, p).to(torch.float64) for g in range(G)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cls,mode,with_tasks", [(pk.MTLoRALinear, "matrix", False), (pk.MTLoRALinear, "matrixv2", True),
+                                                 (pk.MTLoRALinear, "addition", False), (pk.MTLoRAQKV, "matrix", False)],
+                         ids=["Linear-matrix", "Linear-matrixv2-x_tasks", "Linear-addition", "QKV-matrix"])
+def test_dropout_equals_explicit_mask_composition(cls, mode, with_tasks, backend):
+    p = 0.3
+    m = make(mode, cls=cls, dropout=p, trainable=True, in_f=21, out_f=11)
+    x, xt = inputs(21, m.tasks, with_tasks, shape=(2, 9))
+    masks = _masks(m, x, p, 123)
+    assert 0 < sum(k.sum() for k in masks) < sum(k.numel() for k in masks)
+
+    def fused(m, x, xt):
+        torch.manual_seed(123)
+        return m(x, xt, backend=backend)
+
+    def explicit(m, x, xt):
+        if isinstance(m, pk.MTLoRALinear):
+            return oracle_linear(m, x, xt, masks[0], p)
+        return oracle_qkv(m, x, xt, masks, p)
+    outs, grads = run_with_grads(m, x, xt, fused)
+    m64 = __import__("copy").deepcopy(m).double()
+    outs64, grads64 = run_with_grads(m64, x.double(), xt, explicit)
+    for a, b in zip(outs, outs64):
+        assert rel_err(a, b) <= TOL[torch.float64]
+    for k in grads:          # the backward regenerated the forward's mask: same gradients as the explicit mask
+        if grads[k] is not None:
+            t = TOL[torch.float32] if "scale" in k else TOL[torch.float64]
+            assert rel_err(grads[k], grads64[k]) <= t, k
+    # eval mode: no dropout, the p = 0 layer
+    m.eval()
+    m0 = __import__("copy").deepcopy(m)
+    m0.lora_dropout_p = 0.0
+    for sub in ([m0.q, m0.k, m0.v] if isinstance(m0, pk.MTLoRAQKV) else []):
+        sub.lora_dropout_p = 0.0
+    m0.train()
+    for a, b in zip(_flat(*m(x, xt, backend=backend)), _flat(*m0(x, xt, backend=backend))):
+        assert torch.equal(a, b)
+
+
+def test_dropout_is_deterministic_under_manual_seed_and_varies_without():
+    m = make("matrix", dropout=0.5)
+    x, _ = inputs(13, m.tasks, False)
+    torch.manual_seed(0)
+    a = m(x)[0]
+    torch.manual_seed(0)
+    b = m(x)[0]
+    c = m(x)[0]
+    assert torch.equal(a, b) and not torch.equal(a, c)
