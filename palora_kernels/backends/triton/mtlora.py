@@ -42,6 +42,18 @@ def _tiles(dtype):
 
 
 @triton.jit
+def _cast(t, dtype: tl.constexpr, RNE: tl.constexpr):
+    # The interpreter (Triton 3.8 on CPU) TRUNCATES fp32 -> bf16: 505 of 1024 randn values differed from
+    # torch's round-to-nearest-even, max error 2x. A GPU's cvt.rn rounds; with RNE (interpreter + bf16 only)
+    # we round the fp32 bits to nearest even first, so the interpreter tests see the GPU's rounding.
+    if RNE:
+        b = t.to(tl.float32).to(tl.uint32, bitcast=True)
+        b = (b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000
+        return b.to(tl.float32, bitcast=True).to(dtype)
+    return t.to(dtype)
+
+
+@triton.jit
 def _dropped(t, seed, p, idx, HAS_DROPOUT: tl.constexpr):
     # t * keep / (1 - p), keep iff uniform(seed, idx) >= p  (idx: flat index into the group's mask)
     if HAS_DROPOUT:
@@ -68,7 +80,7 @@ def _mtlora_fwd_kernel(
     stride_sg, stride_so, stride_yo, stride_yn, stride_ym, stride_hn, stride_hr,
     # features
     T1: tl.constexpr, HAS_BIAS: tl.constexpr, SHRINK_IN_LOOP: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    UPCAST: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, RNE: tl.constexpr,
     # tiles
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
@@ -100,7 +112,7 @@ def _mtlora_fwd_kernel(
             a = tl.load(a_ptr + (g * R + offs_r)[None, :] * stride_ar + kk[:, None] * stride_ak,
                         mask=mask_k[:, None] & mask_r[None, :], other=0.0)
             idx = drop_offset + g * N * K + offs_m[:, None] * K + kk[None, :]
-            xa = _dropped(x.to(ACC_DTYPE), seed, p, idx, HAS_DROPOUT).to(x.dtype)
+            xa = _cast(_dropped(x.to(ACC_DTYPE), seed, p, idx, HAS_DROPOUT), x.dtype, RNE)
             h = _dot(xa, a, h, UPCAST, INPUT_PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=mask_n, other=0.0).to(ACC_DTYPE)[None, :]
@@ -108,7 +120,7 @@ def _mtlora_fwd_kernel(
     h_ptrs = h_ptr + offs_m[:, None] * stride_hn + (g * R + offs_r)[None, :] * stride_hr
     if SHRINK_IN_LOOP:
         if pid_n == 0:
-            tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_r[None, :])
+            tl.store(h_ptrs, _cast(h, h_ptr.dtype.element_ty, RNE), mask=mask_m[:, None] & mask_r[None, :])
     else:
         h = tl.load(h_ptrs, mask=mask_m[:, None] & mask_r[None, :], other=0.0).to(ACC_DTYPE)
     b = tl.load(b_ptr + cols[None, :] * stride_bm + offs_r[:, None] * stride_br,
@@ -116,9 +128,9 @@ def _mtlora_fwd_kernel(
     # epilogue: T1 outputs from the one base accumulator, each with its one-hot row of scales
     for o in tl.static_range(T1):
         s = tl.load(so_ptr + g * stride_sg + o * stride_so + offs_r, mask=mask_r, other=0.0).to(ACC_DTYPE)
-        out = _dot((h * s[None, :]).to(b.dtype), b, acc, UPCAST, INPUT_PRECISION)
+        out = _dot(_cast(h * s[None, :], b.dtype, RNE), b, acc, UPCAST, INPUT_PRECISION)
         tl.store(y_ptr + o * stride_yo + offs_m[:, None] * stride_yn + cols[None, :] * stride_ym,
-                 out.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+                 _cast(out, y_ptr.dtype.element_ty, RNE), mask=mask_m[:, None] & mask_n[None, :])
 
 
 @triton.jit
@@ -129,7 +141,7 @@ def _mtlora_shrink_kernel(
     N, K, R, c0, C, seed, drop_offset, p,
     stride_xn, stride_xk, stride_ar, stride_ak, stride_hn, stride_hr,
     HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    RNE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     # grid (row tiles, G): H[:, g*R + c0 : g*R + c0 + C] = drop_g(x) A[g*R + c0 : ..]^T
     pid_m = tl.program_id(0)
@@ -147,11 +159,11 @@ def _mtlora_shrink_kernel(
         x = tl.load(x_ptr + offs_m[:, None] * stride_xn + kk[None, :] * stride_xk,
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         idx = drop_offset + g * N * K + offs_m[:, None] * K + kk[None, :]
-        x = _dropped(x.to(ACC_DTYPE), seed, p, idx, HAS_DROPOUT).to(x.dtype)
+        x = _cast(_dropped(x.to(ACC_DTYPE), seed, p, idx, HAS_DROPOUT), x.dtype, RNE)
         a = tl.load(a_ptr + rows[None, :] * stride_ar + kk[:, None] * stride_ak,
                     mask=mask_k[:, None] & mask_r[None, :], other=0.0)
         h = _dot(x, a, h, UPCAST, INPUT_PRECISION)
-    tl.store(h_ptr + offs_m[:, None] * stride_hn + rows[None, :] * stride_hr, h.to(h_ptr.dtype.element_ty),
+    tl.store(h_ptr + offs_m[:, None] * stride_hn + rows[None, :] * stride_hr, _cast(h, h_ptr.dtype.element_ty, RNE),
              mask=mask_m[:, None] & mask_r[None, :])
 
 
@@ -165,7 +177,7 @@ def _mtlora_dg_kernel(
     N, Mg, R,
     stride_do, stride_dn, stride_dm, stride_bm, stride_br, stride_fo, stride_bn_, stride_bmm, stride_gn, stride_gr,
     T1: tl.constexpr, NEED_BASE: tl.constexpr, UPCAST: tl.constexpr, ACC_DTYPE: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, RNE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     g = tl.program_id(1).to(tl.int64)
@@ -190,9 +202,9 @@ def _mtlora_dg_kernel(
             dg = _dot(dy, (b * f[None, :]).to(dy.dtype), dg, UPCAST, INPUT_PRECISION)
         if NEED_BASE:
             tl.store(dbase_ptr + offs_m[:, None] * stride_bn_ + cols[None, :] * stride_bmm,
-                     dbase.to(dbase_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+                     _cast(dbase, dbase_ptr.dtype.element_ty, RNE), mask=mask_m[:, None] & mask_n[None, :])
     tl.store(dg_ptr + offs_m[:, None] * stride_gn + (g * R + offs_r)[None, :] * stride_gr,
-             dg.to(dg_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_r[None, :])
+             _cast(dg, dg_ptr.dtype.element_ty, RNE), mask=mask_m[:, None] & mask_r[None, :])
 
 
 @triton.jit
@@ -206,7 +218,7 @@ def _mtlora_dx_kernel(
     N, K, M, R, G, seed, drop_offset, p,
     stride_bn, stride_bm, stride_wm, stride_wk, stride_gn, stride_gr, stride_ar, stride_ak, stride_xn, stride_xk,
     HAS_BASE: tl.constexpr, HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr, ACC_DTYPE: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, RNE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr,
 ):
     # dX = dBase W + sum_g drop_g((dG_g * s_g) A_g)
@@ -236,11 +248,11 @@ def _mtlora_dx_kernel(
         s = tl.load(cs_ptr + cr, mask=mask_r, other=0.0).to(ACC_DTYPE)
         a = tl.load(a_ptr + cr[:, None] * stride_ar + offs_k[None, :] * stride_ak,
                     mask=mask_r[:, None] & mask_k[None, :], other=0.0)
-        t = _dot((dg.to(ACC_DTYPE) * s[None, :]).to(a.dtype), a,
+        t = _dot(_cast(dg.to(ACC_DTYPE) * s[None, :], a.dtype, RNE), a,
                  tl.zeros((BLOCK_M, BLOCK_K), dtype=ACC_DTYPE), UPCAST, INPUT_PRECISION)
         idx = drop_offset + (offs_m[:, None] + g * N) * K + offs_k[None, :]     # offs_m is int64
         acc += _dropped(t, seed, p, idx, HAS_DROPOUT)
-    tl.store(dx_ptr + offs_m[:, None] * stride_xn + offs_k[None, :] * stride_xk, acc.to(dx_ptr.dtype.element_ty),
+    tl.store(dx_ptr + offs_m[:, None] * stride_xn + offs_k[None, :] * stride_xk, _cast(acc, dx_ptr.dtype.element_ty, RNE),
              mask=mask_m[:, None] & mask_k[None, :])
 
 
@@ -287,7 +299,7 @@ def mtlora_mm(x, xs, weight, bias, A, B, ranks, scales, groups, shared_to_tasks,
     sdt = torch.float64 if x.dtype == torch.float64 else torch.float32
     S, _ = _scale_rows(scales, ranks, shared_to_tasks, x.device, sdt)
     t = _tiles(x.dtype)
-    common = dict(UPCAST=upcast, ACC_DTYPE=acc_dt, INPUT_PRECISION=prec)
+    common = dict(UPCAST=upcast, ACC_DTYPE=acc_dt, INPUT_PRECISION=prec, RNE=INTERPRET and x.dtype == torch.bfloat16)
     in_loop = not xs
     with _guard(x):
         if not in_loop:   # task inputs: H first, each adapter's columns from the input it reads
@@ -324,7 +336,7 @@ def mtlora_mm_dgrad(dy, x, xs, weight, A, B, ranks, scales, groups, shared_to_ta
     sdt = torch.float64 if dy.dtype == torch.float64 else torch.float32
     _, F = _scale_rows(scales, ranks, shared_to_tasks, dy.device, sdt)
     t = _tiles(dy.dtype)
-    common = dict(UPCAST=upcast, ACC_DTYPE=acc_dt, INPUT_PRECISION=prec)
+    common = dict(UPCAST=upcast, ACC_DTYPE=acc_dt, INPUT_PRECISION=prec, RNE=INTERPRET and dy.dtype == torch.bfloat16)
     base = need_x or need_base
     dbase = dy.new_empty((N if base else 0, M))
     dg = dy.new_empty((N, G * R))
