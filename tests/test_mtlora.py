@@ -451,3 +451,52 @@ def test_layer_errors_name_the_argument_and_change_nothing():
         m.merge("depth")
     m.unmerge()
     assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())
+
+
+# ------------------------------------------------------------------------------------------------
+# convert_mtlora: TA-LoRA on the targets, TS-LoRA in the last block of each stage (the reference's)
+# ------------------------------------------------------------------------------------------------
+class _Block(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.attn = nn.Module()
+        self.attn.qkv, self.attn.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.mlp = nn.Module()
+        self.mlp.fc1, self.mlp.fc2 = nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
+
+
+def _swin_like():
+    torch.manual_seed(0)
+    m = nn.Module()
+    m.layers = nn.ModuleList()
+    for d, depth in ((8, 2), (16, 2)):
+        stage = nn.Module()
+        stage.blocks = nn.ModuleList([_Block(d) for _ in range(depth)])
+        m.layers.append(stage)
+    m.head = nn.Linear(16, 4)
+    return m
+
+
+def test_convert_mtlora_places_adapters_as_the_reference():
+    model = _swin_like()
+    plain = __import__("copy").deepcopy(model)
+    pk.convert_mtlora(model, TASKS, {"shared": 4, **{t: 2 for t in TASKS}}, lora_task_scale=0.5,
+                      target_modules=["qkv", "proj", "fc1", "fc2"])
+    assert isinstance(model.head, nn.Linear) and not isinstance(model.head, pk.MTLoRALinear)
+    for name, mod in plain.named_modules():
+        if type(mod) is not nn.Linear or name == "head":
+            continue
+        new = model.get_submodule(name)
+        assert isinstance(new, pk.MTLoRALinear), name
+        last_block = name.split(".")[3] == "1"
+        want_tasks = TASKS if (last_block and not name.endswith("qkv")) else None
+        assert new.tasks == want_tasks, name
+        assert torch.equal(new.linear.weight, mod.weight) and not new.linear.weight.requires_grad
+        x = torch.randn(3, mod.in_features)
+        y, lt = new(x)                      # B = 0 at init: every output is the pretrained layer's
+        assert torch.allclose(y, mod(x), atol=1e-6) and (lt is None) == (want_tasks is None)
+    before = {k: v.clone() for k, v in plain.state_dict().items()}
+    with pytest.raises(ValueError, match=r"layers.0.blocks.1.attn.proj \(nn.Linear\): r: expected a value"):
+        pk.convert_mtlora(plain, TASKS, {"shared": 4, "seg": 2}, target_modules=["qkv", "proj"])
+    assert all(type(plain.get_submodule(n)) is nn.Linear for n in ("layers.0.blocks.0.attn.qkv",))
+    assert plain.state_dict().keys() == before.keys()
