@@ -24,7 +24,7 @@ mtlora_mm   (Y, H), the MTLoRA layer's T + 1 outputs on one base product (docs/m
             Y[o][:, g] = x W_g^T + b_g + sum_{a feeds o} s[g, a] H[:, g, a] B[g, a]^T   (T+1, N, G*Mg)
             H[:, g, a] = x_a A[g, a]^T   (N, G*R), x_a = dropout_g(x), or xs[a-1] for task inputs
             weight (G*Mg, K), A (G*R, K), B (G*Mg, R), ranks (T+1,) summing to R, scales (G, T+1).
-mtlora_mm_dgrad (dX, dXs, dBase, dG) of mtlora_mm: dBase = sum_o dY_o, dG[:, g, a] = dYsum_a B[g, a]
+mtlora_mm_dgrad (dX, dXs, dBase, dG) of mtlora_mm, from the T+1 output gradients dY_o: dBase = sum_o dY_o, dG[:, g, a] = dYsum_a B[g, a]
             (unscaled), dX = dBase W + sum dropout_g(dH_x A_x), dXs[t] = sum_g dH[:, g, t] A[g, t].
 
 H's row stride (lora_mm, mtlora_mm) is a multiple of the backend record's ``h_row_align`` elements: the
@@ -267,26 +267,24 @@ def _(x, xs, weight, bias, A, B, ranks, scales, groups, shared_to_tasks, p, seed
 
 
 def mtlora_mm_dgrad_layout(dy: Tensor, K: int, n_xs: int, need_x: bool, need_base: bool, GR: int):
-    """Empty (dX, dXs, dBase, dG), dense; the ones not asked for have 0 rows."""
-    _, N, M = dy.shape
+    """Empty (dX, dXs, dBase, dG), dense; the ones not asked for have 0 rows. dy: one output's gradient."""
+    N, M = dy.shape
     return (dy.new_empty((N if need_x else 0, K)), dy.new_empty((n_xs if need_x else 0, N, K)),
             dy.new_empty((N if need_base else 0, M)), dy.new_empty((N, GR)))
 
 
 @torch.library.custom_op("palora::mtlora_mm_dgrad", mutates_args=())
-def mtlora_mm_dgrad(dy: Tensor, x: Tensor, xs: List[Tensor], weight: Tensor, A: Tensor, B: Tensor,
+def mtlora_mm_dgrad(dys: List[Tensor], x: Tensor, xs: List[Tensor], weight: Tensor, A: Tensor, B: Tensor,
                     ranks: List[int], scales: Tensor, groups: int, shared_to_tasks: bool, p: float, seed: int,
                     offset: int, need_x: bool, need_base: bool,
                     backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The data gradients of mtlora_mm for dY (T+1, N, M): (dX (N, K), dXs (T, N, K), dBase (N, M),
-    dG (N, G*R)); dX and dXs have 0 rows unless need_x, dBase unless need_base."""
+    """The data gradients of mtlora_mm for the T+1 output gradients dys (each (N, M)): (dX (N, K),
+    dXs (T, N, K), dBase (N, M), dG (N, G*R)); dX and dXs have 0 rows unless need_x, dBase unless need_base."""
     check_mtlora_mm(x, xs, weight, None, A, B, ranks, scales, groups, shared_to_tasks, p)
-    torch._check(tuple(dy.shape) == (len(ranks), x.shape[0], weight.shape[0]) and dy.dtype == x.dtype,
-                 lambda: f"dy: expected ({len(ranks)}, {x.shape[0]}, {weight.shape[0]}) {x.dtype}, "
-                         f"got {tuple(dy.shape)} {dy.dtype}")
-    got = dispatch.kernel(backend, "mtlora_mm_dgrad")(dy, x, xs, weight, A, B, ranks, scales, groups,
+    _check_dys(dys, x, weight, ranks)
+    got = dispatch.kernel(backend, "mtlora_mm_dgrad")(dys, x, xs, weight, A, B, ranks, scales, groups,
                                                        shared_to_tasks, p, seed, offset, need_x, need_base)
-    like = mtlora_mm_dgrad_layout(dy.to("meta"), x.shape[1], len(xs), need_x, need_base, A.shape[0])
+    like = mtlora_mm_dgrad_layout(dys[0].to("meta"), x.shape[1], len(xs), need_x, need_base, A.shape[0])
     for name, g, e in zip(("dX", "dXs", "dBase", "dG"), got, like):
         if g.shape != e.shape or g.dtype != e.dtype:
             raise RuntimeError(f"mtlora_mm_dgrad: backend {backend!r} returned {name} of shape {tuple(g.shape)} "
@@ -294,11 +292,20 @@ def mtlora_mm_dgrad(dy: Tensor, x: Tensor, xs: List[Tensor], weight: Tensor, A: 
     return got
 
 
+def _check_dys(dys, x, weight, ranks) -> None:
+    torch._check(len(dys) == len(ranks), lambda: f"dys: expected {len(ranks)} output gradients, got {len(dys)}")
+    for i, d in enumerate(dys):
+        torch._check(tuple(d.shape) == (x.shape[0], weight.shape[0]) and d.dtype == x.dtype,
+                     lambda: f"dys[{i}]: expected ({x.shape[0]}, {weight.shape[0]}) {x.dtype}, got {tuple(d.shape)} {d.dtype}")
+        _same(f"dys[{i}]", d, x)
+
+
 @mtlora_mm_dgrad.register_fake
-def _(dy, x, xs, weight, A, B, ranks, scales, groups, shared_to_tasks, p, seed, offset, need_x, need_base,
+def _(dys, x, xs, weight, A, B, ranks, scales, groups, shared_to_tasks, p, seed, offset, need_x, need_base,
       backend):
     check_mtlora_mm(x, xs, weight, None, A, B, ranks, scales, groups, shared_to_tasks, p)
-    return mtlora_mm_dgrad_layout(dy, x.shape[1], len(xs), need_x, need_base, A.shape[0])
+    _check_dys(dys, x, weight, ranks)
+    return mtlora_mm_dgrad_layout(dys[0], x.shape[1], len(xs), need_x, need_base, A.shape[0])
 
 
 def _check_layout(op: str, backend: str, got, like) -> None:

@@ -404,8 +404,8 @@ def test_opcheck_mtlora_ops(G, with_tasks):
     opcheck(torch.ops.palora.mtlora_mm.default, args)
     x, xs, w, b, A, B, ranks, s, G, s2t, p, seed, off, be = args
     y, h = torch.ops.palora.mtlora_mm(*args)
-    dy = torch.randn_like(y)
-    opcheck(torch.ops.palora.mtlora_mm_dgrad.default, (dy, x, xs, w, A, B, ranks, s, G, s2t, p, seed, off, True, True, be))
+    dys = list(torch.randn_like(y).unbind(0))
+    opcheck(torch.ops.palora.mtlora_mm_dgrad.default, (dys, x, xs, w, A, B, ranks, s, G, s2t, p, seed, off, True, True, be))
     assert y.shape == (len(ranks), 7, w.shape[0]) and y.is_contiguous() and h.stride() == (-(-G * 6 // 16) * 16, 1)
     # and the op computes what its docstring says, written out per (output, group, adapter)
     offs, R, Mg = [0, 3, 5, 6], 6, w.shape[0] // G

@@ -172,13 +172,14 @@ class MTLoRALinear(nn.Module):
         return [x_tasks[t] for t in self.tasks]
 
     def _finish(self, Y):
-        """Y (T+1, ..., out) -> (y, {task: y_t} or None), with the addition mode's LayerNorm."""
+        """[y_0 .. y_T] -> (y, {task: y_t} or None), with the addition mode's LayerNorm."""
+        ys = Y
         if not self._has_task_adapters:
-            return Y[0], None
-        tasks = {t: Y[i + 1] for i, t in enumerate(self.tasks)}
+            return ys[0], None
+        tasks = dict(zip(self.tasks, ys[1:]))
         if self.shared_mode == "addition":
-            return Y[0] + self.lora_norm(Y[1:].sum(0)), tasks
-        return Y[0], tasks
+            return ys[0] + self.lora_norm(torch.stack(ys[1:]).sum(0)), tasks
+        return ys[0], tasks
 
     def forward(self, x: torch.Tensor, x_tasks: Optional[Dict[str, torch.Tensor]] = None, *,
                 backend: Optional[str] = None):
@@ -284,8 +285,8 @@ class MTLoRAQKV(nn.Module):
                           [a[2] for a in adapters], shared_to_tasks=self.q.shared_mode == "matrixv2",
                           dropout=self.q.lora_dropout_p, training=self.training, backend=backend)
         if self.q.shared_mode == "addition":   # LayerNorm per q/k/v part, each with its own lora_norm
-            M = self.q.out_features
-            ys, tasks = zip(*[m._finish(Y[..., i * M:(i + 1) * M]) for i, m in enumerate(parts)])
+            per_part = list(zip(*[y.split(self.q.out_features, dim=-1) for y in Y]))  # [part][output]
+            ys, tasks = zip(*[m._finish(per_part[i]) for i, m in enumerate(parts)])
             return torch.cat(ys, dim=-1), {t: torch.cat([d[t] for d in tasks], dim=-1) for t in self.tasks}
         return self.q._finish(Y)
 

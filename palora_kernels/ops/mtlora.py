@@ -35,10 +35,12 @@ class MTLoRAFunction(torch.autograd.Function):
                               backend)
         ctx.save_for_backward(x, weight, A, B, scales, h, *xs)
         ctx.conf, ctx.has_bias = conf, bias is not None
-        return y
+        # T+1 outputs, so the backward gets T+1 gradients as they are: returning Y whole and indexing it
+        # outside would make autograd stack them into a (T+1, N, out) copy first
+        return tuple(y.unbind(0))
 
     @staticmethod
-    def backward(ctx, dy):
+    def backward(ctx, *dys):
         x, weight, A, B, scales, h, *xs = ctx.saved_tensors
         ranks, groups, s2t, p, seed, offset, backend = ctx.conf
         need_x, need_w, need_b, need_A, need_B, need_s = ctx.needs_input_grad[1:7]
@@ -46,16 +48,17 @@ class MTLoRAFunction(torch.autograd.Function):
         if torch.is_grad_enabled():      # create_graph: a differentiable backward (module docstring)
             fn = lambda x_, w_, A_, B_, s_, *xs_: mtlora_composite(  # noqa: E731
                 x_, list(xs_), w_, None, A_, B_, ranks, s_, groups, s2t, p, seed, offset)
+            dy = torch.stack(dys)
             grads = composite_grads(fn, (x, weight, A, B, scales, *xs),
                                     (need_x, need_w, need_A, need_B, need_s) + tuple(ctx.needs_input_grad[7:]), dy)
             db = dy.sum((0, 1)) if need_b and ctx.has_bias else None
             return (None, grads[0], grads[1], db, grads[2], grads[3], grads[4], *grads[5:])
-        dy = dy.contiguous()
-        T1, N, M = dy.shape
+        dys = [d if d.stride(-1) == 1 else d.contiguous() for d in dys]
+        T1, (N, M) = len(dys), dys[0].shape
         R, offs = sum(ranks), mtlora_offsets(ranks)
         Mg = M // groups
         need_base = need_w or (need_b and ctx.has_bias)
-        dx, dxs, dbase, dg = _ops.mtlora_mm_dgrad(dy, x, list(xs), weight, A, B, list(ranks), scales, groups, s2t,
+        dx, dxs, dbase, dg = _ops.mtlora_mm_dgrad(dys, x, list(xs), weight, A, B, list(ranks), scales, groups, s2t,
                                                   p, seed, offset, need_x or need_xs, need_base or (need_B and s2t),
                                                   backend)
         dW = dbase.t() @ x if need_w else None
@@ -81,7 +84,7 @@ class MTLoRAFunction(torch.autograd.Function):
             for g in range(groups):
                 rows = slice(g * Mg, (g + 1) * Mg)
                 for a in range(T1):
-                    dsum = (dbase if s2t else dy[0]) if a == 0 else dy[a]
+                    dsum = (dbase if s2t else dys[0]) if a == 0 else dys[a]
                     cols = slice(g * R + offs[a], g * R + offs[a + 1])
                     dB[rows, offs[a]:offs[a + 1]] = (dsum[:, rows].t() @ h[:, cols]) * scales[g, a].to(B.dtype)
         if need_s:
@@ -116,7 +119,8 @@ def mtlora_linear(x: torch.Tensor, x_tasks: Optional[Sequence[torch.Tensor]], we
     with a feeds o for a == o, and also a == 0 when shared_to_tasks (matrixv2). dropout: the
     adapters' inputs read from x are dropped (counter-based mask per group, regenerated in the
     backward) when training; task inputs are not (as in the MTLoRA reference).
-    Returns Y (T+1, ..., G*Mg).
+    Returns the T + 1 outputs [y_0 (shared), y_1 .. y_T], each (..., G*Mg): views of one buffer, so
+    they cannot be modified in place (torch raises if one is).
     """
     if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 1:
         raise TypeError(f"x: expected a floating-point tensor (..., in), got "
@@ -176,6 +180,7 @@ def mtlora_linear(x: torch.Tensor, x_tasks: Optional[Sequence[torch.Tensor]], we
     if N == 0 or in_f == 0 or weight.shape[0] == 0:   # nothing for a kernel to do: the torch composition
         y = mtlora_composite(x2, xs2, weight, bias, A, B, ranks, S, G, shared_to_tasks, p, seed, offset)
     else:
-        y = MTLoRAFunction.apply((ranks, G, bool(shared_to_tasks), p, seed, offset, name), x2, weight, bias, A, B, S,
-                                 *xs2)
-    return y.reshape(T1, *lead, weight.shape[0])
+        ys = MTLoRAFunction.apply((ranks, G, bool(shared_to_tasks), p, seed, offset, name), x2, weight, bias, A, B, S,
+                                  *xs2)
+        return [t.view(*lead, weight.shape[0]) for t in ys]
+    return list(y.reshape(T1, *lead, weight.shape[0]).unbind(0))

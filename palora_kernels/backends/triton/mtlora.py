@@ -324,9 +324,12 @@ def mtlora_mm(x, xs, weight, bias, A, B, ranks, scales, groups, shared_to_tasks,
     return y, h
 
 
-def mtlora_mm_dgrad(dy, x, xs, weight, A, B, ranks, scales, groups, shared_to_tasks, p, seed, offset,
+def mtlora_mm_dgrad(dys, x, xs, weight, A, B, ranks, scales, groups, shared_to_tasks, p, seed, offset,
                     need_x, need_base):
     """(dX, dXs, dBase, dG) of palora::mtlora_mm_dgrad (see palora_kernels._ops)."""
+    # one (T1, N, M) tensor for the kernel's single pointer: a copy unless the gradients already are one
+    # (a kernel taking T1 pointers would avoid it; not written yet)
+    dy = torch.stack(dys)
     T1, N, M = dy.shape
     K = x.shape[1]
     R, G = sum(ranks), groups
