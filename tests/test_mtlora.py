@@ -500,3 +500,17 @@ def test_convert_mtlora_places_adapters_as_the_reference():
         pk.convert_mtlora(plain, TASKS, {"shared": 4, "seg": 2}, target_modules=["qkv", "proj"])
     assert all(type(plain.get_submodule(n)) is nn.Linear for n in ("layers.0.blocks.0.attn.qkv",))
     assert plain.state_dict().keys() == before.keys()
+
+
+def test_reference_composition_of_the_benchmarks_is_the_oracle():
+    """palora_kernels.reference.mtlora_* (the benchmarks' 'reference' provider) computes the oracle."""
+    from palora_kernels import reference
+    for cls, mode, with_tasks in [(pk.MTLoRALinear, "matrixv2", True), (pk.MTLoRALinear, "addition", False),
+                                  (pk.MTLoRAQKV, "matrix", False)]:
+        m = make(mode, cls=cls, trainable=True)
+        x, xt = inputs(13, m.tasks, with_tasks)
+        got = reference.mtlora_linear(m, x, xt) if cls is pk.MTLoRALinear else reference.mtlora_qkv(m, x, xt)
+        once = reference.mtlora_qkv(m, x, xt, once=True) if cls is pk.MTLoRAQKV else got
+        want = oracle_fn(m)(m, x, xt)
+        for a, b, c in zip(_flat(*got), _flat(*once), _flat(*want)):
+            assert rel_err(a, c) <= TOL[torch.float64] and rel_err(b, c) <= TOL[torch.float64]
