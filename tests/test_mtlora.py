@@ -514,3 +514,28 @@ def test_reference_composition_of_the_benchmarks_is_the_oracle():
         want = oracle_fn(m)(m, x, xt)
         for a, b, c in zip(_flat(*got), _flat(*once), _flat(*want)):
             assert rel_err(a, c) <= TOL[torch.float64] and rel_err(b, c) <= TOL[torch.float64]
+
+
+def test_double_backward_matches_the_oracle():
+    """create_graph=True differentiates the composition: a gradient penalty's second derivatives are exact."""
+    import copy
+    m = make("matrixv2", trainable=True, in_f=7, out_f=5)
+    x, xt = inputs(7, m.tasks, True, shape=(4,))
+
+    def penalty(mod, fn):
+        xx = x.clone().requires_grad_()
+        xts = {k: v.clone().requires_grad_() for k, v in xt.items()}
+        y, lt = fn(mod, xx, xts)
+        w = torch.Generator().manual_seed(3)
+        loss = sum((o * torch.randn(o.shape, generator=w, dtype=o.dtype)).sum() for o in _flat(y, lt))
+        gx, = torch.autograd.grad(loss, [xx], create_graph=True)
+        params = [p for p in mod.parameters() if p.requires_grad]
+        return torch.autograd.grad(gx.pow(2).sum(), params + [xts["seg"]], allow_unused=True)
+    got = penalty(m, lambda mod, a, b: mod(a, b, backend="torch"))
+    want = penalty(copy.deepcopy(m).double(), oracle_linear)
+    params = [p for p in m.parameters() if p.requires_grad] + [x]
+    assert len(got) == len(want)
+    for a, b, p in zip(got, want, params):    # None (unused) and zeros are the same derivative
+        a = torch.zeros_like(p, dtype=torch.float64) if a is None else a
+        b = torch.zeros_like(p, dtype=torch.float64) if b is None else b
+        assert (a - b).abs().max() <= TOL[torch.float32] * max(b.abs().max(), 1e-30) or rel_err(a, b) <= 1e-10
