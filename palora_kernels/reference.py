@@ -58,3 +58,40 @@ def palora_conv2d(x, weight, bias, lora_A, lora_B, preference, scale,
             update = F.conv2d(x, dw, None, stride, padding, dilation, groups)
         y = y + _weight(preference, t, y.dim()) * (update * scale)
     return y
+
+
+def mtlora_linear(layer, x, x_tasks=None):
+    """What the MTLoRA reference MTLoRALinear.forward computes, as its separate matmuls: the pretrained
+    product, the shared LoRA, and per task ``pretrained + x_t A_t^T B_t^T * s_t`` -- one (N, out) tensor
+    per output. ``layer``: an MTLoRALinear (its parameters carry the reference's names); dropout is the
+    reference's nn.Dropout on x (layer.lora_dropout) when training. The benchmarks' ``reference``."""
+    pretrained = layer.linear(x)
+    if layer.r == 0:
+        return pretrained, None
+    x = layer.lora_dropout(x)
+    tasks, mode = layer.tasks, layer.shared_mode
+
+    def task_delta(t):
+        xt = x if x_tasks is None else x_tasks[t]
+        return xt @ layer.lora_tasks_A[t].transpose(0, 1) @ layer.lora_tasks_B[t].transpose(0, 1) * layer.lora_task_scale[t]
+    if mode in ("matrix", "matrixv2"):
+        lora = (x @ layer.lora_shared_A.transpose(0, 1) @ layer.lora_shared_B.transpose(0, 1)) * layer.lora_shared_scale
+        lt = None if tasks is None else {t: pretrained + (lora if mode == "matrixv2" else 0) + task_delta(t) for t in tasks}
+    else:
+        lt = {t: pretrained + task_delta(t) for t in tasks}
+        lora = layer.lora_norm(torch.sum(torch.stack(list(lt.values()), dim=0), dim=0))
+    return pretrained + lora, lt
+
+
+def mtlora_qkv(layer, x, x_tasks=None, once: bool = False):
+    """The reference MTLoRAQKV.forward: [q | k | v] of every output. As written there, q, k and v are each
+    called 1 + T times (once for the shared output, once more per task); ``once=True`` calls each once."""
+    parts = (layer.q, layer.k, layer.v)
+    if once:
+        outs = [mtlora_linear(m, x, x_tasks) for m in parts]
+        shared = torch.cat([o[0] for o in outs], dim=-1)
+        return shared, ({t: torch.cat([o[1][t] for o in outs], dim=-1) for t in layer.tasks}
+                        if layer.tasks is not None else None)
+    shared = torch.cat([mtlora_linear(m, x, x_tasks)[0] for m in parts], dim=-1)
+    return shared, ({t: torch.cat([mtlora_linear(m, x, x_tasks)[1][t] for m in parts], dim=-1) for t in layer.tasks}
+                    if layer.tasks is not None else None)
