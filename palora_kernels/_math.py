@@ -170,3 +170,68 @@ def conv_groups_composite(x, weight, bias, lora_A, lora_B, pref, scale, stride, 
     for t in range(deltas.shape[0]):
         y = y + p[:, t, None, None, None] * F.conv2d(x, deltas[t], None, stride, padding, dilation, groups)
     return y
+
+
+# ---------------------------------------------------------------------------------------------
+# MTLoRA (docs/design.md section 4; docs/mtlora.md): T + 1 outputs on one base product.
+#
+# Adapter 0 is the shared (task-agnostic) one, adapter t = 1..T the task-specific ones; output 0 is
+# the shared output, output t task t's. Output o is the base plus a stacked adapter whose row of
+# scales is one-hot over the adapters that feed o: {0} -> 0, {t} -> t, and with shared_to_tasks
+# (MTLoRA's matrixv2) {0, t} -> t. q, k, v of MTLoRAQKV are G = 3 column groups of one op: group g
+# has its own rows of W, its own adapters and scales, and the same ranks.
+#
+#   A_cat (G*R, in), rows [g][a][j]      B_cat (G*Mg, R), row block g, columns [a][j]
+#   H = x_a A^T  (N, G*R), columns [g][a][j]; x_a = dropout_g(x), or x_t for a task input
+#   Y[o][:, g] = x W_g^T + b_g + sum_{a feeds o} s[g, a] H[:, g, a] B[g, a]^T      Y (T+1, N, G*Mg)
+# ---------------------------------------------------------------------------------------------
+def mtlora_feeds(o: int, shared_to_tasks: bool) -> tuple:
+    """The adapters whose expand is added to output ``o``."""
+    return (0,) if o == 0 else ((0, o) if shared_to_tasks else (o,))
+
+
+def mtlora_offsets(ranks) -> list:
+    """Column offset of each adapter inside one group's R = sum(ranks) columns, plus R at the end."""
+    offs = [0]
+    for r in ranks:
+        offs.append(offs[-1] + r)
+    return offs
+
+
+def mtlora_col_scale(scales: torch.Tensor, ranks) -> torch.Tensor:
+    """scales (G, T+1) -> (G*R,): the scale of the adapter owning each column of H."""
+    reps = torch.tensor(list(ranks), device=scales.device).repeat(scales.shape[0])
+    return scales.reshape(-1).repeat_interleave(reps, output_size=int(reps.sum()))
+
+
+def mtlora_dropout_masks(x: torch.Tensor, groups: int, p: float, seed: int, offset: int):
+    """Dropped inputs of the adapters that read x, one per group: x * m_g / (1 - p), where m_g is the
+    counter-based mask of (seed, offset + g*N*K) (palora_kernels._rng). [x] * G when p == 0."""
+    if p == 0.0:
+        return [x] * groups
+    from ._rng import dropout_input
+    return [dropout_input(x, p, seed, offset + g * x.numel()) for g in range(groups)]
+
+
+def mtlora_composite(x, xs, weight, bias, A, B, ranks, scales, groups: int, shared_to_tasks: bool,
+                     p: float = 0.0, seed: int = 0, offset: int = 0):
+    """Y (T+1, N, G*Mg) of the MTLoRA op as differentiable torch ops (double backward, zero-size
+    inputs): the same math, no fused kernels. Arguments as palora_kernels._ops.mtlora_mm."""
+    T = len(ranks) - 1
+    R, offs = sum(ranks), mtlora_offsets(ranks)
+    Mg = weight.shape[0] // groups
+    xd = mtlora_dropout_masks(x, groups, p, seed, offset)
+    base = F.linear(x, weight, bias)
+    outs = []
+    for o in range(T + 1):
+        cols = []
+        for g in range(groups):
+            y = base[:, g * Mg:(g + 1) * Mg]
+            for a in mtlora_feeds(o, shared_to_tasks):
+                xa = xs[a - 1] if (a > 0 and len(xs)) else xd[g]
+                Ag = A[g * R + offs[a]:g * R + offs[a + 1]]
+                Bg = B[g * Mg:(g + 1) * Mg, offs[a]:offs[a + 1]]
+                y = y + (xa @ Ag.t()) @ Bg.t() * scales[g, a].to(x.dtype)
+            cols.append(y)
+        outs.append(torch.cat(cols, dim=1))
+    return torch.stack(outs)

@@ -20,7 +20,14 @@ lora_conv2d (y, H) with  y = conv(x, W) + bias + B_cat diag(S_n) H_n   (N, C_out
             pref (P, T) with P == 1 or P == N. y and H are dense in x's memory format
             (channels_last when x is), as nn.Conv2d returns them.
 
-H's row stride (lora_mm) is a multiple of the backend record's ``h_row_align`` elements: the
+mtlora_mm   (Y, H), the MTLoRA layer's T + 1 outputs on one base product (docs/mtlora.md):
+            Y[o][:, g] = x W_g^T + b_g + sum_{a feeds o} s[g, a] H[:, g, a] B[g, a]^T   (T+1, N, G*Mg)
+            H[:, g, a] = x_a A[g, a]^T   (N, G*R), x_a = dropout_g(x), or xs[a-1] for task inputs
+            weight (G*Mg, K), A (G*R, K), B (G*Mg, R), ranks (T+1,) summing to R, scales (G, T+1).
+mtlora_mm_dgrad (dX, dXs, dBase, dG) of mtlora_mm: dBase = sum_o dY_o, dG[:, g, a] = dYsum_a B[g, a]
+            (unscaled), dX = dBase W + sum dropout_g(dH_x A_x), dXs[t] = sum_g dH[:, g, t] A[g, t].
+
+H's row stride (lora_mm, mtlora_mm) is a multiple of the backend record's ``h_row_align`` elements: the
 backward reads H again with a GEMM.
 """
 from __future__ import annotations
@@ -204,6 +211,94 @@ def lora_conv2d_dgrad(dy: Tensor, weight: Tensor, down: Tensor, up: Tensor, pref
 def _(dy, weight, down, up, pref, x_hw, stride, padding, dilation, scale, backend):
     check_lora_conv2d_dgrad(dy, weight, down, up, pref, x_hw, stride, padding, dilation)
     return lora_conv2d_dgrad_layout(dy, weight.shape[1], down.shape[0], *x_hw)
+
+
+def check_mtlora_mm(x, xs, weight, bias, A, B, ranks, scales, groups, shared_to_tasks, p) -> None:
+    torch._check(x.dim() == 2, lambda: f"x: expected (N, K), got shape {tuple(x.shape)}")
+    N, K = x.shape
+    T = len(ranks) - 1
+    torch._check(T >= 0 and all(r >= 0 for r in ranks),
+                 lambda: f"ranks: expected T + 1 >= 1 ranks >= 0 (shared first), got {list(ranks)}")
+    torch._check(groups >= 1, lambda: f"groups: expected >= 1, got {groups}")
+    R = sum(ranks)
+    torch._check(weight.dim() == 2 and weight.shape[1] == K and weight.shape[0] % groups == 0,
+                 lambda: f"weight: expected (groups * Mg, {K}) with groups = {groups}, got {tuple(weight.shape)}")
+    M = weight.shape[0]
+    torch._check(tuple(A.shape) == (groups * R, K),
+                 lambda: f"A: expected ({groups * R}, {K}) = (groups * sum(ranks), K), got {tuple(A.shape)}")
+    torch._check(tuple(B.shape) == (M, R), lambda: f"B: expected ({M}, {R}) = (out, sum(ranks)), got {tuple(B.shape)}")
+    torch._check(len(xs) in (0, T), lambda: f"xs: expected 0 or T = {T} task inputs, got {len(xs)}")
+    for i, xt in enumerate(xs):
+        torch._check(tuple(xt.shape) == (N, K), lambda: f"xs[{i}]: expected ({N}, {K}) as x, got {tuple(xt.shape)}")
+        _same(f"xs[{i}]", xt, x)
+    for name, t in (("weight", weight), ("A", A), ("B", B)) + ((("bias", bias),) if bias is not None else ()):
+        _same(name, t, x)
+    if bias is not None:
+        torch._check(tuple(bias.shape) == (M,), lambda: f"bias: expected ({M},), got {tuple(bias.shape)}")
+    torch._check(tuple(scales.shape) == (groups, T + 1) and scales.is_floating_point(),
+                 lambda: f"scales: expected a float ({groups}, {T + 1}) tensor, got {tuple(scales.shape)} {scales.dtype}")
+    torch._check(scales.device == x.device, lambda: f"scales: expected device {x.device}, got {scales.device}")
+    torch._check(0.0 <= p < 1.0, lambda: f"p: expected dropout probability in [0, 1), got {p}")
+
+
+def mtlora_mm_layout(x: Tensor, T: int, M: int, GR: int, backend: str) -> Tuple[Tensor, Tensor]:
+    """Empty (Y, H): Y (T+1, N, M) dense, H (N, GR) with the backend's padded row stride."""
+    N = x.shape[0]
+    h = x.new_empty_strided((N, GR), (dispatch.record(backend).h_row_stride(GR), 1))
+    return x.new_empty((T + 1, N, M)), h
+
+
+@torch.library.custom_op("palora::mtlora_mm", mutates_args=())
+def mtlora_mm(x: Tensor, xs: List[Tensor], weight: Tensor, bias: Optional[Tensor], A: Tensor, B: Tensor,
+              ranks: List[int], scales: Tensor, groups: int, shared_to_tasks: bool, p: float, seed: int,
+              offset: int, backend: str) -> Tuple[Tensor, Tensor]:
+    check_mtlora_mm(x, xs, weight, bias, A, B, ranks, scales, groups, shared_to_tasks, p)
+    y, h = dispatch.kernel(backend, "mtlora_mm")(x, xs, weight, bias, A, B, ranks, scales, groups,
+                                                  shared_to_tasks, p, seed, offset)
+    _check_layout("mtlora_mm", backend, (y, h),
+                  mtlora_mm_layout(x.to("meta"), len(ranks) - 1, weight.shape[0], A.shape[0], backend))
+    return y, h
+
+
+@mtlora_mm.register_fake
+def _(x, xs, weight, bias, A, B, ranks, scales, groups, shared_to_tasks, p, seed, offset, backend):
+    check_mtlora_mm(x, xs, weight, bias, A, B, ranks, scales, groups, shared_to_tasks, p)
+    return mtlora_mm_layout(x, len(ranks) - 1, weight.shape[0], A.shape[0], backend)
+
+
+def mtlora_mm_dgrad_layout(dy: Tensor, K: int, n_xs: int, need_x: bool, need_base: bool, GR: int):
+    """Empty (dX, dXs, dBase, dG), dense; the ones not asked for have 0 rows."""
+    _, N, M = dy.shape
+    return (dy.new_empty((N if need_x else 0, K)), dy.new_empty((n_xs if need_x else 0, N, K)),
+            dy.new_empty((N if need_base else 0, M)), dy.new_empty((N, GR)))
+
+
+@torch.library.custom_op("palora::mtlora_mm_dgrad", mutates_args=())
+def mtlora_mm_dgrad(dy: Tensor, x: Tensor, xs: List[Tensor], weight: Tensor, A: Tensor, B: Tensor,
+                    ranks: List[int], scales: Tensor, groups: int, shared_to_tasks: bool, p: float, seed: int,
+                    offset: int, need_x: bool, need_base: bool,
+                    backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The data gradients of mtlora_mm for dY (T+1, N, M): (dX (N, K), dXs (T, N, K), dBase (N, M),
+    dG (N, G*R)); dX and dXs have 0 rows unless need_x, dBase unless need_base."""
+    check_mtlora_mm(x, xs, weight, None, A, B, ranks, scales, groups, shared_to_tasks, p)
+    torch._check(tuple(dy.shape) == (len(ranks), x.shape[0], weight.shape[0]) and dy.dtype == x.dtype,
+                 lambda: f"dy: expected ({len(ranks)}, {x.shape[0]}, {weight.shape[0]}) {x.dtype}, "
+                         f"got {tuple(dy.shape)} {dy.dtype}")
+    got = dispatch.kernel(backend, "mtlora_mm_dgrad")(dy, x, xs, weight, A, B, ranks, scales, groups,
+                                                       shared_to_tasks, p, seed, offset, need_x, need_base)
+    like = mtlora_mm_dgrad_layout(dy.to("meta"), x.shape[1], len(xs), need_x, need_base, A.shape[0])
+    for name, g, e in zip(("dX", "dXs", "dBase", "dG"), got, like):
+        if g.shape != e.shape or g.dtype != e.dtype:
+            raise RuntimeError(f"mtlora_mm_dgrad: backend {backend!r} returned {name} of shape {tuple(g.shape)} "
+                               f"{g.dtype}; the contract is {tuple(e.shape)} {e.dtype}")
+    return got
+
+
+@mtlora_mm_dgrad.register_fake
+def _(dy, x, xs, weight, A, B, ranks, scales, groups, shared_to_tasks, p, seed, offset, need_x, need_base,
+      backend):
+    check_mtlora_mm(x, xs, weight, None, A, B, ranks, scales, groups, shared_to_tasks, p)
+    return mtlora_mm_dgrad_layout(dy, x.shape[1], len(xs), need_x, need_base, A.shape[0])
 
 
 def _check_layout(op: str, backend: str, got, like) -> None:
