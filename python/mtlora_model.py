@@ -262,7 +262,8 @@ def to_mtlora(backbone: MiniSwin, tasks, r_shared: int, r_task: int, scale: floa
             for name, lin in list(parent.named_children()):
                 if name not in TARGETS or type(lin) is not nn.Linear:
                     continue
-                specific = tasks is not None and name in TASK_SPECIFIC and parent_name == f"blocks.{last}"
+                in_last = parent_name in (f"blocks.{last}", f"blocks.{last}.attn")
+                specific = tasks is not None and name in TASK_SPECIFIC and in_last
                 t = list(tasks) if specific else None
                 new = MTLoRALinear(lin.in_features, lin.out_features,
                                    r={"shared": r_shared, **{k: r_task for k in t}} if t else r_shared,

@@ -40,6 +40,7 @@ def test_mtlora_conversion_keeps_the_pretrained_function():
     before = {t: v.detach() for t, v in net(x).items()}
     feats_before = [f.detach() for f, _ in bb(x)]
     to_mtlora(bb, list(TASKS), r_shared=4, r_task=2, dropout=0.1, shared_mode="matrixv2")
+    net.eval()                                       # the new layers start in training mode; eval: no dropout
     after = net(x)
     for t in TASKS:
         torch.testing.assert_close(after[t], before[t], rtol=1e-5, atol=1e-6)
