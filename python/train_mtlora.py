@@ -42,7 +42,7 @@ METHODS = ("full_ft", "mtlora_matrix", "mtlora_matrixv2", "single_task_lora", "d
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--epochs", type=int, default=2, help="fine-tuning epochs over the training split, every method")
-    p.add_argument("--pretrain-steps", type=int, default=400, help="steps of single-digit pre-training")
+    p.add_argument("--pretrain-steps", type=int, default=600, help="steps of single-digit pre-training")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3, help="Adam, every method and the pre-training")
     p.add_argument("--dim", type=int, default=24, help="C: stage widths C, 2C, 4C")
@@ -53,7 +53,7 @@ def parse_args(argv=None):
     p.add_argument("--lora-dropout", type=float, default=0.0,
                    help="LoRA dropout on the adapters' input (reference: 0.05; needs palora_kernels._rng)")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
-    p.add_argument("--train-size", type=int, default=8000)
+    p.add_argument("--train-size", type=int, default=6000)
     p.add_argument("--val-size", type=int, default=1000)
     p.add_argument("--test-size", type=int, default=2000)
     p.add_argument("--data", choices=tuple(LAYOUTS), default="hard")
@@ -209,7 +209,7 @@ def _ce(model, x, y):
 
 
 def main(argv=None) -> dict:
-    t_start = time.perf_counter()
+    t_start, cpu_start, load_start = time.perf_counter(), time.process_time(), os.getloadavg()
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     progress = not args.no_progress
@@ -229,6 +229,9 @@ def main(argv=None) -> dict:
         result["methods"][m] = run_method(m, pretrained, decoders, data, args, side, progress)
     summarise(result)
     result["seconds"] = time.perf_counter() - t_start
+    # a shared machine stretches the wall time; the CPU time and the load average say by how much
+    result["cpu_seconds"] = time.process_time() - cpu_start
+    result["load_average_1min"] = {"start": load_start[0], "end": os.getloadavg()[0]}
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "mtlora.json"), "w") as f:
         json.dump(result, f, indent=1)
@@ -273,11 +276,20 @@ def plot(result, path):
     rows = table_rows(result)
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4.2))
     has_dm = all(r[-1] is not None for r in rows)        # Delta_m needs the single-task models
-    for m, n, s, a, b, dm in rows:
-        y = dm if has_dm else (s + a + b) / 3
+    pts = [(m, n, dm if has_dm else (s + a + b) / 3) for m, n, s, a, b, dm in rows]
+    for m, n, y in pts:
         ax.scatter(n, y, s=40)
-        ax.annotate(m, (n, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        # the two MTLoRA modes share a parameter count: the higher point's label goes above, the other's below
+        below = any(n2 == n and y2 > y for _, n2, y2 in pts)
+        ax.annotate(f"{m} ({y:+.1f})" if has_dm else m, (n, y), textcoords="offset points",
+                    xytext=(6, -11 if below else 5), fontsize=8)
     ax.set_xscale("log")
+    ax.margins(x=0.15, y=0.12)
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+    lo, hi = min(p[1] for p in pts) / 1.5, max(p[1] for p in pts) * 1.5
+    ax.set_xticks([v for k in range(2, 9) for v in (10 ** k, 2 * 10 ** k, 5 * 10 ** k) if lo <= v <= hi])
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v / 1000:g}k" if v >= 1000 else f"{v:g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
     if has_dm:
         ax.axhline(0, color="grey", lw=0.8, ls="--")
     ax.set_xlabel("trainable parameters (log)")
@@ -290,7 +302,7 @@ def plot(result, path):
     lo = min(min(r[2:5]) for r in rows)
     bx.set_ylim(max(0, lo - 10), 100)
     bx.set_ylabel("% (test)")
-    bx.legend(fontsize=7, loc="lower right")
+    bx.legend(fontsize=7, loc="upper center", ncol=3)
     bx.set_title("per-task metrics")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
