@@ -129,6 +129,20 @@ class MTLoRALinear(nn.Module):
                     nn.init.kaiming_uniform_(self.lora_tasks_A[t], a=math.sqrt(5))
                     nn.init.zeros_(self.lora_tasks_B[t])
 
+    @classmethod
+    def from_linear(cls, layer: nn.Linear, **kwargs) -> "MTLoRALinear":
+        """An MTLoRALinear with ``layer``'s weight and bias (copied) and fresh adapters; kwargs as __init__."""
+        if not isinstance(layer, nn.Linear):
+            raise TypeError(f"layer: expected nn.Linear, got {type(layer).__name__}")
+        w = layer.weight
+        new = cls(layer.in_features, layer.out_features, bias=layer.bias is not None, device=w.device,
+                  dtype=w.dtype, **kwargs)
+        with torch.no_grad():
+            new.linear.weight.copy_(w)
+            if layer.bias is not None:
+                new.linear.bias.copy_(layer.bias)
+        return new
+
     # -- what the fused op needs -----------------------------------------------------------------
     @property
     def _has_task_adapters(self) -> bool:

@@ -1,4 +1,4 @@
-"""The ``triton`` backend: Triton kernels of the palora:: ops (linear.py: lora_mm).
+"""The ``triton`` backend: Triton kernels of the palora:: ops (linear.py: lora_mm; mtlora.py: mtlora_mm).
 
 Runs on CUDA tensors when triton imports; on CPU tensors only under the Triton interpreter,
 which must be switched on (TRITON_INTERPRET=1) before triton is first imported, because
@@ -27,7 +27,9 @@ def check(device: torch.device) -> Optional[str]:
 
 RECORD = Backend(
     name="triton",
-    kernels={"lora_mm": "palora_kernels.backends.triton.linear:lora_mm"},
+    kernels={"lora_mm": "palora_kernels.backends.triton.linear:lora_mm",
+             "mtlora_mm": "palora_kernels.backends.triton.mtlora:mtlora_mm",
+             "mtlora_mm_dgrad": "palora_kernels.backends.triton.mtlora:mtlora_mm_dgrad"},
     dtypes=FLOATS,
     devices=frozenset({"cuda", "cpu"}),
     auto_devices=frozenset({"cuda"}),
