@@ -121,3 +121,24 @@ def test_smoke_run_writes_json_png_and_counts_match(tmp_path):
     assert ms["single_task_lora"]["params"]["trainable"] == len(TASKS) * (st + other) + sum(dec.values())
     assert res["full_ft_params_over"]["mtlora_matrix"] == pytest.approx(
         (backbone + sum(dec.values())) / (mt + other + sum(dec.values())))
+
+
+def test_to_mtlora_places_adapters_as_convert_mtlora():
+    """The experiment's conversion and the library's convert_mtlora (the reference's default placement)
+    put the same layers on the same modules, with the same parameter shapes and the same base weights."""
+    import palora_kernels
+    torch.manual_seed(0)
+    a = MiniSwin(dim=8)
+    b = MiniSwin(dim=8)
+    b.load_state_dict(a.state_dict())
+    to_mtlora(a, list(TASKS), r_shared=4, r_task=2)
+    ranks = {"shared": 4, **{t: 2 for t in TASKS}}
+    palora_kernels.convert_mtlora(b, list(TASKS), ranks, lora_shared_scale=4.0, lora_task_scale=4.0)
+    shapes = lambda m: {n: tuple(p.shape) for n, p in m.named_parameters()}   # noqa: E731
+    assert shapes(a) == shapes(b)
+    for n, p in b.named_parameters():
+        if "lora_" not in n:
+            torch.testing.assert_close(p, dict(a.named_parameters())[n], rtol=0, atol=0)
+    frozen = lambda m: {n for n, p in m.named_parameters() if not p.requires_grad}   # noqa: E731
+    assert {n for n in frozen(b)} <= frozen(a)       # convert_mtlora freezes the swapped linears only
+    assert all(n.endswith(("linear.weight", "linear.bias")) for n in frozen(b))
