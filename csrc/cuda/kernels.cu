@@ -1,6 +1,7 @@
 // The nvcc translation unit: the kernels of csrc/cuda/*.cuh for this build's archs, behind
 // the plain entry points of palora_cuda.h. No torch header, so it compiles in seconds.
 #include "cuda/conv_dgrad.cuh"
+#include "cuda/conv_wgrad.cuh"
 #include "cuda/lora_conv2d.cuh"
 #include "cuda/lora_mm.cuh"
 #include "cuda/pref_grad.cuh"
@@ -17,6 +18,10 @@ const char* pref_grad_launch(const PrefGradArgs& args, void* stream) { return pr
 
 const char* lora_conv2d_dgrad_launch(const LoraConvDgradArgs& args, void* stream) {
   return lora_conv2d_dgrad_dispatch(args, stream);
+}
+
+const char* lora_conv2d_wgrad_launch(const LoraConvWgradArgs& args, void* stream) {
+  return lora_conv2d_wgrad_dispatch(args, stream);
 }
 
 }  // namespace palora
