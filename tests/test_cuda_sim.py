@@ -622,3 +622,11 @@ def test_pref_grad_on_conv_h_matches_fp64_reference(lib, dtype, fmt):
 def test_cuda_backends_declare_the_conv_backward_kernels():
     for name in ("cuda", "cuda_sim"):
         assert {"lora_conv2d_dgrad", "lora_conv2d_wgrad", "lora_conv2d_pref_grad"} <= set(dispatch.record(name).kernels)
+
+
+def test_lora_conv2d_wgrad_checks_its_arguments(lib):
+    x, dy, dg, pref, khw, st, pad, dil = _wgrad_inputs(CONV_CASES[0], torch.float32, 2, torch.contiguous_format, 1)
+    with pytest.raises(RuntimeError, match="lora_conv2d_wgrad: pref: expected 1 or N = 2 rows, got 3"):
+        cuda_sim.lora_conv2d_wgrad_sim(x, dy, dg, torch.rand(3, 2), khw, st, pad, dil, 1.0, True, lib=lib)
+    with pytest.raises(RuntimeError, match="lora_conv2d_wgrad: dg: expected R = T \\* rank channels with T = 4, got R = 6"):
+        cuda_sim.lora_conv2d_wgrad_sim(x, dy, dg, torch.rand(2, 4), khw, st, pad, dil, 1.0, True, lib=lib)

@@ -16,7 +16,9 @@
 //     tile (decomposed by FastDiv once per K step); a column's (c, i, j) offsets come from a table
 //     built once per block, so the gather itself divides nothing.
 #pragma once
-#include "cuda/lora_conv2d.cuh"
+#include <utility>
+
+#include "cuda/lora_gemm.cuh"  // only templates: a translation unit instantiates what it launches
 
 namespace palora {
 

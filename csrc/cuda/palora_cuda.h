@@ -1,6 +1,6 @@
 // Plain C++ interface of the CUDA kernels: argument structs and entry points.
 // No torch and no CUDA header: the torch bindings (bindings.cpp), the nvcc translation unit
-// (kernels.cu) and the host emulator's C API (csrc/emu/emu_capi.cpp, loaded with ctypes)
+// (kernels_*.cu) and the host emulator's C API (csrc/emu/emu_capi.cpp, loaded with ctypes)
 // all fill the same structs. Field order matters to the ctypes mirror in
 // palora_kernels/ops/cuda_sim.py: pointers, then int64 fields, then the double.
 #pragma once

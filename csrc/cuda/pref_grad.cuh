@@ -8,7 +8,7 @@
 //      tree over its 128 threads, into partial[chunk, p*T + t];
 //   2. finish: dp[p, t] = scale * sum over chunks in order.
 #pragma once
-#include "cuda/lora_mm.cuh"
+#include "cuda/common.cuh"
 
 namespace palora {
 

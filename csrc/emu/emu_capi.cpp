@@ -1,5 +1,5 @@
 // The emulated kernels as a C API for ctypes (palora_kernels/ops/cuda_sim.py), tests only.
-// The very same csrc/cuda/*.cuh source as kernels.cu, compiled by g++ with -DPALORA_EMU:
+// The very same csrc/cuda/*.cuh source as the kernels_*.cu, compiled by g++ with -DPALORA_EMU:
 //   g++ -O2 -std=c++17 -shared -fPIC -DPALORA_EMU -Icsrc csrc/emu/emu_capi.cpp -o libpalora_emu.so
 #ifndef PALORA_EMU
 #error "compile with -DPALORA_EMU"

@@ -116,6 +116,9 @@ def cuda_rows(path: Optional[str] = None) -> List[dict]:
             continue
         u = re.match(r"\s*REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", line)
         if u and arch:
+            if (arch, fn) in index:   # a kernel instantiated by two translation units: compiled twice
+                index[(arch, fn)]["error"] = "compiled in more than one translation unit (csrc/cuda/kernels_*.cu)"
+                continue
             kernel, config = _name(fn)
             row = {"kernel": kernel, "config": config, "arch": arch, "registers": int(u.group(1)),
                    "spills": int(u.group(2)) + int(u.group(4)), "smem": int(u.group(3)), "tensor_core": 0,
