@@ -12,9 +12,12 @@ from palora_kernels.tools import cuda_report
 _why = cuda_report.unavailable_reason()
 pytestmark = pytest.mark.skipif(_why is not None, reason=f"no CUDA build to inspect: {_why}")
 
-KERNELS = {f"{op}.{role}" for op in ("lora_mm", "lora_conv2d") for role in ("fused", "shrink")} | {"lora_conv2d_dgrad.fused"}
-# B's shared-memory orientation: lora_mm has both (W^T forward, W in dX); conv weights are k-major
-B_LAYOUTS = {"lora_mm": ("k-major", "n-major"), "lora_conv2d": ("k-major",), "lora_conv2d_dgrad": ("k-major",)}
+KERNELS = ({f"{op}.{role}" for op in ("lora_mm", "lora_conv2d") for role in ("fused", "shrink")}
+           | {"lora_conv2d_dgrad.fused", "lora_conv2d_wgrad.splitk"})
+# B's shared-memory orientation: lora_mm has both (W^T forward, W in dX); conv weights are k-major;
+# wgrad's B is im2col(x) with its pixel rows (n-major)
+B_LAYOUTS = {"lora_mm": ("k-major", "n-major"), "lora_conv2d": ("k-major",), "lora_conv2d_dgrad": ("k-major",),
+             "lora_conv2d_wgrad": ("n-major",)}
 
 
 def _archs():
@@ -28,17 +31,18 @@ def rows():
 
 
 def _gemm(rows):
-    return [r for r in rows if r["kernel"].startswith("lora_")]
+    return [r for r in rows if "expect_ldgsts" in r]
 
 
 def test_fatbin_holds_every_arch(rows):
     assert {r["arch"] for r in rows} == _archs()
-    for arch in _archs():   # (2 B layouts for lora_mm, 1 for conv) x 2 configs x 3 dtypes per arch
+    for arch in _archs():   # (2 B layouts for lora_mm, 1 for conv) x 2 configs x 3 dtypes, + dgrad, wgrad per arch
         got = [(r["kernel"], r["config"].split()[0], r["config"].split()[-1]) for r in _gemm(rows) if r["arch"] == arch]
         want = [(k, d, b) for k in KERNELS for d in ("fp32", "fp16", "bf16") for b in B_LAYOUTS[k.split(".")[0]]]
         assert sorted(got) == sorted(want), arch
         pref = sorted((r["kernel"], r["config"].split()[0]) for r in rows if r["arch"] == arch and r not in _gemm(rows))
-        assert pref == sorted([("pref_grad.finish", "fp32")] + [("pref_grad.partial", d) for d in ("bf16", "fp16", "fp32")])
+        assert pref == sorted([("pref_grad.finish", "fp32")] + [("pref_grad.partial", d) for d in ("bf16", "fp16", "fp32")]
+                              + [("lora_conv2d_wgrad.finish", d) for d in ("bf16", "fp16", "fp32")])
 
 
 def test_no_kernel_spills(rows):
@@ -73,6 +77,7 @@ def test_bindings_registered_for_cuda_only():
     assert "int[] stride" in str(torch.ops.palora.lora_conv2d_cuda.default._schema)
     assert "int rank" in str(torch.ops.palora.pref_grad_cuda.default._schema)
     assert "int[] x_hw" in str(torch.ops.palora.lora_conv2d_dgrad_cuda.default._schema)
+    assert "bool need_weight" in str(torch.ops.palora.lora_conv2d_wgrad_cuda.default._schema)
     with pytest.raises(NotImplementedError, match="CPU"):
         torch.ops.palora.pref_grad_cuda(torch.zeros(4, 2), torch.zeros(4, 2), torch.ones(1, 1), 4, 2, 1.0)
     x = torch.zeros(4, 3)
@@ -115,7 +120,8 @@ def test_cuda_pref_grad_matches_reference_on_gpu(dtype):
 @pytest.mark.requires_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 def test_cuda_conv2d_fwd_bwd_matches_reference_on_gpu(dtype):
-    """Forward (lora_conv2d) and dX/dG (lora_conv2d_dgrad) on the cuda backend, per-sample preference."""
+    """Forward (lora_conv2d), dX/dG (lora_conv2d_dgrad), dW/dA (lora_conv2d_wgrad) and d(preference)
+    (pref_grad on the 4-D H) on the cuda backend, per-sample preference."""
     from conftest import assert_rel_close
     from palora_kernels import PaLoRAConv2d, reference
     torch.manual_seed(0)
@@ -124,13 +130,17 @@ def test_cuda_conv2d_fwd_bwd_matches_reference_on_gpu(dtype):
         layer.lora_B.normal_()
     layer = layer.to(dtype)
     x = torch.randn(4, 8, 17, 15, device="cuda").to(dtype).requires_grad_()
-    pref = torch.rand(4, 3, device="cuda")
+    pref = torch.rand(4, 3, device="cuda", requires_grad=True)
     y = palora_kernels.palora_conv2d(x, layer.weight, layer.bias, layer.lora_A, layer.lora_B, pref, layer.scaling,
                                      stride=2, padding=1, backend="cuda")
     y.float().square().sum().backward()
-    p64 = [t.detach().double() for t in (layer.weight, layer.bias, layer.lora_A, layer.lora_B)]
+    p64 = [t.detach().double().requires_grad_() for t in (layer.weight, layer.bias, layer.lora_A, layer.lora_B)]
     xr = x.detach().double().requires_grad_()
-    yr = reference.palora_conv2d(xr, *p64, pref.double(), layer.scaling, stride=2, padding=1)
+    pr = pref.detach().double().requires_grad_()
+    yr = reference.palora_conv2d(xr, *p64, pr, layer.scaling, stride=2, padding=1)
     yr.square().sum().backward()
     assert_rel_close(y, yr, dtype, "cuda conv y")
     assert_rel_close(x.grad, xr.grad, dtype, "cuda conv dx")
+    for p, r, name in zip((layer.weight, layer.lora_A), (p64[0], p64[2]), ("dW", "dA")):
+        assert_rel_close(p.grad, r.grad, dtype, f"cuda conv {name}")
+    assert_rel_close(pref.grad, pr.grad, dtype, "cuda conv dpref")

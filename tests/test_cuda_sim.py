@@ -207,12 +207,13 @@ def test_palora_conv2d_fwd_bwd(lib, monkeypatch, dtype, per_sample):
     before = _launches(lib)
     y = layer(x, pref)
     y.float().square().sum().backward()
-    # dW, dA, db stay on convolution_backward; an fp32 layer with this many rows per preference runs
-    # through its effective weights (plain or grouped conv), no kernel
+    # an fp32 layer with this many rows per preference runs through its effective weights (plain or
+    # grouped conv), no kernel
     merged = conv_weight_space(x, layer.weight, pref if per_sample else pref[None], 6, 5)
     assert merged == (dtype == torch.float32 and not per_sample)   # per-sample: K = 36 > 30 pixels
-    # forward (shrink + fused) + dX and dG (lora_conv2d_dgrad: shrink + transposed fused)
-    assert _launches(lib) - before == (0 if merged else 4)
+    # forward (shrink + fused) + dX and dG (lora_conv2d_dgrad: shrink + transposed fused) + dW and dA
+    # (lora_conv2d_wgrad: partial tiles + finish) + d(preference) (pref_grad on 4-D H: partial + finish)
+    assert _launches(lib) - before == (0 if merged else 8)
 
     ref = {n: p.detach().double().requires_grad_() for n, p in layer.named_parameters()}
     xr = x.detach().double().requires_grad_()
@@ -493,3 +494,139 @@ def test_lora_conv2d_dgrad_op_contract():
     assert dx.shape == (2, 3, 9, 9) and dg.shape == (2, 4, 5, 5)
     with pytest.raises(RuntimeError, match="dy: expected an output grid of 6x6 for x of 12x12, got 5x5"):
         _ops.lora_conv2d_dgrad(dy, w, a, up, pref, [12, 12], [2, 2], [1, 1], [1, 1], 1.0, "cuda_sim")
+
+
+# ---- palora::lora_conv2d_wgrad: [dW; dA_cat] = [dY | dG*S]^T im2col(x), split-K, deterministic ----
+
+def ref_conv_wgrad(x, dy, dg, pref, kernel_hw, stride, padding, dilation, scale):
+    """fp64: the weight gradient of conv2d(x, [W; A_cat]) against [dY | dG*S_n]."""
+    R, T = dg.shape[1], pref.shape[1]
+    S = scale * pref.double().repeat_interleave(R // T, dim=1).expand(x.shape[0], R)[:, :, None, None]
+    dz = torch.cat([dy.double(), dg.double() * S], 1)
+    w = torch.zeros(dz.shape[1], x.shape[1], *kernel_hw, dtype=torch.float64)
+    _, dw, _ = torch.ops.aten.convolution_backward(dz, x.double(), w, None, stride, padding, dilation, False, [0, 0], 1,
+                                                   [False, True, False])
+    return dw[:dy.shape[1]], dw[dy.shape[1]:]
+
+
+def _wgrad_inputs(case, dtype, P, fmt, seed):
+    N, C_in, H, W, C_out, (kh, kw), stride, padding, dilation, T, r = case
+    g = torch.Generator().manual_seed(seed)
+    Ho = (H + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    Wo = (W + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    mk = lambda *s: torch.randn(*s, generator=g).to(dtype).contiguous(memory_format=fmt)
+    return (mk(N, C_in, H, W), mk(N, C_out, Ho, Wo), mk(N, T * r, Ho, Wo), torch.rand(P, T, generator=g),
+            [kh, kw], list(stride), list(padding), list(dilation))
+
+
+WGRAD_CASES = CONV_CASES + [
+    (2, 8, 10, 9, 20, (3, 3), (2, 2), (0, 1), (2, 1), 2, 4),    # dilation 2 with stride 2
+    (2, 4, 16, 17, 16, (3, 3), (1, 1), (1, 1), (1, 1), 2, 3),   # 544 pixels: 17 K steps, 2 splits; C_out % 8 == 0
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", WGRAD_CASES, ids=lambda c: f"{c[1]}to{c[4]}k{c[5][0]}{c[5][1]}s{c[6][0]}d{c[8][0]}")
+def test_lora_conv2d_wgrad_matches_fp64_reference(lib, case, dtype):
+    N = case[0]
+    for P, fmt, need_w in ((1, torch.contiguous_format, True), (N, torch.channels_last, True),
+                           (N, torch.contiguous_format, False)):
+        x, dy, dg, pref, khw, st, pad, dil = _wgrad_inputs(case, dtype, P, fmt, case[1] * 10 + P)
+        before = _launches(lib)
+        dw, da = cuda_sim.lora_conv2d_wgrad_sim(x, dy, dg, pref, khw, st, pad, dil, 0.9, need_w, lib=lib)
+        assert _launches(lib) - before == 2                          # partial tiles + ordered finish
+        ew, ea = ref_conv_wgrad(x, dy, dg, pref, khw, st, pad, dil, 0.9)
+        assert dw.shape == (ew.shape if need_w else (0, *ew.shape[1:])) and da.is_contiguous()
+        if need_w:
+            assert_rel_close(dw, ew, dtype, f"wgrad dW P={P} {fmt}")
+        assert_rel_close(da, ea, dtype, f"wgrad dA P={P} {fmt} need_weight={need_w}")
+
+
+def test_palora_conv2d_frozen_base_channels_last_bwd(lib, monkeypatch):
+    """A frozen base weight: wgrad runs with need_weight=False (dA only); x channels_last."""
+    monkeypatch.setenv("PALORA_BACKEND", "cuda_sim")
+    torch.manual_seed(2)
+    layer = PaLoRAConv2d(8, 16, 3, padding=1, dilation=1, num_tasks=2, rank=4, lora_alpha=4.0).to(torch.bfloat16)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    layer.weight.requires_grad_(False)
+    x = torch.randn(2, 8, 7, 9).to(torch.bfloat16).contiguous(memory_format=torch.channels_last).requires_grad_()
+    pref = torch.rand(2, 2).requires_grad_()
+    before = _launches(lib)
+    y = layer(x, pref)
+    y.float().square().sum().backward()
+    assert _launches(lib) - before == 8 and layer.weight.grad is None
+    ref = {n: p.detach().double().requires_grad_(p.requires_grad) for n, p in layer.named_parameters()}
+    xr, pr = x.detach().double().requires_grad_(), pref.detach().double().requires_grad_()
+    yr = reference.palora_conv2d(xr, ref["weight"], ref["bias"], ref["lora_A"], ref["lora_B"], pr, layer.scaling,
+                                 padding=1)
+    yr.square().sum().backward()
+    assert_rel_close(x.grad, xr.grad, torch.bfloat16, "frozen dx")
+    for name in ("bias", "lora_A", "lora_B"):
+        assert_rel_close(getattr(layer, name).grad, ref[name].grad, torch.bfloat16, f"frozen d{name}")
+    assert_rel_close(pref.grad, pr.grad, torch.bfloat16, "frozen dpref")
+
+
+def test_lora_conv2d_wgrad_split_k_cp_async_and_schedules(lib):
+    """The chosen split is > 1 here, forced splits agree with it, dY comes by cp.async when channels_last,
+    and the result is bit-identical under every fiber schedule."""
+    case = WGRAD_CASES[-1]
+    x, dy, dg, pref, khw, st, pad, dil = _wgrad_inputs(case, torch.float16, 2, torch.channels_last, 7)
+    assert cuda_sim.wgrad_splits(lib, x, dy, dg, khw, True) == 2       # 17 K steps, 2 tiles: >= 8 steps each
+    assert cuda_sim.wgrad_splits(lib, x, dy, dg, khw, True, splits=100) == 17   # at most one split per K step
+    ew, ea = ref_conv_wgrad(x, dy, dg, pref, khw, st, pad, dil, 1.1)
+    outs = []
+    try:
+        for name, seed, splits in (("forward", 0, 0), ("reverse", 0, 0), ("shuffle", 4, 0), ("forward", 0, 5)):
+            cuda_sim.set_schedule(lib, name, seed)
+            before = _async_copies(lib)
+            dw, da = cuda_sim.lora_conv2d_wgrad_sim(x, dy, dg, pref, khw, st, pad, dil, 1.1, True, lib=lib,
+                                                    splits=splits)
+            assert _async_copies(lib) > before, "dY (channels_last) did not take the 16-byte cp.async path"
+            assert_rel_close(dw, ew, torch.float16, f"dW splits={splits}")
+            assert_rel_close(da, ea, torch.float16, f"dA splits={splits}")
+            outs.append((splits, torch.cat([dw.flatten(), da.flatten()])))
+    finally:
+        cuda_sim.set_schedule(lib, "forward")
+    assert all(torch.equal(o, outs[0][1]) for s_, o in outs[1:3])      # same split, any schedule: bitwise
+
+
+def test_broken_cp_async_wait_breaks_wgrad(lib):
+    broken = cuda_sim.build(("PALORA_BREAK_CPASYNC_WAIT",))
+    x, dy, dg, pref, khw, st, pad, dil = _wgrad_inputs(CONV_CASES[0][:4] + (16,) + CONV_CASES[0][5:], torch.float32,
+                                                       1, torch.channels_last, 8)
+    ew, _ = ref_conv_wgrad(x, dy, dg, pref, khw, st, pad, dil, 1.0)
+    dw, _ = cuda_sim.lora_conv2d_wgrad_sim(x, dy, dg, pref, khw, st, pad, dil, 1.0, True, lib=broken, verify=False)
+    err = rel_err(dw, ew)
+    assert math.isnan(err) or err > 100 * TOL[torch.float32], f"missing cp.async wait went unnoticed: {err:.3g}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+def test_pref_grad_on_conv_h_matches_fp64_reference(lib, dtype, fmt):
+    """lora_conv2d_pref_grad: the pref_grad kernels with the 4-D H and dG of the conv, pixels as rows."""
+    g = torch.Generator().manual_seed(11)
+    N, T, rank, Ho, Wo = 3, 3, 2, 9, 17                  # 153 pixels per image: 2 chunks per sample
+    h, dg = (torch.randn(N, T * rank, Ho, Wo, generator=g).to(dtype).contiguous(memory_format=fmt) for _ in range(2))
+    for P in (1, N):
+        pref = torch.rand(P, T, generator=g, dtype=torch.float64)
+        before = _launches(lib)
+        dp = cuda_sim.lora_conv2d_pref_grad(h, dg, pref, rank, 0.6)
+        assert _launches(lib) - before == 2 and dp.dtype == pref.dtype and dp.shape == (P, T)
+        ref = (h.double() * dg.double()).sum((2, 3)).view(N, T, rank).sum(-1) * 0.6
+        assert_rel_close(dp, ref.sum(0, keepdim=True) if P == 1 else ref, torch.float32, f"conv pref_grad P={P}")
+    with pytest.raises(RuntimeError, match="rows_per_sample"):
+        cuda_sim.pref_grad_sim(h, dg, torch.rand(2, T), Ho * Wo, rank, 1.0)
+
+
+def test_cuda_backends_declare_the_conv_backward_kernels():
+    for name in ("cuda", "cuda_sim"):
+        assert {"lora_conv2d_dgrad", "lora_conv2d_wgrad", "lora_conv2d_pref_grad"} <= set(dispatch.record(name).kernels)
+
+
+def test_lora_conv2d_wgrad_checks_its_arguments(lib):
+    x, dy, dg, pref, khw, st, pad, dil = _wgrad_inputs(CONV_CASES[0], torch.float32, 2, torch.contiguous_format, 1)
+    with pytest.raises(RuntimeError, match="lora_conv2d_wgrad: pref: expected 1 or N = 2 rows, got 3"):
+        cuda_sim.lora_conv2d_wgrad_sim(x, dy, dg, torch.rand(3, 2), khw, st, pad, dil, 1.0, True, lib=lib)
+    with pytest.raises(RuntimeError, match="lora_conv2d_wgrad: dg: expected R = T \\* rank channels with T = 4, got R = 6"):
+        cuda_sim.lora_conv2d_wgrad_sim(x, dy, dg, torch.rand(2, 4), khw, st, pad, dil, 1.0, True, lib=lib)

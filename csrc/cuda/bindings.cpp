@@ -1,5 +1,6 @@
-// Torch bindings of the CUDA kernels: palora::lora_mm_cuda, palora::lora_conv2d_cuda and
-// palora::pref_grad_cuda (the CUDA kernel of the op the CPU side calls palora::pref_grad).
+// Torch bindings of the CUDA kernels: palora::lora_mm_cuda, palora::lora_conv2d_cuda,
+// palora::lora_conv2d_dgrad_cuda, palora::lora_conv2d_wgrad_cuda and palora::pref_grad_cuda (the CUDA
+// kernel of the op the CPU side calls palora::pref_grad; it also takes the conv's 4-D H).
 //
 // palora::lora_mm / palora::lora_conv2d are Python custom ops (palora_kernels/_ops.py) that
 // dispatch on their `backend` string; a C++ TORCH_LIBRARY_IMPL(palora, CUDA) of those same
@@ -183,24 +184,33 @@ std::tuple<at::Tensor, at::Tensor> lora_conv2d_dgrad_cuda(
   return {dx, dg};
 }
 
-at::Tensor pref_grad_cuda(const at::Tensor& h, const at::Tensor& dg, const at::Tensor& pref, int64_t rows_per_sample,
+// h, dg: (N, R), or the conv's (N, R, Ho, Wo) whose N*Ho*Wo pixels are the rows (rows_per_sample = Ho*Wo
+// for a per-image preference); the 4-D kernel walks pixel q at q * stride(3), so pixels must be dense
+at::Tensor pref_grad_cuda(const at::Tensor& h_in, const at::Tensor& dg_in, const at::Tensor& pref, int64_t rows_per_sample,
                           int64_t rank, double scale) {
   const char* op = "pref_grad_cuda";
-  TORCH_CHECK(h.is_cuda(), op, ": h: expected a CUDA tensor, got device ", h.device());
-  TORCH_CHECK(h.dim() == 2, op, ": h: expected (N, R), got shape ", h.sizes());
-  const int64_t dtype = dtype_code(h);
-  check_operand(op, "dg", dg, h, 2);
-  TORCH_CHECK(dg.sizes() == h.sizes(), op, ": dg: expected ", h.sizes(), " (h's shape), got ", dg.sizes());
-  TORCH_CHECK(pref.device() == h.device(), op, ": pref: expected device ", h.device(), ", got ", pref.device());
+  TORCH_CHECK(h_in.is_cuda(), op, ": h: expected a CUDA tensor, got device ", h_in.device());
+  TORCH_CHECK(h_in.dim() == 2 || h_in.dim() == 4, op, ": h: expected (N, R) or (N, R, Ho, Wo), got shape ", h_in.sizes());
+  const int64_t dtype = dtype_code(h_in);
+  check_operand(op, "dg", dg_in, h_in, h_in.dim());
+  TORCH_CHECK(dg_in.sizes() == h_in.sizes(), op, ": dg: expected ", h_in.sizes(), " (h's shape), got ", dg_in.sizes());
+  TORCH_CHECK(pref.device() == h_in.device(), op, ": pref: expected device ", h_in.device(), ", got ", pref.device());
   TORCH_CHECK(pref.dim() == 2 && pref.is_floating_point(), op, ": pref: expected a floating (P, T), got ",
               pref.scalar_type(), " ", pref.sizes());
-  c10::cuda::CUDAGuard guard(h.device());
+  c10::cuda::CUDAGuard guard(h_in.device());
+  auto pixels = [](const at::Tensor& t) {  // dense pixels (NCHW or NHWC), else a copy
+    return t.dim() == 4 && t.size(2) > 1 && t.stride(2) != t.size(3) * t.stride(3) ? t.contiguous() : t;
+  };
+  const at::Tensor h = pixels(h_in), dg = pixels(dg_in);
+  const bool conv = h.dim() == 4;
   at::Tensor out = at::empty({pref.size(0), pref.size(1)}, h.options().dtype(at::kFloat));
   PrefGradArgs a{};
   a.h = h.data_ptr(); a.dg = dg.data_ptr(); a.out = out.data_ptr<float>();
-  a.dtype = dtype; a.N = h.size(0); a.R = h.size(1); a.T = pref.size(1); a.rank = rank; a.P = pref.size(0);
+  a.hw = conv ? h.size(2) * h.size(3) : 1;
+  a.dtype = dtype; a.N = h.size(0) * a.hw; a.R = h.size(1); a.T = pref.size(1); a.rank = rank; a.P = pref.size(0);
   a.rows_per_sample = rows_per_sample;
   a.stride_hn = h.stride(0); a.stride_hc = h.stride(1); a.stride_gn = dg.stride(0); a.stride_gc = dg.stride(1);
+  a.stride_hp = conv ? h.stride(3) : 0; a.stride_gp = conv ? dg.stride(3) : 0;
   a.scale = scale;
   TORCH_CHECK(a.T >= 1 && rank >= 1 && a.R == a.T * rank, op, ": h: expected R = T * rank = ", a.T, " * ", rank,
               " columns, got ", a.R);
@@ -209,6 +219,44 @@ at::Tensor pref_grad_cuda(const at::Tensor& h, const at::Tensor& dg, const at::T
   const char* err = pref_grad_launch(a, c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == nullptr, op, ": ", err ? err : "");
   return out.to(pref.scalar_type());
+}
+
+std::tuple<at::Tensor, at::Tensor> lora_conv2d_wgrad_cuda(
+    const at::Tensor& x, const at::Tensor& dy, const at::Tensor& dg, const at::Tensor& pref, at::IntArrayRef kernel_hw,
+    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, double scale, bool need_weight) {
+  const char* op = "lora_conv2d_wgrad_cuda";
+  TORCH_CHECK(x.is_cuda(), op, ": x: expected a CUDA tensor, got device ", x.device());
+  TORCH_CHECK(x.dim() == 4, op, ": x: expected (N, C_in, H, W), got shape ", x.sizes());
+  const int64_t dtype = dtype_code(x);
+  check_operand(op, "dy", dy, x, 4);
+  check_operand(op, "dg", dg, x, 4);
+  TORCH_CHECK(kernel_hw.size() == 2 && stride.size() == 2 && padding.size() == 2 && dilation.size() == 2, op,
+              ": kernel_hw, stride, padding, dilation: expected 2 values each, got ", kernel_hw, ", ", stride, ", ",
+              padding, ", ", dilation);
+  const int64_t N = x.size(0), C_in = x.size(1), C_out = dy.size(1), R = dg.size(1), kh = kernel_hw[0], kw = kernel_hw[1];
+  TORCH_CHECK(dy.size(0) == N && dg.size(0) == N && dg.size(2) == dy.size(2) && dg.size(3) == dy.size(3), op,
+              ": dy, dg: expected (", N, ", C, Ho, Wo) on one grid, got ", dy.sizes(), " and ", dg.sizes());
+  const at::Tensor p = pref_fp32(op, pref, x);
+  c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor dw = at::empty({need_weight ? C_out : 0, C_in, kh, kw}, x.options());
+  at::Tensor da = at::empty({R, C_in, kh, kw}, x.options());
+  LoraConvWgradArgs a{};
+  a.x = x.data_ptr(); a.dy = dy.data_ptr(); a.dg = dg.data_ptr(); a.pref = p.data_ptr<float>();
+  a.dw = need_weight ? dw.data_ptr() : nullptr; a.da = da.data_ptr();
+  a.dtype = dtype; a.N = N; a.C_in = C_in; a.H = x.size(2); a.W = x.size(3); a.C_out = C_out; a.R = R; a.kh = kh; a.kw = kw;
+  a.P = p.size(0); a.T = p.size(1);
+  a.stride_h = stride[0]; a.stride_w = stride[1]; a.pad_h = padding[0]; a.pad_w = padding[1];
+  a.dil_h = dilation[0]; a.dil_w = dilation[1]; a.Ho = dy.size(2); a.Wo = dy.size(3);
+  a.stride_xn = x.stride(0); a.stride_xc = x.stride(1); a.stride_xh = x.stride(2); a.stride_xw = x.stride(3);
+  a.stride_dyn = dy.stride(0); a.stride_dyc = dy.stride(1); a.stride_dyh = dy.stride(2); a.stride_dyw = dy.stride(3);
+  a.stride_gn = dg.stride(0); a.stride_gc = dg.stride(1); a.stride_gh = dg.stride(2); a.stride_gw = dg.stride(3);
+  a.stride_pp = p.stride(0); a.stride_pt = p.stride(1);
+  a.need_weight = need_weight; a.splits = 0; a.scale = scale;
+  at::Tensor ws = at::empty({std::max<int64_t>(lora_conv2d_wgrad_workspace(a), 1)}, x.options().dtype(at::kFloat));
+  a.workspace = ws.data_ptr<float>();
+  const char* err = lora_conv2d_wgrad_launch(a, c10::cuda::getCurrentCUDAStream().stream());
+  TORCH_CHECK(err == nullptr, op, ": ", err ? err : "");
+  return {dw, da};
 }
 
 }  // namespace
@@ -221,6 +269,8 @@ TORCH_LIBRARY_FRAGMENT(palora, m) {
   m.def("lora_conv2d_dgrad_cuda(Tensor dy, Tensor weight, Tensor down, Tensor up, Tensor pref, int[] x_hw, "
         "int[] stride, int[] padding, int[] dilation, float scale) -> (Tensor, Tensor)");
   m.def("pref_grad_cuda(Tensor h, Tensor dg, Tensor pref, int rows_per_sample, int rank, float scale) -> Tensor");
+  m.def("lora_conv2d_wgrad_cuda(Tensor x, Tensor dy, Tensor dg, Tensor pref, int[] kernel_hw, int[] stride, "
+        "int[] padding, int[] dilation, float scale, bool need_weight) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(palora, CUDA, m) {
@@ -228,6 +278,7 @@ TORCH_LIBRARY_IMPL(palora, CUDA, m) {
   m.impl("lora_conv2d_cuda", &lora_conv2d_cuda);
   m.impl("pref_grad_cuda", &pref_grad_cuda);
   m.impl("lora_conv2d_dgrad_cuda", &lora_conv2d_dgrad_cuda);
+  m.impl("lora_conv2d_wgrad_cuda", &lora_conv2d_wgrad_cuda);
 }
 
 }  // namespace palora

@@ -1,8 +1,9 @@
 // What the kernels need from CUDA, spelled so that the same .cuh source compiles with nvcc
 // (the real thing) and with g++ -DPALORA_EMU (csrc/emu/emu.h, the host emulator of tests).
-// No torch header here or in any .cuh: kernels.cu compiles in seconds.
+// No torch header here or in any .cuh: the kernels_*.cu compile in seconds.
 #pragma once
 #include <cstdint>
+#include <string>
 #include <type_traits>
 
 #include "cuda/palora_cuda.h"
@@ -61,6 +62,19 @@ template <> struct Num<__nv_bfloat16> {
   static __device__ __forceinline__ __nv_bfloat16 from_f(float v) { return __float2bfloat16_rn(v); }
   static constexpr bool is16 = true;
 };
+
+// Host-side argument errors: a message naming the argument, kept alive for the caller.
+inline const char* arg_error(const std::string& msg) {
+  static thread_local std::string buf;
+  buf = msg;
+  return buf.c_str();
+}
+
+// The kernels' index math is 32-bit: sizes below 2^31 (offsets stay 64-bit).
+inline const char* check_int32(const char* op, const char* what, int64_t v) {
+  if (v < 0x7fffffff) return nullptr;
+  return arg_error(std::string(op) + ": " + what + ": expected < 2^31 - 1 (32-bit tile indices), got " + std::to_string(v));
+}
 
 __host__ __device__ inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 

@@ -6,7 +6,9 @@
 // y and h are dense NCHW or NHWC: row m = (n, q = ho*Wo + wo) sits at n*s_n + q*s_p and a channel
 // is s_c elements further on; S_n uses pref[n] (P == N) or pref[0] (P == 1).
 #pragma once
-#include "cuda/lora_mm.cuh"
+#include <utility>
+
+#include "cuda/lora_gemm.cuh"
 
 namespace palora {
 

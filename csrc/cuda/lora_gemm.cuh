@@ -269,8 +269,9 @@ __device__ __forceinline__ void load_frag(nvcuda::wmma::fragment<Use, 16, 16, 16
     else if constexpr (!kA && !kRow)
       asm volatile("wmma.load.b.sync.aligned.col.m16n16k16.shared.bf16 {%0, %1, %2, %3}, [%4], %5;\n"
                    : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(s), "r"(ldm));
-    else
-      nvcuda::wmma::load_matrix_sync(f, ptr, ldm);
+    else  // A col_major: the conv's weight gradient keeps its A tile channel-contiguous
+      asm volatile("wmma.load.a.sync.aligned.col.m16n16k16.shared.bf16 {%0, %1, %2, %3}, [%4], %5;\n"
+                   : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(s), "r"(ldm));
     return;
   }
 #endif

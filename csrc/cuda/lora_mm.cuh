@@ -12,12 +12,6 @@
 
 namespace palora {
 
-inline const char* arg_error(const std::string& msg) {
-  static thread_local std::string buf;
-  buf = msg;
-  return buf.c_str();
-}
-
 inline const char* check_lora_mm(const LoraMMArgs& a) {
   auto s = [](int64_t v) { return std::to_string(v); };
   if (a.dtype < kFloat32 || a.dtype > kBFloat16) return arg_error("lora_mm: dtype: expected 0 (fp32), 1 (fp16) or 2 (bf16), got " + s(a.dtype));
@@ -32,11 +26,6 @@ inline const char* check_lora_mm(const LoraMMArgs& a) {
   return nullptr;
 }
 
-// The kernels' index math is 32-bit: sizes below 2^31 (offsets stay 64-bit).
-inline const char* check_int32(const char* op, const char* what, int64_t v) {
-  if (v < 0x7fffffff) return nullptr;
-  return arg_error(std::string(op) + ": " + what + ": expected < 2^31 - 1 (32-bit tile indices), got " + std::to_string(v));
-}
 
 template <class T>
 const char* lora_mm_typed(const LoraMMArgs& a, void* stream) {

@@ -1,6 +1,6 @@
 // Plain C++ interface of the CUDA kernels: argument structs and entry points.
 // No torch and no CUDA header: the torch bindings (bindings.cpp), the nvcc translation unit
-// (kernels.cu) and the host emulator's C API (csrc/emu/emu_capi.cpp, loaded with ctypes)
+// (kernels_*.cu) and the host emulator's C API (csrc/emu/emu_capi.cpp, loaded with ctypes)
 // all fill the same structs. Field order matters to the ctypes mirror in
 // palora_kernels/ops/cuda_sim.py: pointers, then int64 fields, then the double.
 #pragma once
@@ -80,6 +80,9 @@ struct PrefGradArgs {
   float* out;         // (P, T) fp32, dense
   int64_t dtype, N, R, T, rank, P, rows_per_sample;
   int64_t stride_hn, stride_hc, stride_gn, stride_gc;
+  // the conv's 4-D H and dG (N_img, R, Ho, Wo): hw = Ho*Wo pixels per image, row n = (img, q) at
+  // img * stride_hn + q * stride_hp (so N = N_img * hw rows). 2-D (N, R): hw = 1, stride_hp = 0.
+  int64_t hw, stride_hp, stride_gp;
   double scale;
 };
 constexpr int64_t kPrefRows = 128;  // rows of one sample summed by one block
@@ -88,10 +91,52 @@ inline int64_t pref_grad_workspace(const PrefGradArgs& a) {
   return (L + kPrefRows - 1) / kPrefRows * a.P * a.T;
 }
 
+// The conv's weight gradients from one pass over im2col(x) (csrc/cuda/conv_wgrad.cuh):
+//   Z (C_out + R, C_in*kh*kw) = [dY | dG * S_n]^T im2col(x),  summed over the N*Ho*Wo pixels in fp32;
+//   Z = [dW; dA_cat], two contiguous outputs; dW is computed only when need_weight.
+// The pixel sum is split into `splits` chunks whose fp32 partial tiles go to the workspace; a second
+// kernel adds them in order (deterministic).
+struct LoraConvWgradArgs {
+  const void* x;      // (N, C_in, H, W), any strides
+  const void* dy;     // (N, C_out, Ho, Wo), any strides
+  const void* dg;     // (N, R, Ho, Wo), any strides: the unscaled gradient of H
+  const float* pref;  // (P, T), fp32, P == 1 or N
+  float* workspace;   // lora_conv2d_wgrad_workspace(args) floats
+  void* dw;           // (C_out, C_in*kh*kw), contiguous; unused (may be null) without need_weight
+  void* da;           // (R, C_in*kh*kw), contiguous
+  int64_t dtype, N, C_in, H, W, C_out, R, kh, kw, P, T;
+  int64_t stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, Ho, Wo;
+  int64_t stride_xn, stride_xc, stride_xh, stride_xw, stride_dyn, stride_dyc, stride_dyh, stride_dyw;
+  int64_t stride_gn, stride_gc, stride_gh, stride_gw, stride_pp, stride_pt;
+  int64_t need_weight;  // 0: a frozen base, no dW rows
+  int64_t splits;       // chunks of the pixel sum; 0 lets lora_conv2d_wgrad_splits choose
+  double scale;
+};
+// the wgrad GEMM tile: BM output channels x BN columns (c, i, j) x BK pixels per K step
+constexpr int64_t kWgradBM = 64, kWgradBN = 64, kWgradBK = 32;
+// The split of the pixel sum: enough blocks for ~2 waves on a 132-SM GPU (264), at least 8 K steps
+// (256 pixels) per split so the partial tiles cost at most 1/8 of the tile's input traffic.
+inline int64_t lora_conv2d_wgrad_splits(const LoraConvWgradArgs& a) {
+  const int64_t rows = a.N * a.Ho * a.Wo, ksteps = (rows + kWgradBK - 1) / kWgradBK;
+  const int64_t mt = (a.need_weight ? (a.C_out + kWgradBM - 1) / kWgradBM : 0) + (a.R + kWgradBM - 1) / kWgradBM;
+  const int64_t tiles = mt * ((a.C_in * a.kh * a.kw + kWgradBN - 1) / kWgradBN);
+  int64_t s = a.splits > 0 ? a.splits : (264 + tiles - 1) / (tiles > 0 ? tiles : 1);
+  if (a.splits <= 0 && s > ksteps / 8) s = ksteps / 8;
+  if (s > ksteps) s = ksteps;
+  if (s < 1) s = 1;
+  // equal chunks of whole K steps, none empty
+  const int64_t per = (ksteps + s - 1) / s;
+  return ksteps == 0 ? 1 : (ksteps + per - 1) / per;
+}
+inline int64_t lora_conv2d_wgrad_workspace(const LoraConvWgradArgs& a) {
+  return lora_conv2d_wgrad_splits(a) * ((a.need_weight ? a.C_out : 0) + a.R) * a.C_in * a.kh * a.kw;
+}
+
 // All return nullptr on success, else a message naming the bad argument or the CUDA error.
 const char* lora_mm_launch(const LoraMMArgs& args, void* stream);
 const char* lora_conv2d_launch(const LoraConvArgs& args, void* stream);
 const char* pref_grad_launch(const PrefGradArgs& args, void* stream);
 const char* lora_conv2d_dgrad_launch(const LoraConvDgradArgs& args, void* stream);
+const char* lora_conv2d_wgrad_launch(const LoraConvWgradArgs& args, void* stream);
 
 }  // namespace palora

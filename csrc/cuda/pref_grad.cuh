@@ -1,12 +1,14 @@
 // palora::pref_grad on CUDA: the preference gradient of the backward,
 //   dp[p, t] = scale * sum_{n in sample p} sum_{j < rank} H[n, t*rank + j] * dG[n, t*rank + j]
 // (sample p = rows [p*L, p*L + L) with L = rows_per_sample when P > 1; every row when P == 1).
+// H and dG are (N, R) matrices, or the conv's (N_img, R, Ho, Wo) with its pixels as the rows
+// (row n = image n / hw, pixel n % hw; any strides; L = hw for a per-image preference).
 // One pass over H and dG, no (N, R) temporary, deterministic (no atomics):
 //   1. partial: block (chunk, p, t) sums kPrefRows rows x rank of task t in fp32, a shared-memory
 //      tree over its 128 threads, into partial[chunk, p*T + t];
 //   2. finish: dp[p, t] = scale * sum over chunks in order.
 #pragma once
-#include "cuda/lora_mm.cuh"
+#include "cuda/common.cuh"
 
 namespace palora {
 
@@ -18,8 +20,8 @@ struct PrefParams {
   float* partial;
   float* out;
   int N, R, T, P, L, chunks;
-  FastDiv div_rank, div_pt;
-  int64_t shn, shc, sgn, sgc;
+  FastDiv div_rank, div_pt, div_hw;
+  int64_t shn, shc, sgn, sgc, shp, sgp;
   float scale;
 };
 
@@ -41,8 +43,10 @@ __global__ void __launch_bounds__(kPrefThreads) pref_grad_partial_kernel(PrefPar
   for (int idx = tid; idx < rows * rank; idx += kPrefThreads) {
     int r, j;
     p.div_rank.divmod(idx, r, j);
-    const int n = base + r, c = task * rank + j;
-    acc += Num<T>::to_f(h[n * p.shn + c * p.shc]) * Num<T>::to_f(g[n * p.sgn + c * p.sgc]);
+    const int c = task * rank + j;
+    int img, q;  // hw == 1 (2-D): img = the row, q = 0
+    p.div_hw.divmod(base + r, img, q);
+    acc += Num<T>::to_f(h[img * p.shn + q * p.shp + c * p.shc]) * Num<T>::to_f(g[img * p.sgn + q * p.sgp + c * p.sgc]);
   }
   red[tid] = acc;
   __syncthreads();
@@ -71,6 +75,8 @@ inline const char* check_pref_grad(const PrefGradArgs& a) {
                      ", rows_per_sample = " + s(a.rows_per_sample));
   if (a.N < 0 || a.N >= 0x7fffffff || a.N * a.R >= 0x7fffffff)
     return arg_error("pref_grad: h: expected N * R < 2^31 - 1 (32-bit indices), got N = " + s(a.N) + ", R = " + s(a.R));
+  if (a.hw < 1 || a.N % a.hw != 0)
+    return arg_error("pref_grad: h: expected N = " + s(a.N) + " rows to be whole images of hw = " + s(a.hw) + " pixels");
   if (pref_grad_workspace(a) > 0x7fffffff) return arg_error("pref_grad: more than 2^31 - 1 blocks");
   if (!a.out || (a.N > 0 && (!a.h || !a.dg || !a.partial))) return arg_error("pref_grad: null pointer");
   return nullptr;
@@ -83,8 +89,9 @@ const char* pref_grad_typed(const PrefGradArgs& a, void* stream) {
   p.N = static_cast<int>(a.N); p.R = static_cast<int>(a.R); p.T = static_cast<int>(a.T); p.P = static_cast<int>(a.P);
   p.L = static_cast<int>(a.P == 1 ? a.N : a.rows_per_sample);
   p.chunks = static_cast<int>(cdiv(p.L, kPrefRows));
-  p.div_rank = FastDiv(a.rank); p.div_pt = FastDiv(a.P * a.T);
+  p.div_rank = FastDiv(a.rank); p.div_pt = FastDiv(a.P * a.T); p.div_hw = FastDiv(a.hw);
   p.shn = a.stride_hn; p.shc = a.stride_hc; p.sgn = a.stride_gn; p.sgc = a.stride_gc;
+  p.shp = a.stride_hp; p.sgp = a.stride_gp;
   p.scale = static_cast<float>(a.scale);
   if (p.chunks > 0) {
     PALORA_LAUNCH(dim3(static_cast<unsigned>(int64_t(p.chunks) * p.P * p.T)), dim3(kPrefThreads), 0, stream,

@@ -1,10 +1,11 @@
 // The emulated kernels as a C API for ctypes (palora_kernels/ops/cuda_sim.py), tests only.
-// The very same csrc/cuda/*.cuh source as kernels.cu, compiled by g++ with -DPALORA_EMU:
+// The very same csrc/cuda/*.cuh source as the kernels_*.cu, compiled by g++ with -DPALORA_EMU:
 //   g++ -O2 -std=c++17 -shared -fPIC -DPALORA_EMU -Icsrc csrc/emu/emu_capi.cpp -o libpalora_emu.so
 #ifndef PALORA_EMU
 #error "compile with -DPALORA_EMU"
 #endif
 #include "cuda/conv_dgrad.cuh"
+#include "cuda/conv_wgrad.cuh"
 #include "cuda/lora_conv2d.cuh"
 #include "cuda/lora_mm.cuh"
 #include "cuda/pref_grad.cuh"
@@ -20,6 +21,14 @@ const char* palora_emu_lora_conv2d(const palora::LoraConvArgs* args) {
 
 const char* palora_emu_lora_conv2d_dgrad(const palora::LoraConvDgradArgs* args) {
   return palora::lora_conv2d_dgrad_dispatch(*args, nullptr);
+}
+
+const char* palora_emu_lora_conv2d_wgrad(const palora::LoraConvWgradArgs* args) {
+  return palora::lora_conv2d_wgrad_dispatch(*args, nullptr);
+}
+
+long long palora_emu_lora_conv2d_wgrad_workspace(const palora::LoraConvWgradArgs* args) {
+  return palora::lora_conv2d_wgrad_workspace(*args);
 }
 
 const char* palora_emu_pref_grad(const palora::PrefGradArgs* args) { return palora::pref_grad_dispatch(*args, nullptr); }

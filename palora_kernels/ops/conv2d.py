@@ -144,7 +144,10 @@ class PaLoRAConv2dFunction(torch.autograd.Function):
                 db = dbcat[:C_out]
         if need_B:
             dB = unstack_B(torch.matmul(dy3, (h3 * S).transpose(1, 2)).sum(0), T)
-        if need_p:
+        if need_p and "lora_conv2d_pref_grad" in dispatch.record(backend).kernels:
+            # one pass over the 4-D H and dG (either memory format), fp32 sums, no atomics
+            dp = dispatch.kernel(backend, "lora_conv2d_pref_grad")(h, dg4, pref, rank, scale)
+        elif need_p:
             # products and sums in fp32 for fp16/bf16, one rounding at the end: half-precision products
             # and partial sums gave 2-3x the naive loop's error (issue 11)
             acc = torch.promote_types(h.dtype, torch.float32)

@@ -27,6 +27,8 @@ _DTYPES = {"f": "fp32", "6__half": "fp16", "13__nv_bfloat16": "bf16"}
 _KERNEL = re.compile(r"lora_gemm_kernelI(f|6__half|13__nv_bfloat16)NS_(\d+)(\w+?Cfg)ELi([012])ELb([01])E")
 _GATHER_OP = {"0": "lora_mm", "1": "lora_conv2d", "2": "lora_conv2d_dgrad"}
 _PREF = re.compile(r"pref_grad_(partial|finish)_kernel(?:I(f|6__half|13__nv_bfloat16)E)?")
+# csrc/cuda/conv_wgrad.cuh: conv_wgrad_kernel<T> (the split-K GEMM) and conv_wgrad_finish_kernel<T>
+_WGRAD = re.compile(r"conv_wgrad_(kernel|finish_kernel)I(f|6__half|13__nv_bfloat16)E")
 _TC = re.compile(r"\b(HMMA|IMMA|HGMMA|mma)\b")
 # SASS opcodes counted per kernel (the column name, the pattern)
 _SASS = {"ldgsts": re.compile(r"\bLDGSTS\b"), "ldsm": re.compile(r"\bLDSM\b"),
@@ -76,6 +78,13 @@ def _dump(flag: str, path: str) -> str:
 
 def _name(mangled: str):
     m = _KERNEL.search(mangled)
+    wm = _WGRAD.search(mangled)
+    if wm:
+        dtype = _DTYPES[wm.group(2)]
+        if wm.group(1) == "finish_kernel":
+            return "lora_conv2d_wgrad.finish", f"{dtype} 128 threads simt"
+        return "lora_conv2d_wgrad.splitk", (f"{dtype} tile 64x64x32 128 threads {'wmma' if dtype != 'fp32' else 'simt'} "
+                                            f"A m-major B n-major")
     if not m:
         pm = _PREF.search(mangled)
         if pm:   # csrc/cuda/pref_grad.cuh: the partial sums are per dtype, the finish reads fp32
@@ -107,12 +116,17 @@ def cuda_rows(path: Optional[str] = None) -> List[dict]:
             continue
         u = re.match(r"\s*REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", line)
         if u and arch:
+            if (arch, fn) in index:   # a kernel instantiated by two translation units: compiled twice
+                index[(arch, fn)]["error"] = "compiled in more than one translation unit (csrc/cuda/kernels_*.cu)"
+                continue
             kernel, config = _name(fn)
             row = {"kernel": kernel, "config": config, "arch": arch, "registers": int(u.group(1)),
                    "spills": int(u.group(2)) + int(u.group(4)), "smem": int(u.group(3)), "tensor_core": 0,
                    "function": fn, **{k: 0 for k in _SASS}}
-            if _KERNEL.search(fn):   # GEMM kernels have a cp.async path (not the all-gather dX of the
-                # conv: its A and B tiles are both gathered element by element); 16-bit ones WMMA from smem
+            if _KERNEL.search(fn) or kernel == "lora_conv2d_wgrad.splitk":
+                # GEMM kernels have a cp.async path (not the all-gather dX of the conv: its A and B tiles
+                # are both gathered element by element; wgrad's is dY in channels_last); 16-bit ones WMMA
+                # from smem
                 row["expect_ldgsts"] = kernel != "lora_conv2d_dgrad.fused"
                 row["expect_ldsm"] = config.startswith(("fp16", "bf16")) and int(arch[3:]) >= 80
             index[(arch, fn)] = row

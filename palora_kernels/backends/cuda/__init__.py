@@ -24,7 +24,9 @@ RECORD = Backend(
     kernels={"lora_mm": "palora_kernels.backends.cuda.kernels:lora_mm",
              "lora_conv2d": "palora_kernels.backends.cuda.kernels:lora_conv2d",
              "pref_grad": "palora_kernels.backends.cuda.kernels:pref_grad",
-             "lora_conv2d_dgrad": "palora_kernels.backends.cuda.kernels:lora_conv2d_dgrad"},
+             "lora_conv2d_dgrad": "palora_kernels.backends.cuda.kernels:lora_conv2d_dgrad",
+             "lora_conv2d_wgrad": "palora_kernels.backends.cuda.kernels:lora_conv2d_wgrad",
+             "lora_conv2d_pref_grad": "palora_kernels.backends.cuda.kernels:lora_conv2d_pref_grad"},
     dtypes=HALF_AND_FP32,            # fp64 (gradcheck) goes to the next backend: torch on cuBLAS
     devices=frozenset({"cuda"}),
     priority=20,

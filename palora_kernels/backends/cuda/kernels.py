@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 
 from ... import _ext  # noqa: F401  (loads palora_kernels._C, which registers the ops)
-from ..._ops import (check_lora_conv2d, check_lora_conv2d_dgrad, lora_conv2d_dgrad_layout, lora_conv2d_layout,
-                     lora_mm_layout)
+from ..._ops import (check_lora_conv2d, check_lora_conv2d_dgrad, check_lora_conv2d_wgrad, lora_conv2d_dgrad_layout,
+                     lora_conv2d_layout, lora_conv2d_wgrad_layout, lora_mm_layout)
 
 if hasattr(torch.ops.palora, "lora_mm_cuda"):
     @torch.library.register_fake("palora::lora_mm_cuda")
@@ -23,6 +23,11 @@ if hasattr(torch.ops.palora, "lora_mm_cuda"):
     def _(dy, weight, down, up, pref, x_hw, stride, padding, dilation, scale):
         check_lora_conv2d_dgrad(dy, weight, down, up, pref, x_hw, stride, padding, dilation)
         return lora_conv2d_dgrad_layout(dy, weight.shape[1], down.shape[0], *x_hw)
+
+    @torch.library.register_fake("palora::lora_conv2d_wgrad_cuda")
+    def _(x, dy, dg, pref, kernel_hw, stride, padding, dilation, scale, need_weight):
+        check_lora_conv2d_wgrad(x, dy, dg, pref, kernel_hw, stride, padding, dilation)
+        return lora_conv2d_wgrad_layout(x, dy.shape[1], dg.shape[1], *kernel_hw, need_weight)
 
     @torch.library.register_fake("palora::pref_grad_cuda")
     def _(h, dg, pref, rows_per_sample, rank, scale):
@@ -49,3 +54,14 @@ def lora_conv2d_dgrad(dy, weight, down, up, pref, x_hw, stride, padding, dilatio
     """(dX, dG); see palora_kernels._ops."""
     return torch.ops.palora.lora_conv2d_dgrad_cuda(dy, weight, down, up, pref, list(x_hw), list(stride),
                                                    list(padding), list(dilation), scale)
+
+
+def lora_conv2d_wgrad(x, dy, dg, pref, kernel_hw, stride, padding, dilation, scale, need_weight):
+    """(dW, dA_cat); see palora_kernels._ops."""
+    return torch.ops.palora.lora_conv2d_wgrad_cuda(x, dy, dg, pref, list(kernel_hw), list(stride), list(padding),
+                                                   list(dilation), scale, need_weight)
+
+
+def lora_conv2d_pref_grad(h, dg, pref, rank, scale):
+    """dp (P, T) of the conv from its 4-D H and dG (N, R, Ho, Wo): the pref_grad kernels with pixels as rows."""
+    return torch.ops.palora.pref_grad_cuda(h, dg, pref, h.shape[2] * h.shape[3], rank, scale)

@@ -18,7 +18,9 @@ RECORD = Backend(
     kernels={"lora_mm": "palora_kernels.backends.cuda_sim.kernels:lora_mm",
              "lora_conv2d": "palora_kernels.backends.cuda_sim.kernels:lora_conv2d",
              "pref_grad": "palora_kernels.backends.cuda_sim.kernels:pref_grad",
-             "lora_conv2d_dgrad": "palora_kernels.backends.cuda_sim.kernels:lora_conv2d_dgrad"},
+             "lora_conv2d_dgrad": "palora_kernels.backends.cuda_sim.kernels:lora_conv2d_dgrad",
+             "lora_conv2d_wgrad": "palora_kernels.backends.cuda_sim.kernels:lora_conv2d_wgrad",
+             "lora_conv2d_pref_grad": "palora_kernels.backends.cuda_sim.kernels:lora_conv2d_pref_grad"},
     dtypes=HALF_AND_FP32,            # as on the GPU
     devices=frozenset({"cpu"}),
     check="palora_kernels.backends.cuda_sim:check",

@@ -30,7 +30,7 @@ from . import RECORD
 CSRC = Path(__file__).resolve().parents[3] / "csrc"
 _SOURCES = ("emu/emu.h", "emu/emu_capi.cpp", "cuda/palora_cuda.h", "cuda/common.cuh",
             "cuda/lora_gemm.cuh", "cuda/lora_mm.cuh", "cuda/lora_conv2d.cuh", "cuda/pref_grad.cuh",
-            "cuda/conv_dgrad.cuh",
+            "cuda/conv_dgrad.cuh", "cuda/conv_wgrad.cuh",
             "emu/selftest.cuh")
 _DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _GUARD = 64                                   # sentinel elements on each side of an output
@@ -73,7 +73,19 @@ class PrefGradArgs(ctypes.Structure):         # mirrors palora::PrefGradArgs
     _fields_ = ([(n, ctypes.c_void_p) for n in ("h", "dg", "partial", "out")]
                 + [(n, ctypes.c_int64) for n in (
                     "dtype", "N", "R", "T", "rank", "P", "rows_per_sample",
-                    "stride_hn", "stride_hc", "stride_gn", "stride_gc")]
+                    "stride_hn", "stride_hc", "stride_gn", "stride_gc", "hw", "stride_hp", "stride_gp")]
+                + [("scale", ctypes.c_double)])
+
+
+class LoraConvWgradArgs(ctypes.Structure):    # mirrors palora::LoraConvWgradArgs
+    _fields_ = ([(n, ctypes.c_void_p) for n in ("x", "dy", "dg", "pref", "workspace", "dw", "da")]
+                + [(n, ctypes.c_int64) for n in (
+                    "dtype", "N", "C_in", "H", "W", "C_out", "R", "kh", "kw", "P", "T",
+                    "stride_h", "stride_w", "pad_h", "pad_w", "dil_h", "dil_w", "Ho", "Wo",
+                    "stride_xn", "stride_xc", "stride_xh", "stride_xw",
+                    "stride_dyn", "stride_dyc", "stride_dyh", "stride_dyw",
+                    "stride_gn", "stride_gc", "stride_gh", "stride_gw", "stride_pp", "stride_pt",
+                    "need_weight", "splits")]
                 + [("scale", ctypes.c_double)])
 
 
@@ -118,11 +130,14 @@ def build(defines: Sequence[str] = ()) -> ctypes.CDLL:
             os.replace(tmp, out)                  # atomic: concurrent builders agree
         lib = ctypes.CDLL(str(out))
         for fn, argt in (("palora_emu_lora_mm", LoraMMArgs), ("palora_emu_lora_conv2d", LoraConvArgs),
-                         ("palora_emu_pref_grad", PrefGradArgs), ("palora_emu_lora_conv2d_dgrad", LoraConvDgradArgs)):
+                         ("palora_emu_pref_grad", PrefGradArgs), ("palora_emu_lora_conv2d_dgrad", LoraConvDgradArgs),
+                         ("palora_emu_lora_conv2d_wgrad", LoraConvWgradArgs)):
             getattr(lib, fn).argtypes = [ctypes.POINTER(argt)]
             getattr(lib, fn).restype = ctypes.c_char_p
         lib.palora_emu_pref_grad_workspace.argtypes = [ctypes.POINTER(PrefGradArgs)]
         lib.palora_emu_pref_grad_workspace.restype = ctypes.c_longlong
+        lib.palora_emu_lora_conv2d_wgrad_workspace.argtypes = [ctypes.POINTER(LoraConvWgradArgs)]
+        lib.palora_emu_lora_conv2d_wgrad_workspace.restype = ctypes.c_longlong
         lib.palora_emu_set_schedule.argtypes = [ctypes.c_int, ctypes.c_ulonglong]
         lib.palora_emu_stats.argtypes = [ctypes.POINTER(ctypes.c_longlong)]
         lib.palora_emu_barrier_broken.restype = ctypes.c_int
@@ -295,27 +310,89 @@ def lora_conv2d_dgrad_sim(dy, weight, down, up, pref, x_hw, stride, padding, dil
     return dx, dg
 
 
+def _pixel_rows(t: torch.Tensor):
+    """(N, R, Ho, Wo) -> (t, stride of an image, of a channel, of a pixel): the kernel walks pixel
+    q = ho*Wo + wo at q * stride, which needs dense pixels (NCHW or NHWC); other strides are copied."""
+    if t.shape[2] > 1 and t.stride(2) != t.shape[3] * t.stride(3):
+        t = t.contiguous()
+    return t, t.stride(0), t.stride(1), t.stride(3)
+
+
 def pref_grad_sim(h, dg, pref, rows_per_sample, rank, scale, lib=None):
-    """dp (P, T) in pref's dtype via the emulated pref_grad kernels (the cuda backend's)."""
+    """dp (P, T) in pref's dtype via the emulated pref_grad kernels (the cuda backend's).
+    h, dg: (N, R), or the conv's (N, R, Ho, Wo) whose N*Ho*Wo pixels are the rows."""
     if h.dtype not in _DTYPES:
         raise TypeError(f"h: cuda_sim supports float32, float16, bfloat16, got {h.dtype}")
     _check("h", h, h.dtype)
     _check("dg", dg, h.dtype)
-    if h.dim() != 2 or dg.shape != h.shape:
-        raise ValueError(f"pref_grad: h and dg: expected (N, R) of one shape, got {tuple(h.shape)} and {tuple(dg.shape)}")
+    if h.dim() not in (2, 4) or dg.shape != h.shape:
+        raise ValueError(f"pref_grad: h and dg: expected (N, R) or (N, R, Ho, Wo) of one shape, got "
+                         f"{tuple(h.shape)} and {tuple(dg.shape)}")
     lib = lib or build()
-    N, R = h.shape
+    if h.dim() == 4:
+        hw = h.shape[2] * h.shape[3]
+        (h, shn, shc, shp), (dg, sgn, sgc, sgp) = _pixel_rows(h), _pixel_rows(dg)
+    else:
+        hw, (shn, shc, shp), (sgn, sgc, sgp) = 1, (h.stride(0), h.stride(1), 0), (dg.stride(0), dg.stride(1), 0)
+    N, R = h.shape[0] * hw, h.shape[1]
     P, T = pref.shape
     out = torch.full((P, T), float("nan"))             # every element must be written
     a = PrefGradArgs(h=_ptr(h), dg=_ptr(dg), partial=None, out=_ptr(out), dtype=_DTYPES[h.dtype], N=N, R=R, T=T,
-                     rank=rank, P=P, rows_per_sample=rows_per_sample, stride_hn=h.stride(0), stride_hc=h.stride(1),
-                     stride_gn=dg.stride(0), stride_gc=dg.stride(1), scale=float(scale))
+                     rank=rank, P=P, rows_per_sample=rows_per_sample, stride_hn=shn, stride_hc=shc,
+                     stride_gn=sgn, stride_gc=sgc, hw=hw, stride_hp=shp, stride_gp=sgp, scale=float(scale))
     partial = torch.full((max(int(lib.palora_emu_pref_grad_workspace(ctypes.byref(a))), 1),), float("nan"))
     a.partial = _ptr(partial)
     _run(lib, "palora_emu_pref_grad", a)
     if out.isnan().any() and not (h.isnan().any() or dg.isnan().any()):
         raise RuntimeError("pref_grad: the emulated kernels left elements of dp unwritten")
     return out.to(pref.dtype)
+
+
+def lora_conv2d_wgrad_sim(x, dy, dg, pref, kernel_hw, stride, padding, dilation, scale, need_weight, lib=None,
+                          verify=True, splits=0):
+    """(dW, dA_cat) of palora::lora_conv2d_wgrad via the emulated kernels (the layout of the cuda backend),
+    both contiguous; dW has 0 rows without need_weight. splits > 0 forces the number of pixel chunks
+    (0: the kernel's choice)."""
+    if x.dtype not in _DTYPES:
+        raise TypeError(f"x: cuda_sim supports float32, float16, bfloat16, got {x.dtype}")
+    for name, t in (("x", x), ("dy", dy), ("dg", dg)):
+        _check(name, t, x.dtype)
+    lib = lib or build()
+    N, C_in, H, W = x.shape
+    C_out, R, (Ho, Wo), (kh, kw) = dy.shape[1], dg.shape[1], dy.shape[2:], kernel_hw
+    Cw = C_out if need_weight else 0
+    pref32 = pref.float()
+    strides = (C_in * kh * kw, kh * kw, kw, 1)
+    wbuf, dw = _guarded((Cw, C_in, kh, kw), strides, x.dtype)
+    abuf, da = _guarded((R, C_in, kh, kw), strides, x.dtype)
+    a = LoraConvWgradArgs(
+        x=_ptr(x), dy=_ptr(dy), dg=_ptr(dg), pref=_ptr(pref32), workspace=None, dw=_ptr(dw) if Cw else None,
+        da=_ptr(da), dtype=_DTYPES[x.dtype],
+        N=N, C_in=C_in, H=H, W=W, C_out=C_out, R=R, kh=kh, kw=kw, P=pref.shape[0], T=pref.shape[1],
+        stride_h=stride[0], stride_w=stride[1], pad_h=padding[0], pad_w=padding[1], dil_h=dilation[0],
+        dil_w=dilation[1], Ho=Ho, Wo=Wo,
+        stride_xn=x.stride(0), stride_xc=x.stride(1), stride_xh=x.stride(2), stride_xw=x.stride(3),
+        stride_dyn=dy.stride(0), stride_dyc=dy.stride(1), stride_dyh=dy.stride(2), stride_dyw=dy.stride(3),
+        stride_gn=dg.stride(0), stride_gc=dg.stride(1), stride_gh=dg.stride(2), stride_gw=dg.stride(3),
+        stride_pp=pref32.stride(0), stride_pt=pref32.stride(1), need_weight=int(bool(need_weight)), splits=splits,
+        scale=float(scale))
+    # NaN: a partial tile element the kernel forgot poisons dW or dA
+    ws = torch.full((max(int(lib.palora_emu_lora_conv2d_wgrad_workspace(ctypes.byref(a))), 1),), float("nan"))
+    a.workspace = _ptr(ws)
+    _run(lib, "palora_emu_lora_conv2d_wgrad", a)
+    if verify:
+        _verify_output(wbuf, dw, "lora_conv2d_wgrad", "dW")
+        _verify_output(abuf, da, "lora_conv2d_wgrad", "dA")
+    return dw, da
+
+
+def wgrad_splits(lib, x, dy, dg, kernel_hw, need_weight, splits=0) -> int:
+    """The number of pixel chunks the wgrad kernel uses for these sizes (tests)."""
+    a = LoraConvWgradArgs(N=x.shape[0], C_in=x.shape[1], C_out=dy.shape[1], R=dg.shape[1], kh=kernel_hw[0],
+                          kw=kernel_hw[1], Ho=dy.shape[2], Wo=dy.shape[3], need_weight=int(bool(need_weight)),
+                          splits=splits)
+    Mz = (dy.shape[1] if need_weight else 0) + dg.shape[1]
+    return int(lib.palora_emu_lora_conv2d_wgrad_workspace(ctypes.byref(a))) // (Mz * x.shape[1] * kernel_hw[0] * kernel_hw[1])
 
 
 def unavailable_reason() -> Optional[str]:
@@ -338,5 +415,14 @@ def lora_conv2d_dgrad(dy, weight, down, up, pref, x_hw, stride, padding, dilatio
     return lora_conv2d_dgrad_sim(dy, weight, down, up, pref, x_hw, stride, padding, dilation, scale)
 
 
+def lora_conv2d_wgrad(x, dy, dg, pref, kernel_hw, stride, padding, dilation, scale, need_weight):
+    return lora_conv2d_wgrad_sim(x, dy, dg, pref, kernel_hw, stride, padding, dilation, scale, need_weight)
+
+
 def pref_grad(h, dg, pref, rows_per_sample, rank, scale):
     return pref_grad_sim(h, dg, pref, rows_per_sample, rank, scale)
+
+
+def lora_conv2d_pref_grad(h, dg, pref, rank, scale):
+    """dp (P, T) of the conv: h, dg (N, R, Ho, Wo), P == 1 or N."""
+    return pref_grad_sim(h, dg, pref, h.shape[2] * h.shape[3], rank, scale)
