@@ -23,7 +23,7 @@ log = logging.getLogger("palora_kernels")
 
 BACKENDS = tuple(RECORDS)
 OPS = ("lora_mm", "lora_conv2d", "loralib_conv2d", "pref_grad", "lora_conv2d_dgrad", "lora_conv2d_wgrad",
-       "mtlora_mm", "mtlora_mm_dgrad")
+       "lora_conv2d_pref_grad", "mtlora_mm", "mtlora_mm_dgrad")
 _local = threading.local()
 # (backend, device, op, dtype) -> reason or None. Availability does not change while a process
 # runs; the cache keeps a layer call free of imports (and so traceable by torch.compile).

@@ -25,8 +25,9 @@ class Backend:
     name: str
     # op -> "module:function". Op names are those of palora_kernels._ops (lora_mm, lora_conv2d)
     # plus loralib_conv2d and pref_grad; lora_conv2d_dgrad (the conv's dX and dG) and
-    # lora_conv2d_wgrad (dW and dA in one pass, used only together with dgrad) where a backend has
-    # kernels for them (the conv backward falls back to convolution_backward otherwise).
+    # lora_conv2d_wgrad (dW and dA in one pass), lora_conv2d_pref_grad (d(preference) from the
+    # conv's 4-D H and dG) where a backend has kernels for them (the conv backward falls back to
+    # convolution_backward and torch reductions otherwise); mtlora_mm and mtlora_mm_dgrad (MTLoRA).
     kernels: Mapping[str, str]
     dtypes: FrozenSet[torch.dtype]
     # device types it runs on ("cpu", "cuda"); empty: any device torch runs on
