@@ -159,7 +159,8 @@ def _script(tmp_path, *extra):
 
 
 def test_script_end_to_end_two_tasks(tmp_path):
-    res, proc = _script(tmp_path, "--rays", "3", "--eval-rays", "5", "--no-bench", "--seeds", "2", "--convergence")
+    res, proc = _script(tmp_path, "--sampler", "annealed", "--rays", "3", "--eval-rays", "5", "--no-bench", "--seeds", "2",
+                        "--convergence")
     assert len(res["seeds"]) == 2 and res["config"]["data"] == "hard" and res["config"]["preset"] == "tuned"
     s0 = res["seeds"][0]
     assert s0["palora"]["train"]["steps"] == 512 // 64
@@ -192,7 +193,8 @@ def test_script_end_to_end_two_tasks(tmp_path):
     # merging the two seeds run separately gives the same summary (each seed is a pure function of its settings)
     import merge_runs
     one = tmp_path / "one"
-    res1, _ = _script(one, "--rays", "3", "--eval-rays", "5", "--no-bench", "--seeds", "1", "--seed", "1")
+    res1, _ = _script(one, "--sampler", "annealed", "--rays", "3", "--eval-rays", "5", "--no-bench", "--seeds", "1",
+                      "--seed", "1")
     assert res1["seeds"][0]["palora"]["rays"] == res["seeds"][1]["palora"]["rays"]
     assert res1["seeds"][0]["hypervolume"] == res["seeds"][1]["hypervolume"]
     with pytest.raises(ValueError, match="seeds: expected distinct seeds"):
@@ -209,6 +211,20 @@ def test_script_three_tasks_unfused_with_batchnorm(tmp_path):
     assert len(s0["palora"]["rays"]) == 6                  # triangular grid, 2 divisions per edge
     assert len(s0["baselines"]["ls_front"]["nets"]) == 3    # the corners: ray_grid(3, 2)
     assert (tmp_path / "multidigits_front.png").exists()
+
+
+def test_presets_spend_the_same_image_pass_budget():
+    # the tuned preset spends the budget of 5 rays x 4 epochs at batch 128 as one ray per step over
+    # 20 epochs: 1,860 Adam steps against each single-task net's 930 (5 rays per step: 372)
+    import train_multidigits as tm
+    from multidigits.training import steps_per_epoch
+    tuned, ref = tm.parse_args([]), tm.parse_args(["--preset", "reference", "--batch-size", "128"])
+    assert (tuned.sampler, tuned.rays, ref.sampler, ref.rays) == ("dirichlet", 1, "annealed", 5)
+    spe = steps_per_epoch(12000, 128)
+    assert tuned.epochs * spe * tuned.rays == ref.epochs * spe * ref.rays == 1860
+    assert tm.parse_args(["--sampler", "annealed", "--rays", "5"]).sampler == "annealed"   # a flag given wins
+    with pytest.raises(SystemExit):
+        tm.parse_args(["--sampler", "annealed"])           # the tuned preset's one ray: annealed needs >= 2
 
 
 def test_script_reference_preset_no_baselines_with_eval(tmp_path):
