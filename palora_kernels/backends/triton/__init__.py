@@ -28,7 +28,9 @@ def check(device: torch.device) -> Optional[str]:
 RECORD = Backend(
     name="triton",
     kernels={"lora_mm": "palora_kernels.backends.triton.linear:lora_mm",
-             "lora_conv2d": "palora_kernels.backends.triton.conv2d:lora_conv2d"},
+             "lora_conv2d": "palora_kernels.backends.triton.conv2d:lora_conv2d",
+             "lora_conv2d_dgrad": "palora_kernels.backends.triton.conv2d_bwd:lora_conv2d_dgrad",
+             "lora_conv2d_wgrad": "palora_kernels.backends.triton.conv2d_bwd:lora_conv2d_wgrad"},
     dtypes=FLOATS,
     devices=frozenset({"cuda", "cpu"}),
     auto_devices=frozenset({"cuda"}),
