@@ -142,7 +142,7 @@ def test_op_fp64_and_wide_rank(pref_kind):
 
 def test_wgrad_strided_inputs_and_frozen_base():
     """wgrad reads x, dy and dg through any strides; need_weight=False returns dW with 0 rows and the
-    same dA; the split-K partials cross 3 row splits here (deterministic: same bits twice)."""
+    same dA bits; the split-K partials cross a row-split edge here (M = 126 rows, 2 splits)."""
     x, w, A, b, B, pref = _op_args(torch.float32, "sample")
     st, pd, dl = [1, 1], [1, 1], [1, 1]
     g = torch.Generator().manual_seed(9)

@@ -1,8 +1,9 @@
 """Triton kernels of palora::lora_conv2d (factorized adapters): an implicit GEMM.
 
-    rows M = N*Ho*Wo (row m: image n = m // (Ho*Wo), pixel ho, wo), K = C_in*kh*kw in the order of
-    weight.view(C_out, -1) (k = c*kh*kw + i*kw + j), columns C_out. The im2col tile of x is gathered
-    from x's own strides (NCHW, channels_last or a view) inside the K loop, never materialised.
+    rows M = N*Ho*Wo (row m: image n = m // (Ho*Wo), pixel ho, wo), K = C_in*kh*kw (the entries of
+    weight.view(C_out, -1), visited tap by tap, BLOCK_K channels at a time), columns C_out. The
+    im2col tile of x is gathered from x's own strides (NCHW, channels_last or a view) inside the K
+    loop, never materialised.
 
     y = im2col(x) W^T + bias + (H * S_n) B_cat^T        H = im2col(x) A_cat^T   (unscaled)
 
@@ -34,17 +35,17 @@ from .linear import INTERPRET, _cfg, _dot, _precision, _scale_tile, allow_tf32, 
 # configs: one function per GPU family (as linear.py), pruned at launch by _prune
 # ----------------------------------------------------------------------------------------------
 def conv_configs_for(family: str, mma: str = None):
-    """The im2col gather keeps ~3 index vectors per K tile in registers on top of linear.py's tiles,
-    so the conv ships fewer, no larger tiles (kernel_report checks every one for spills)."""
+    """One tile per family and MMA class: kernel_report compiles each for sm_80 and sm_90 (~5 s a
+    row on a loaded 2-core machine, so the list stays short). Spills seen there (bf16, 3x3 512->512,
+    in-loop, per-sample, channels_last): 128x128x32 w8 s4 spilled 192 bytes on sm_80; 64x64x64 w4
+    and 64x128x64 w8 spill nothing on either arch."""
+    if family == "interpreter":     # one config (autotuning needs a GPU); tiles still cross the edges
+        return [_cfg(32, 32, 16, 4, 1, "interpreter", "any", group_m=2)]
+    tc = {"sm_90": _cfg(64, 128, 64, 8, 4, "sm_90"), "sm_80": _cfg(64, 64, 64, 4, 4, "sm_80"),
+          "default": _cfg(64, 64, 32, 4, 3, "default")}[family]
     fma = [_cfg(64, 64, 32, 8, 3, family, "tf32"), _cfg(64, 64, 32, 8, 3, family, "fp32"),
            _cfg(32, 64, 16, 4, 3, family, "fp64")]
-    cfgs = {"sm_90": [_cfg(128, 128, 64, 8, 3, "sm_90"), _cfg(64, 128, 64, 8, 4, "sm_90")],
-            "sm_80": [_cfg(128, 128, 32, 8, 4, "sm_80"), _cfg(64, 64, 64, 4, 4, "sm_80")],
-            "default": [_cfg(64, 64, 32, 4, 3, "default")],
-            "interpreter": []}[family]
-    if family == "interpreter":     # one config (autotuning needs a GPU); small tiles cross every edge
-        cfgs, fma = [_cfg(16, 32, 16, 4, 1, "interpreter", "any", group_m=2)], []
-    return [c for c in cfgs + fma if mma is None or c.mma in (mma, "any")]
+    return [c for c in [tc] + fma if mma is None or c.mma in (mma, "any")]
 
 
 FAMILIES = ("sm_80", "sm_90", "default", "interpreter")
@@ -74,34 +75,30 @@ def _pixels(offs_m, HoWo, Wo):
 
 
 @triton.jit
-def _split_k(kk, KH, KW):
-    """k -> (channel c, tap i, tap j) in the order of weight.view(C_out, -1)."""
-    c = kk // (KH * KW)
-    rem = kk - c * (KH * KW)
-    i = rem // KW
-    return c, i, rem - i * KW
+def _tap(t, CB, KW, BLOCK_K: tl.constexpr):
+    """K step t -> (first channel c0, tap i, tap j). The K loop runs tap-major, BLOCK_K channels at a
+    time (CB = cdiv(channels, BLOCK_K) steps per tap), so every index and bounds test is per row or
+    per column, never per element: a flattened c*kh*kw + i*kw + j order spilled 24-1112 bytes on
+    sm_80/sm_90 (kernel_report) from its (BLOCK_M, BLOCK_K) int64 index tiles."""
+    tap = t // CB
+    i = tap // KW
+    return (t - tap * CB) * BLOCK_K, i, tap - i * KW
 
 
 @triton.jit
-def _im2col(x_ptr, row_off, hb, wb, mask_m, kk, K, H, W, KH, KW, dil_h, dil_w,
-            stride_xc, stride_xh, stride_xw):
-    """The (BLOCK_M, BLOCK_K) tile im2col(x)[m, k] = x[n, c, hb + i*dil_h, wb + j*dil_w] (0 outside);
-    row_off = n * stride_xn, hb = ho * stride_h - pad_h, wb = wo * stride_w - pad_w (int64)."""
-    c, i, j = _split_k(kk, KH, KW)
-    hi = hb[:, None] + (i * dil_h)[None, :]
-    wi = wb[:, None] + (j * dil_w)[None, :]
-    mask = (mask_m[:, None] & (kk < K)[None, :] & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W))
-    ptrs = x_ptr + row_off[:, None] + (c * stride_xc)[None, :] + hi * stride_xh + wi * stride_xw
-    return tl.load(ptrs, mask=mask, other=0.0)
+def _x_rows(hb, wb, i, j, mask_m, row_off, H, W, dil_h, dil_w, stride_xh, stride_xw):
+    """Per row: the offset of x[n, 0, hb + i*dil_h, wb + j*dil_w] and whether it is inside x."""
+    hi = hb + i * dil_h
+    wi = wb + j * dil_w
+    ok = mask_m & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
+    return row_off + hi * stride_xh + wi * stride_xw, ok
 
 
 @triton.jit
-def _weight_tile(w_ptr, kk, K, offs_n, mask_n, KH, KW, stride_wo, stride_wc, stride_wi, stride_wj):
-    """(BLOCK_K, BLOCK_N) tile of weight.view(C_out, -1)^T through the 4-D strides."""
-    c, i, j = _split_k(kk, KH, KW)
-    off = c * stride_wc + i * stride_wi + j * stride_wj
-    return tl.load(w_ptr + off[:, None] + offs_n[None, :] * stride_wo,
-                   mask=(kk < K)[:, None] & mask_n[None, :], other=0.0)
+def _weight_tile(w_ptr, cc, mask_c, i, j, offs_n, mask_n, stride_wo, stride_wc, stride_wi, stride_wj):
+    """(BLOCK_K, BLOCK_N) tile W[offs_n, cc, i, j]^T of a (C_out, C_in, kh, kw) weight, any strides."""
+    return tl.load(w_ptr + (cc * stride_wc + i * stride_wi + j * stride_wj)[:, None] + offs_n[None, :] * stride_wo,
+                   mask=mask_c[:, None] & mask_n[None, :], other=0.0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -180,14 +177,19 @@ def _conv_fwd_kernel(
     if SHRINK_IN_LOOP:
         mask_r = offs_r < R
         h_acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=ACC_DTYPE)
-    for k0 in range(0, K, BLOCK_K):
-        kk = k0 + offs_k
-        x = _im2col(x_ptr, row_off, hb, wb, mask_m, kk, K, H, W, KH, KW, dil_h, dil_w,
-                    stride_xc, stride_xh, stride_xw)
-        w = _weight_tile(w_ptr, kk, K, offs_n, mask_n, KH, KW, stride_wo, stride_wc, stride_wi, stride_wj)
+    C_in = K // (KH * KW)
+    CB = tl.cdiv(C_in, BLOCK_K)
+    for t in range(0, KH * KW * CB):
+        c0, i, j = _tap(t, CB, KW, BLOCK_K)
+        cc = c0 + offs_k
+        mask_c = cc < C_in
+        x_row, ok = _x_rows(hb, wb, i, j, mask_m, row_off, H, W, dil_h, dil_w, stride_xh, stride_xw)
+        x = tl.load(x_ptr + x_row[:, None] + (cc * stride_xc)[None, :], mask=ok[:, None] & mask_c[None, :],
+                    other=0.0)
+        w = _weight_tile(w_ptr, cc, mask_c, i, j, offs_n, mask_n, stride_wo, stride_wc, stride_wi, stride_wj)
         acc = _dot(x, w, acc, UPCAST, INPUT_PRECISION)
         if SHRINK_IN_LOOP:
-            d = _weight_tile(down_ptr, kk, K, offs_r, mask_r, KH, KW, stride_dr, stride_dc, stride_di, stride_dj)
+            d = _weight_tile(down_ptr, cc, mask_c, i, j, offs_r, mask_r, stride_dr, stride_dc, stride_di, stride_dj)
             h_acc = _dot(x, d, h_acc, UPCAST, INPUT_PRECISION)
 
     if SHRINK_IN_LOOP:

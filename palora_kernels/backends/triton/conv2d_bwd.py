@@ -24,9 +24,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ... import _ops, cost_model
-from .conv2d import (_ALL_CONFIGS, _im2col, _pixels, _prune, _split_k, _weight_tile, launch_fwd, scaled_pref,
-                     _check_int32)
+from ... import _ops
+from .conv2d import (_ALL_CONFIGS, _check_int32, _pixels, _prune, _tap, _weight_tile, _x_rows, launch_fwd,
+                     scaled_pref)
 from .linear import INTERPRET, _dot, _precision, _scale_tile, mma_class
 
 
@@ -34,28 +34,31 @@ from .linear import INTERPRET, _dot, _precision, _scale_tile, mma_class
 # dX
 # ----------------------------------------------------------------------------------------------
 @triton.jit
-def _dgrad_phase(acc, src_ptr, wt_ptr, ps_ptr, n, hp, wp, mask_m, offs_n, mask_n, offs_k, KC, rank,
+def _dgrad_phase(acc, src_ptr, wt_ptr, ps_ptr, n, hp, wp, mask_m, offs_n, mask_n, offs_k, C_src, rank,
                  Ho, Wo, KH, KW, stride_h, stride_w, dil_h, dil_w,
                  s_n, s_c, s_h, s_w, w_o, w_c, w_i, w_j, stride_pp, stride_pt,
                  SCALED: tl.constexpr, PER_SAMPLE_PREF: tl.constexpr, UPCAST: tl.constexpr,
                  ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr):
-    """acc += gatherT(src) @ wt over K = channels*kh*kw; hp = hi + pad_h, wp = wi + pad_w (int64).
-    src (N, channels, Ho, Wo): dY (wt = W) or dG (wt = A_cat, SCALED: times S_n)."""
+    """acc += gatherT(src) @ wt over K = C_src*kh*kw, tap-major (conv2d._tap); hp = hi + pad_h,
+    wp = wi + pad_w per row. src (N, C_src, Ho, Wo): dY (wt = W) or dG (wt = A_cat, SCALED: times S_n)."""
     row = n * s_n
-    for k0 in range(0, KC, BLOCK_K):
-        kk = k0 + offs_k
-        o, i, j = _split_k(kk, KH, KW)
-        th = hp[:, None] - (i * dil_h)[None, :]
-        tw = wp[:, None] - (j * dil_w)[None, :]
+    CB = tl.cdiv(C_src, BLOCK_K)
+    for t in range(0, KH * KW * CB):
+        c0, i, j = _tap(t, CB, KW, BLOCK_K)
+        cc = c0 + offs_k
+        mask_c = cc < C_src
+        th = hp - i * dil_h
+        tw = wp - j * dil_w
         ho = th // stride_h
         wo = tw // stride_w
-        ok = (mask_m[:, None] & (kk < KC)[None, :] & (th >= 0) & (tw >= 0)
-              & (ho * stride_h == th) & (wo * stride_w == tw) & (ho < Ho) & (wo < Wo))
-        a = tl.load(src_ptr + row[:, None] + (o * s_c)[None, :] + ho * s_h + wo * s_w, mask=ok, other=0.0)
-        # the weight as (K = channels*kh*kw, C_in): k's channel runs along dim 0 of W / A_cat
-        b = _weight_tile(wt_ptr, kk, KC, offs_n, mask_n, KH, KW, w_c, w_o, w_i, w_j)
+        ok = (mask_m & (th >= 0) & (tw >= 0) & (ho * stride_h == th) & (wo * stride_w == tw)
+              & (ho < Ho) & (wo < Wo))
+        a = tl.load(src_ptr + (row + ho * s_h + wo * s_w)[:, None] + (cc * s_c)[None, :],
+                    mask=ok[:, None] & mask_c[None, :], other=0.0)
+        # the weight as (K, C_in): K's channel runs along dim 0 of W / A_cat, C_in along dim 1
+        b = _weight_tile(wt_ptr, cc, mask_c, i, j, offs_n, mask_n, w_c, w_o, w_i, w_j)
         if SCALED:
-            s = _scale_tile(ps_ptr, n, o, mask_m, kk < KC, 1, rank, stride_pp, stride_pt, ACC_DTYPE,
+            s = _scale_tile(ps_ptr, n, cc, mask_m, mask_c, 1, rank, stride_pp, stride_pt, ACC_DTYPE,
                             PER_SAMPLE_PREF)
             a = (a.to(ACC_DTYPE) * s).to(b.dtype)
         acc = _dot(a, b, acc, UPCAST, INPUT_PRECISION)
@@ -110,12 +113,12 @@ def _conv_dgrad_kernel(
     hp = hi + pad_h
     wp = wi + pad_w
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
-    acc = _dgrad_phase(acc, x_ptr, w_ptr, ps_ptr, n, hp, wp, mask_m, offs_n, mask_n, offs_k, K, rank,
+    acc = _dgrad_phase(acc, x_ptr, w_ptr, ps_ptr, n, hp, wp, mask_m, offs_n, mask_n, offs_k, K // (KH * KW), rank,
                        Ho, Wo, KH, KW, stride_h, stride_w, dil_h, dil_w,
                        stride_yn, stride_yc, stride_yh, stride_yw, stride_wo, stride_wc, stride_wi, stride_wj,
                        stride_pp, stride_pt, False, PER_SAMPLE_PREF, UPCAST, ACC_DTYPE, INPUT_PRECISION, BLOCK_K)
     if HAS_ADAPTER:
-        acc = _dgrad_phase(acc, dg_ptr, a_ptr, ps_ptr, n, hp, wp, mask_m, offs_n, mask_n, offs_k, KR, rank,
+        acc = _dgrad_phase(acc, dg_ptr, a_ptr, ps_ptr, n, hp, wp, mask_m, offs_n, mask_n, offs_k, KR // (KH * KW), rank,
                            Ho, Wo, KH, KW, stride_h, stride_w, dil_h, dil_w,
                            stride_gn, stride_gc, stride_gh, stride_gw, stride_ar, stride_ac, stride_ai, stride_aj,
                            stride_pp, stride_pt, True, PER_SAMPLE_PREF, UPCAST, ACC_DTYPE, INPUT_PRECISION,
@@ -216,7 +219,13 @@ def _conv_wgrad_kernel(
     ro = tl.where(is_w, pid_o, pid_o - tiles_w) * BLOCK_O + tl.arange(0, BLOCK_O)   # channel in its source
     mask_w = (ro < C_OUT) & is_w
     mask_a = (ro < R) & (pid_o >= tiles_w)
-    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    col = ro // rank
+    # column tile pid_k: tap (i, j) and BLOCK_K input channels (conv2d._tap's order)
+    C_in = K // (KH * KW)
+    CB = tl.cdiv(C_in, BLOCK_K)
+    c0, i, j = _tap(pid_k, CB, KW, BLOCK_K)
+    cc = c0 + tl.arange(0, BLOCK_K)
+    mask_c = cc < C_in
     offs_mb = tl.arange(0, BLOCK_M)
     acc = tl.zeros((BLOCK_O, BLOCK_K), dtype=ACC_DTYPE)
     m_start = pid_s.to(tl.int64) * rows_per_split
@@ -226,25 +235,25 @@ def _conv_wgrad_kernel(
         mask_m = offs_m < m_end
         n, ho, wo = _pixels(offs_m, Ho * Wo, Wo)
         # [dY | dG * S_n]^T tile (BLOCK_O, BLOCK_M): one of the two masked loads is empty per program
-        pix_y = n * stride_yn + ho * stride_yh + wo * stride_yw
-        pix_g = n * stride_gn + ho * stride_gh + wo * stride_gw
-        a = tl.load(dy_ptr + (ro * stride_yc)[:, None] + pix_y[None, :],
+        a = tl.load(dy_ptr + (ro * stride_yc)[:, None] + (n * stride_yn + ho * stride_yh + wo * stride_yw)[None, :],
                     mask=mask_w[:, None] & mask_m[None, :], other=0.0)
-        g = tl.load(dg_ptr + (ro * stride_gc)[:, None] + pix_g[None, :],
+        g = tl.load(dg_ptr + (ro * stride_gc)[:, None] + (n * stride_gn + ho * stride_gh + wo * stride_gw)[None, :],
                     mask=mask_a[:, None] & mask_m[None, :], other=0.0)
-        col = ro // rank
         if PER_SAMPLE_PREF:
-            s = tl.load(ps_ptr + n[None, :] * stride_pp + col[:, None] * stride_pt,
+            s = tl.load(ps_ptr + n.to(tl.int32)[None, :] * stride_pp + col[:, None] * stride_pt,
                         mask=mask_a[:, None] & mask_m[None, :], other=0.0).to(ACC_DTYPE)
         else:
             s = tl.load(ps_ptr + col * stride_pt, mask=mask_a, other=0.0).to(ACC_DTYPE)[:, None]
-        xt = _im2col(x_ptr, n * stride_xn, ho * stride_h - pad_h, wo * stride_w - pad_w, mask_m, offs_k, K,
-                     H, W, KH, KW, dil_h, dil_w, stride_xc, stride_xh, stride_xw)
+        x_row, ok = _x_rows(ho * stride_h - pad_h, wo * stride_w - pad_w, i, j, mask_m, n * stride_xn, H, W,
+                            dil_h, dil_w, stride_xh, stride_xw)
+        xt = tl.load(x_ptr + x_row[:, None] + (cc * stride_xc)[None, :], mask=ok[:, None] & mask_c[None, :],
+                     other=0.0)
         a = (a.to(ACC_DTYPE) + g.to(ACC_DTYPE) * s).to(xt.dtype)
         acc = _dot(a, xt, acc, UPCAST, INPUT_PRECISION)
     out_row = tl.where(is_w, ro, C_OUT + ro)
-    tl.store(part_ptr + pid_s * stride_qs + (out_row * stride_qo)[:, None] + offs_k[None, :] * stride_qk,
-             acc, mask=(mask_w | mask_a)[:, None] & (offs_k < K)[None, :])
+    k_col = cc * (KH * KW) + i * KW + j             # the column of weight.view(C_out, -1)
+    tl.store(part_ptr + pid_s * stride_qs + (out_row * stride_qo)[:, None] + (k_col * stride_qk)[None, :],
+             acc, mask=(mask_w | mask_a)[:, None] & mask_c[None, :])
 
 
 # one fixed tile per MMA class (the split count depends on it, so it is not autotuned)
@@ -252,17 +261,22 @@ WGRAD_TILE = {"tc": dict(BLOCK_O=64, BLOCK_K=64, BLOCK_M=64, num_warps=4, num_st
               "tf32": dict(BLOCK_O=64, BLOCK_K=64, BLOCK_M=32, num_warps=4, num_stages=3),
               "fp32": dict(BLOCK_O=32, BLOCK_K=64, BLOCK_M=32, num_warps=4, num_stages=3),
               "fp64": dict(BLOCK_O=32, BLOCK_K=32, BLOCK_M=16, num_warps=4, num_stages=3),
-              "interpreter": dict(BLOCK_O=16, BLOCK_K=16, BLOCK_M=16, num_warps=4, num_stages=1)}
+              "interpreter": dict(BLOCK_O=16, BLOCK_K=16, BLOCK_M=32, num_warps=4, num_stages=1)}
 
 
-def wgrad_splits(M: int, tiles: int, block_m: int, device: torch.device) -> int:
-    """Row splits: ~2 programs per SM when the (C_out + R) x K output has few tiles, each split at
-    least 4 row tiles long. Under the interpreter up to 3, so the tests cross split edges."""
-    row_tiles = triton.cdiv(M, block_m)
-    if INTERPRET or device.type != "cuda":
-        return max(1, min(3, row_tiles))
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(triton.cdiv(2 * sms, max(tiles, 1)), triton.cdiv(row_tiles, 4)))
+def wgrad_plan(M: int, rows_out: int, R: int, K: int, kh_kw: int, tile: dict, sms: int) -> tuple:
+    """(tiles_w, tiles_a, tiles_k, splits, rows_per_split) of a wgrad launch. Row splits: ~2 programs
+    per SM when the (C_out + R) x K output has few tiles, each split at least 4 row tiles long;
+    sms = 0 (the interpreter): up to 2 splits, so the tests cross a split edge."""
+    tiles_w, tiles_a = triton.cdiv(rows_out, tile["BLOCK_O"]), triton.cdiv(R, tile["BLOCK_O"])
+    tiles_k = kh_kw * triton.cdiv(K // kh_kw, tile["BLOCK_K"])       # tap-major column tiles
+    row_tiles = triton.cdiv(M, tile["BLOCK_M"])
+    if sms == 0:
+        splits = max(1, min(2, row_tiles))
+    else:
+        splits = max(1, min(triton.cdiv(2 * sms, max((tiles_w + tiles_a) * tiles_k, 1)), triton.cdiv(row_tiles, 4)))
+    rows_per_split = triton.cdiv(triton.cdiv(M, splits), tile["BLOCK_M"]) * tile["BLOCK_M"]
+    return tiles_w, tiles_a, tiles_k, triton.cdiv(M, rows_per_split), rows_per_split
 
 
 def wgrad_args(x, dy, dg, ps, part, kernel_hw, stride, padding, dilation, c_out, rows_per_split, tiles_w) -> dict:
@@ -285,7 +299,11 @@ def wgrad_args(x, dy, dg, ps, part, kernel_hw, stride, padding, dilation, c_out,
 
 
 def wgrad_tile(dtype: torch.dtype) -> dict:
-    return WGRAD_TILE["interpreter" if INTERPRET else mma_class(dtype, _precision(dtype)[2])]
+    return wgrad_tile_for(mma_class(dtype, _precision(dtype)[2]))
+
+
+def wgrad_tile_for(mma: str) -> dict:
+    return WGRAD_TILE["interpreter" if INTERPRET else mma]
 
 
 def wgrad(x, dy, dg, ps, kernel_hw, stride, padding, dilation, need_weight: bool) -> torch.Tensor:
@@ -300,11 +318,8 @@ def wgrad(x, dy, dg, ps, kernel_hw, stride, padding, dilation, need_weight: bool
     if M == 0 or K == 0 or co + R == 0:
         return torch.zeros((co + R, K), dtype=tdt, device=x.device)
     t = wgrad_tile(x.dtype)
-    tiles_w, tiles_a = triton.cdiv(co, t["BLOCK_O"]), triton.cdiv(R, t["BLOCK_O"])
-    tiles_k = triton.cdiv(K, t["BLOCK_K"])
-    splits = wgrad_splits(M, (tiles_w + tiles_a) * tiles_k, t["BLOCK_M"], x.device)
-    rows_per_split = triton.cdiv(triton.cdiv(M, splits), t["BLOCK_M"]) * t["BLOCK_M"]
-    splits = triton.cdiv(M, rows_per_split)
+    sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda and not INTERPRET else 0
+    tiles_w, tiles_a, tiles_k, splits, rows_per_split = wgrad_plan(M, co, R, K, kernel_hw[0] * kernel_hw[1], t, sms)
     part = torch.empty((splits, co + R, K), dtype=tdt, device=x.device)
     args = wgrad_args(x, dy, dg, ps, part, kernel_hw, stride, padding, dilation, co, rows_per_split, tiles_w)
     guard = torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
