@@ -193,3 +193,26 @@ def test_empty_batch():
     assert dx.shape == (0, 3, 7, 9) and dg.shape == (0, 4, 7, 9)
     dw, da = tbwd.lora_conv2d_wgrad(x[:0], y, dg, pref[:0], [3, 3], [1, 1], [1, 1], [1, 1], 0.7, True)
     assert torch.equal(dw, torch.zeros_like(dw)) and torch.equal(da, torch.zeros_like(da))
+
+
+@pytest.mark.parametrize("pref_kind,dt", [("batch", torch.float32), ("sample", torch.bfloat16)],
+                         ids=["batch-fp32", "sample-bf16"])
+def test_loralib_layer(pref_kind, dt):
+    """The loralib layer on backend="triton": per-batch merges into W and runs the plain Triton conv
+    (Triton dX/dW in the backward), per-sample runs the one-pass (T+1)-weight kernel. fp32 within TOL;
+    bf16 output within 2x the same-dtype loop, its gradients (torch composition) within TOL."""
+    from _layers import graph_has
+    layer = make_conv(3, 4, 3, 2, 2, stride=2, padding=1, parameterization="loralib", dtype=dt, seed=1)
+    x, p = _inputs(layer, (2, 3, 7, 9), pref_kind, 2, dt, 2)
+    with pk.use_backend("triton"):
+        y, grads = fused_with_grads(layer, x, ID, p, ID)
+    assert graph_has(y, "_PlainConv" if pref_kind == "batch" else "_PerSampleLoralib")
+    y64, g64 = reference_with_grads(layer, x, ID, p, ID)
+    if dt == torch.float32:
+        assert_rel_close(y, y64, dt, "y")
+    else:
+        y_lo, _ = reference_with_grads(layer, x, ID, p, ID, dtype=dt)
+        bound = 2 * rel_err(y_lo, y64) + rel_err(y64.to(dt), y64)
+        assert rel_err(y, y64) <= bound, f"y: {rel_err(y, y64):.3g} > {bound:.3g}"
+    for name in ("x", "weight", "bias", "lora_A", "lora_B", "preference"):
+        assert_rel_close(grads[name], g64[name], dt, f"d{name}")

@@ -234,22 +234,24 @@ def _conv_wgrad_kernel(
         offs_m = m0 + offs_mb
         mask_m = offs_m < m_end
         n, ho, wo = _pixels(offs_m, Ho * Wo, Wo)
-        # [dY | dG * S_n]^T tile (BLOCK_O, BLOCK_M): one of the two masked loads is empty per program
-        a = tl.load(dy_ptr + (ro * stride_yc)[:, None] + (n * stride_yn + ho * stride_yh + wo * stride_yw)[None, :],
-                    mask=mask_w[:, None] & mask_m[None, :], other=0.0)
-        g = tl.load(dg_ptr + (ro * stride_gc)[:, None] + (n * stride_gn + ho * stride_gh + wo * stride_gw)[None, :],
-                    mask=mask_a[:, None] & mask_m[None, :], other=0.0)
-        if PER_SAMPLE_PREF:
-            s = tl.load(ps_ptr + n.to(tl.int32)[None, :] * stride_pp + col[:, None] * stride_pt,
-                        mask=mask_a[:, None] & mask_m[None, :], other=0.0).to(ACC_DTYPE)
+        # [dY | dG * S_n]^T tile (BLOCK_O, BLOCK_M): dY rows for a dW tile, dG rows scaled for a dA tile
+        if is_w:
+            a = tl.load(dy_ptr + (ro * stride_yc)[:, None] + (n * stride_yn + ho * stride_yh + wo * stride_yw)[None, :],
+                        mask=mask_w[:, None] & mask_m[None, :], other=0.0).to(ACC_DTYPE)
         else:
-            s = tl.load(ps_ptr + col * stride_pt, mask=mask_a, other=0.0).to(ACC_DTYPE)[:, None]
+            g = tl.load(dg_ptr + (ro * stride_gc)[:, None] + (n * stride_gn + ho * stride_gh + wo * stride_gw)[None, :],
+                        mask=mask_a[:, None] & mask_m[None, :], other=0.0).to(ACC_DTYPE)
+            if PER_SAMPLE_PREF:
+                s = tl.load(ps_ptr + n.to(tl.int32)[None, :] * stride_pp + col[:, None] * stride_pt,
+                            mask=mask_a[:, None] & mask_m[None, :], other=0.0).to(ACC_DTYPE)
+            else:
+                s = tl.load(ps_ptr + col * stride_pt, mask=mask_a, other=0.0).to(ACC_DTYPE)[:, None]
+            a = g * s
         x_row, ok = _x_rows(ho * stride_h - pad_h, wo * stride_w - pad_w, i, j, mask_m, n * stride_xn, H, W,
                             dil_h, dil_w, stride_xh, stride_xw)
         xt = tl.load(x_ptr + x_row[:, None] + (cc * stride_xc)[None, :], mask=ok[:, None] & mask_c[None, :],
                      other=0.0)
-        a = (a.to(ACC_DTYPE) + g.to(ACC_DTYPE) * s).to(xt.dtype)
-        acc = _dot(a, xt, acc, UPCAST, INPUT_PRECISION)
+        acc = _dot(a.to(xt.dtype), xt, acc, UPCAST, INPUT_PRECISION)
     out_row = tl.where(is_w, ro, C_OUT + ro)
     k_col = cc * (KH * KW) + i * KW + j             # the column of weight.view(C_out, -1)
     tl.store(part_ptr + pid_s * stride_qs + (out_row * stride_qo)[:, None] + (k_col * stride_qk)[None, :],
@@ -257,7 +259,8 @@ def _conv_wgrad_kernel(
 
 
 # one fixed tile per MMA class (the split count depends on it, so it is not autotuned)
-WGRAD_TILE = {"tc": dict(BLOCK_O=64, BLOCK_K=64, BLOCK_M=64, num_warps=4, num_stages=3),
+# tc: 64x64 with BLOCK_M 64 (4 warps) spilled 2220-2736 bytes, with BLOCK_M 32 480 on sm_90; 8 warps: none
+WGRAD_TILE = {"tc": dict(BLOCK_O=64, BLOCK_K=64, BLOCK_M=32, num_warps=8, num_stages=3),
               "tf32": dict(BLOCK_O=64, BLOCK_K=64, BLOCK_M=32, num_warps=4, num_stages=3),
               "fp32": dict(BLOCK_O=32, BLOCK_K=64, BLOCK_M=32, num_warps=4, num_stages=3),
               "fp64": dict(BLOCK_O=32, BLOCK_K=32, BLOCK_M=16, num_warps=4, num_stages=3),
