@@ -216,3 +216,20 @@ def test_loralib_layer(pref_kind, dt):
         assert rel_err(y, y64) <= bound, f"y: {rel_err(y, y64):.3g} > {bound:.3g}"
     for name in ("x", "weight", "bias", "lora_A", "lora_B", "preference"):
         assert_rel_close(grads[name], g64[name], dt, f"d{name}")
+
+
+def test_estimate_conv():
+    """benchmarks/estimate_conv.py: the ESTIMATE text, and the byte counts it rests on (the unfused
+    loop's T (N, C_out, H, W) temporaries dominate; fused adds ~1% bytes to the base conv)."""
+    import importlib.util
+    import os
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "estimate_conv.py")
+    spec = importlib.util.spec_from_file_location("estimate_conv", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    text = mod.report("sm_90")
+    assert "ESTIMATE" in text and "SegNet" in text and "ResNet-18" in text
+    ps = mod.paths(8, 512, 512, 32, 64, 3, 2, 4)
+    base = ps["unfused"].kernels[0]
+    assert ps["fused in-loop"].bytes < 1.02 * base.bytes < ps["unfused"].bytes / 5
+    assert ps["merged"].flops < ps["fused split"].flops < ps["fused in-loop"].flops
