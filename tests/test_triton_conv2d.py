@@ -159,18 +159,6 @@ def test_wgrad_strided_inputs_and_frozen_base():
     assert dw0.shape == (0, 3, 3, 3) and torch.equal(da0, da)
 
 
-def test_frozen_base_layer_skips_dw(triton_calls):
-    layer = make_conv(3, 4, 3, 2, 2, padding=1, seed=6)
-    layer.weight.requires_grad_(False)
-    x, p = _inputs(layer, (2, 3, 7, 9), "sample", 2, torch.float32, 7)
-    with pk.use_backend("triton"):
-        y, grads = fused_with_grads(layer, x, ID, p, ID)
-    y64, g64 = reference_with_grads(layer, x, ID, p, ID)
-    assert grads["weight"] is None and triton_calls["lora_conv2d_wgrad"] == 1
-    for name in ("x", "lora_A", "lora_B"):
-        assert_rel_close(grads[name], g64[name], torch.float32, f"d{name}")
-
-
 def test_opcheck_conv_ops_triton():
     x, w, A, b, B, pref = _op_args(torch.float32, "sample", k=(3, 1), c_in=2, c_out=3)
     x = x[:, :, :4, :5]
