@@ -13,7 +13,7 @@ import torch
 import palora_kernels as pk
 from palora_kernels import dispatch, reference
 from palora_kernels.ops import conv2d as conv_fn
-from conftest import TOL, assert_rel_close, rel_err
+from conftest import assert_rel_close, rel_err
 from _layers import fused_with_grads, make_conv, reference_with_grads
 
 tconv = pytest.importorskip("palora_kernels.backends.triton.conv2d")

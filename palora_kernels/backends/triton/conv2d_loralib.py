@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -149,7 +150,6 @@ class _PlainConv(torch.autograd.Function):
         x, w = ctx.saved_tensors
         stride, padding, dilation, has_bias = ctx.conf
         if torch.is_grad_enabled():      # create_graph: differentiate F.conv2d instead
-            import torch.nn.functional as F
             dx, dw = _composite_grads(ctx, lambda a, b: F.conv2d(a, b, None, stride, padding, dilation), (x, w), dy)
         else:
             dx = dw = None
@@ -190,7 +190,6 @@ class _PerSampleLoralib(torch.autograd.Function):
         def fn(x, weight, bias, deltas, coef):
             # the backend torch's composition: one conv over [W; D_1..D_T], then a per-image mix
             T, C_out = deltas.shape[0], weight.shape[0]
-            import torch.nn.functional as F
             z = F.conv2d(x, torch.cat([weight[None], deltas]).flatten(0, 1), None, stride, padding, dilation)
             N, _, Ho, Wo = z.shape
             c = torch.cat([coef.new_ones(N, 1), coef], 1).to(z.dtype)
