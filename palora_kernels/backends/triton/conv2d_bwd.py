@@ -259,10 +259,11 @@ def _conv_wgrad_kernel(
 
 
 # one fixed tile per MMA class (the split count depends on it, so it is not autotuned)
-# tc: 64x64 with BLOCK_M 64 (4 warps) spilled 2220-2736 bytes, with BLOCK_M 32 480 on sm_90; 8 warps: none
+# tc: 64x64 with BLOCK_M 64 (4 warps) spilled 2220-2736 bytes, with BLOCK_M 32 480 on sm_90; 8 warps: none.
+# tf32 with 4 warps spilled 84 bytes (sm_80); IEEE fp32 32x64x32 spilled 10.8 KB: the fp64 tile
 WGRAD_TILE = {"tc": dict(BLOCK_O=64, BLOCK_K=64, BLOCK_M=32, num_warps=8, num_stages=3),
-              "tf32": dict(BLOCK_O=64, BLOCK_K=64, BLOCK_M=32, num_warps=4, num_stages=3),
-              "fp32": dict(BLOCK_O=32, BLOCK_K=64, BLOCK_M=32, num_warps=4, num_stages=3),
+              "tf32": dict(BLOCK_O=64, BLOCK_K=64, BLOCK_M=32, num_warps=8, num_stages=3),
+              "fp32": dict(BLOCK_O=32, BLOCK_K=32, BLOCK_M=16, num_warps=4, num_stages=3),
               "fp64": dict(BLOCK_O=32, BLOCK_K=32, BLOCK_M=16, num_warps=4, num_stages=3),
               "interpreter": dict(BLOCK_O=16, BLOCK_K=16, BLOCK_M=32, num_warps=4, num_stages=1)}
 
