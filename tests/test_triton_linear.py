@@ -309,6 +309,10 @@ def test_kernel_report_all_configs_compile_without_spills():
     assert any("sm_80" in l and "mma/HMMA" in l for l in lines)
     assert any("sm_90" in l and "wgmma/HGMMA" in l for l in lines)
     assert len(lines) >= 30 and all(l.split("|")[-2].strip() == "ok" for l in lines)
+    # the conv kernels (triton/conv2d*.py), compiled with their launchers' arguments
+    assert any("lora_conv2d triton[dX" in l and "sm_90" in l and "wgmma/HGMMA" in l for l in lines)
+    assert any("lora_conv2d triton[dW+dA" in l and "sm_80" in l and "mma/HMMA" in l for l in lines)
+    assert any("lora_conv2d triton[fwd inloop, no-bias" in l and "sm_90" in l for l in lines)
 
 
 def test_fp32_follows_torch_matmul_precision():

@@ -113,6 +113,89 @@ def _variants():
             c = dict(common, BLOCK_R=L.block_r(64), HAS_BIAS=True, PER_SAMPLE_PREF=True, SHRINK_IN_LOOP=True,
                      EXPAND=True)
             out.append((f"lora_mm[inloop, fwd, per-sample p, R=64] {dt}", L._lora_mm_kernel.fn, c, mm, mm_cfgs))
+    return out + _conv_variants()
+
+
+# the conv launches the report compiles: a SegNet layer, 3x3 512->512 on 8 x 32x64, T=3 tasks of rank 8
+CONV_SHAPE = dict(N=8, C_in=512, C_out=512, H=32, W=64, k=3, T=3, r=8)
+
+
+def _conv_launch_sets(dt):
+    """The argument sets the conv Function really launches (conv2d.fwd_args, conv2d_bwd.dgrad_args /
+    wgrad_args on meta tensors): forward in-loop with bias (channels_last, per-sample), without
+    (NCHW, per-batch), the split expand; dG (the 1x1 conv of dY with B_cat^T); dX; dW+dA (H100 splits)."""
+    import torch
+
+    from .._math import stack_A, stack_B
+    from ..backends.triton import conv2d as C
+    from ..backends.triton import conv2d_bwd as CB
+    tdt = {"bf16": torch.bfloat16, "tf32": torch.float32, "fp32": torch.float32, "fp64": torch.float64}[dt]
+    N, Ci, Co, H, W, k, T, r = (CONV_SHAPE[n] for n in ("N", "C_in", "C_out", "H", "W", "k", "T", "r"))
+    R, geo = T * r, ([1, 1], [1, 1], [1, 1])
+    meta = dict(device="meta", dtype=tdt)
+    pdt = torch.float64 if dt == "fp64" else torch.float32
+    w, b = torch.empty(Co, Ci, k, k, **meta), torch.empty(Co, **meta)
+    A, B = stack_A(torch.empty(T, r, Ci, k, k, **meta)), stack_B(torch.empty(T, Co, r, **meta))
+    cl = dict(memory_format=torch.channels_last)
+    x, x_cl = torch.empty(N, Ci, H, W, **meta), torch.empty(N, Ci, H, W, **meta, **cl)
+    y, y_cl = torch.empty(N, Co, H, W, **meta), torch.empty(N, Co, H, W, **meta, **cl)
+    h, h_cl = torch.empty(N, R, H, W, **meta), torch.empty(N, R, H, W, **meta, **cl)
+    pb, psmp = torch.empty(1, T, device="meta", dtype=pdt), torch.empty(N, T, device="meta", dtype=pdt)
+    mma = "tf32" if dt == "tf32" else {"bf16": "tc"}.get(dt, dt)
+    t = CB.WGRAD_TILE[mma]
+    part_rows = Co + R
+    tw, ta, tk, splits, rps = CB.wgrad_plan(N * H * W, Co, R, Ci * k * k, k * k, t, 132)
+    part = torch.empty(splits, part_rows, Ci * k * k, device="meta", dtype=pdt)
+    return {
+        "fwd inloop, bias, per-sample p, NHWC": ("fwd", C.fwd_args(x_cl, w, b, A, B, psmp, y_cl, h_cl, *geo),
+                                                 dict(HAS_BIAS=True, PER_SAMPLE_PREF=True, SHRINK_IN_LOOP=True,
+                                                      EXPAND=True)),
+        "fwd inloop, no-bias, per-batch p, NCHW": ("fwd", C.fwd_args(x, w, None, A, B, pb, y, h, *geo),
+                                                   dict(HAS_BIAS=False, PER_SAMPLE_PREF=False, SHRINK_IN_LOOP=True,
+                                                        EXPAND=True)),
+        "fwd split expand, bias, per-sample p, NCHW": ("fwd", C.fwd_args(x, w, b, A, B, psmp, y, h, *geo),
+                                                       dict(HAS_BIAS=True, PER_SAMPLE_PREF=True, SHRINK_IN_LOOP=False,
+                                                            EXPAND=True)),
+        "dG = B_cat^T dY (1x1), NCHW": ("fwd", C.fwd_args(y, B.t()[:, :, None, None], None, None, None, psmp, h, None,
+                                                          [1, 1], [0, 0], [1, 1]),
+                                        dict(HAS_BIAS=False, PER_SAMPLE_PREF=True, SHRINK_IN_LOOP=False, EXPAND=False)),
+        "dX, per-sample p, NCHW": ("dgrad", CB.dgrad_args(y, w, h, A, psmp, torch.empty(N, Ci, H, W, **meta), *geo),
+                                   dict(PER_SAMPLE_PREF=True, HAS_ADAPTER=True)),
+        "dW+dA, per-sample p, NCHW": ("wgrad", CB.wgrad_args(x, y, h, psmp, part, [k, k], *geo, Co, rps, tw),
+                                      dict(PER_SAMPLE_PREF=True)),
+    }
+
+
+def _conv_variants():
+    """The Triton conv kernels: every launch set in bf16 with the tensor-core configs; the fp32 (IEEE
+    and TF32) and fp64 configs on the in-loop forward and dW+dA sets, and fp64 dX."""
+    import triton.language as tl
+
+    from ..backends.triton import conv2d as C
+    from ..backends.triton import conv2d_bwd as CB
+    from ..backends.triton import linear as L
+    fns = {"fwd": C._conv_fwd_kernel.fn, "dgrad": CB._conv_dgrad_kernel.fn, "wgrad": CB._conv_wgrad_kernel}
+    out = []
+    for dt in DTYPES:
+        mma = L.mma_class("fp32" if dt == "tf32" else dt, "tf32" if dt == "tf32" else "ieee")
+        common = dict(UPCAST=False, ACC_DTYPE=tl.float64 if dt == "fp64" else tl.float32,
+                      INPUT_PRECISION="tf32" if dt == "tf32" else "ieee", _dtype=dt)
+        for name, (kind, args, flags) in _conv_launch_sets(dt).items():
+            # fp32 (IEEE, TF32), fp64: the in-loop forward, dX in fp64 (the most registers), dW+dA (own tiles)
+            if dt != "bf16" and not (name.startswith("fwd inloop, bias") or name.startswith("dW+dA")
+                                     or (name.startswith("dX") and dt == "fp64")):
+                continue
+            const = dict(common, **flags)
+            if kind == "fwd":
+                const["BLOCK_R"] = L.block_r(args["R"] if args["R"] else 1)
+            if kind == "wgrad":
+                t = CB.WGRAD_TILE[mma]
+                cfg = {"kwargs": {k: t[k] for k in ("BLOCK_O", "BLOCK_K", "BLOCK_M")},
+                       "num_warps": t["num_warps"], "num_stages": t["num_stages"]}
+                configs = lambda f, c=cfg: [c]  # noqa: E731
+            else:
+                configs = lambda f, m=mma: C.conv_configs_for(f, m)  # noqa: E731
+            out.append((f"lora_conv2d triton[{name}] {dt}", fns[kind], const, args, configs))
     return out
 
 
@@ -133,7 +216,8 @@ def _signature(fn, constexprs, args, dt):
             sig[n] = "constexpr"
         elif n.endswith("_ptr"):
             elt = "fp64" if dt == "fp64" else "fp32" if dt == "tf32" else dt
-            sig[n] = ("*fp64" if dt == "fp64" else "*fp32") if n == "ps_ptr" else "*" + elt
+            # the scaled preference and the wgrad partials are in the accumulator's dtype
+            sig[n] = ("*fp64" if dt == "fp64" else "*fp32") if n in ("ps_ptr", "part_ptr") else "*" + elt
             attrs[(i,)] = [["tt.divisibility", 16]]
         else:
             kind, key = native_specialize_impl(BaseBackend, int(args[n]), False, True, True)
