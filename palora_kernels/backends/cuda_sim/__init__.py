@@ -19,6 +19,8 @@ RECORD = Backend(
              "lora_conv2d": "palora_kernels.backends.cuda_sim.kernels:lora_conv2d",
              "pref_grad": "palora_kernels.backends.cuda_sim.kernels:pref_grad",
              "lora_conv2d_dgrad": "palora_kernels.backends.cuda_sim.kernels:lora_conv2d_dgrad"},
+    # no *_dropout ops: the CUDA C++ kernels draw no dropout mask, so dispatch sends a layer under
+    # LoRA dropout to triton / torch (docs/dropout.md)
     dtypes=HALF_AND_FP32,            # as on the GPU
     devices=frozenset({"cpu"}),
     check="palora_kernels.backends.cuda_sim:check",

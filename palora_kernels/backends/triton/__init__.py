@@ -27,7 +27,8 @@ def check(device: torch.device) -> Optional[str]:
 
 RECORD = Backend(
     name="triton",
-    kernels={"lora_mm": "palora_kernels.backends.triton.linear:lora_mm"},
+    kernels={"lora_mm": "palora_kernels.backends.triton.linear:lora_mm",
+             "lora_mm_dropout": "palora_kernels.backends.triton.linear:lora_mm_dropout"},
     dtypes=FLOATS,
     devices=frozenset({"cuda", "cpu"}),
     auto_devices=frozenset({"cuda"}),
