@@ -150,7 +150,8 @@ def test_every_op_a_layer_reaches_resolves_on_a_cuda_machine(machine, monkeypatc
 
 def test_a_requested_backend_that_lacks_the_op_or_dtype_raises_with_the_reason(pretend):
     pretend(triton=True, cuda_ext=True)
-    with pytest.raises(RuntimeError, match=r"'triton' .* no kernel for op 'lora_conv2d' \(it runs: lora_mm\)"):
+    with pytest.raises(RuntimeError,
+                       match=r"'triton' .* no kernel for op 'lora_conv2d' \(it runs: lora_mm, lora_mm_dropout\)"):
         select_backend(CUDA, "lora_conv2d", torch.float32, "triton")
     with pytest.raises(RuntimeError, match=r"'cuda' .* it runs bfloat16, float16, float32, not float64"):
         select_backend(CUDA, "lora_mm", torch.float64, "cuda")

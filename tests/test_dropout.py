@@ -14,6 +14,8 @@ from palora_kernels import _rng
 triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("one_thread")     # small tensors: a second thread only spin-waits
+
 
 @triton.jit
 def _rand_kernel(seed, off_ptr, out_ptr, n, BLOCK: tl.constexpr):

@@ -26,7 +26,8 @@ class Backend:
     # op -> "module:function". Op names are those of palora_kernels._ops (lora_mm, lora_conv2d)
     # plus loralib_conv2d and pref_grad; lora_conv2d_dgrad (the conv's dX and dG) where a backend
     # has a kernel for it (the conv backward falls back to convolution_backward otherwise);
-    # lora_mm_dropout / lora_conv2d_dropout where its kernel runs LoRA dropout (docs/dropout.md).
+    # lora_mm_dropout / lora_conv2d_dropout where its kernel runs LoRA dropout, lora_dropout_dA where it
+    # has the backward's dA under dropout (docs/dropout.md).
     kernels: Mapping[str, str]
     dtypes: FrozenSet[torch.dtype]
     # device types it runs on ("cpu", "cuda"); empty: any device torch runs on

@@ -20,7 +20,7 @@ LoRA dropout (docs/dropout.md), drop = (p, seed, offset): the shrink reads x~ = 
 the mask regenerated from (seed, offset) wherever it is needed, never saved:
     y, H = lora_mm(x, ...; mask on x)          H = x~ A_cat^T
     dX, dG = lora_mm(dY, W, -, B_cat, A_cat; mask on the low-rank term)   dX = dY W + mask * (dH A_cat) / (1-p)
-    dA_cat = dH^T x~   (x~ regenerated)        dW = dY^T x,  dB, dp as above (H is already x~'s)
+    dA_cat = dH^T x~   (lora_dropout_dA: the mask regenerated)   dW = dY^T x,  dB, dp as above (H is x~'s)
 The weight-space path cannot express a mask on x alone and is off under dropout.
 
 Double backward: the fast backward above treats the saved H as a constant and uses hand-written
@@ -38,7 +38,6 @@ import torch.nn.functional as F
 from .. import _ops, dispatch
 from .._math import (apply_row_scale, composite_grads, linear_composite, merged_delta, row_scale, stack_A,
                      stack_B, unstack_B, use_weight_space, weight_space_grads)
-from .._rng import dropout_input
 
 
 class PaLoRALinearFunction(torch.autograd.Function):
@@ -91,8 +90,12 @@ class PaLoRALinearFunction(torch.autograd.Function):
         if need_w:
             dW = dy.t() @ x
         if need_A:
-            x_lora = x if drop is None else dropout_input(x, *drop)     # regenerated: an (N, in) temporary
-            dA = (apply_row_scale(dg, pref, rows_per_sample, rank, scale).t() @ x_lora).view(T, rank, in_f)
+            dh = apply_row_scale(dg, pref, rows_per_sample, rank, scale)
+            if drop is None:
+                dA = (dh.t() @ x).view(T, rank, in_f)
+            else:   # the mask regenerated: in-kernel (triton) or as an (N, in) temporary (torch)
+                name = dispatch.select_backend(x.device, "lora_dropout_dA", x.dtype, backend, fallback=True)
+                dA = dispatch.kernel(name, "lora_dropout_dA")(dh, x, *drop).view(T, rank, in_f)
         if need_B:
             dB = unstack_B(dy.t() @ apply_row_scale(h, pref, rows_per_sample, rank, scale), T)
         if need_p:

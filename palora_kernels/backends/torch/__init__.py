@@ -10,6 +10,7 @@ RECORD = Backend(
              "loralib_conv2d": "palora_kernels.backends.torch.kernels:loralib_conv2d",
              "pref_grad": "palora_kernels._math:pref_grad",
              "lora_mm_dropout": "palora_kernels.backends.torch.kernels:lora_mm_dropout",
+             "lora_dropout_dA": "palora_kernels.backends.torch.kernels:lora_dropout_dA",
              "lora_conv2d_dropout": "palora_kernels.backends.torch.kernels:lora_conv2d_dropout"},
     composite=frozenset({"loralib_conv2d"}),
     dtypes=FLOATS,

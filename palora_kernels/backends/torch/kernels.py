@@ -61,6 +61,11 @@ def lora_mm_dropout(x, wm, bias, down, up, pref, rows_per_sample, scale, p, seed
     return y, h
 
 
+def lora_dropout_dA(dh, x, p, seed, offset):
+    """dA_cat = dH^T (x * mask / (1-p)) (R, in): x~ regenerated with _rng, one (N, in) temporary."""
+    return dh.t() @ dropout_input(x, p, seed, offset)
+
+
 def lora_conv2d_dropout(x, weight, down, bias, up, pref, stride, padding, dilation, scale, p, seed, offset):
     """lora_conv2d under LoRA dropout: the base conv reads x, the shrink conv x * mask / (1-p) (mask over
     x's logical NCHW elements), so they are two convolutions and the per-batch expand does not fold

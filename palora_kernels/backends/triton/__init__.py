@@ -28,7 +28,8 @@ def check(device: torch.device) -> Optional[str]:
 RECORD = Backend(
     name="triton",
     kernels={"lora_mm": "palora_kernels.backends.triton.linear:lora_mm",
-             "lora_mm_dropout": "palora_kernels.backends.triton.linear:lora_mm_dropout"},
+             "lora_mm_dropout": "palora_kernels.backends.triton.linear:lora_mm_dropout",
+             "lora_dropout_dA": "palora_kernels.backends.triton.linear:lora_dropout_dA"},
     dtypes=FLOATS,
     devices=frozenset({"cuda", "cpu"}),
     auto_devices=frozenset({"cuda"}),

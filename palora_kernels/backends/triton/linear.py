@@ -170,8 +170,8 @@ def _scale_tile(ps_ptr, offs_m, offs_r, mask_m, mask_r, rows_per_sample, rank, s
 @triton.jit
 def _drop_tile(t, offs_row, offs_col, drop_p, drop_seed, drop_offset, drop_sr, drop_sc, dscale):
     # t * mask / (1-p); mask element i = row*drop_sr + col*drop_sc kept iff tl.rand(seed, offset + i) >= p.
-    # offs_row is int64, so i is int64 and offsets past 2**32 keep their high word
-    idx = drop_offset + offs_row[:, None] * drop_sr + offs_col[None, :] * drop_sc
+    # i in int64: offsets past 2**32 keep their high word, and N * in may pass 2**31
+    idx = drop_offset + offs_row.to(tl.int64)[:, None] * drop_sr + offs_col.to(tl.int64)[None, :] * drop_sc
     keep = tl.rand(drop_seed, idx) >= drop_p
     return tl.where(keep, t.to(dscale.dtype) * dscale, 0.0)
 
@@ -486,6 +486,25 @@ def lora_mm(x, wm, bias, down, up, pref, rows_per_sample, scale, path: Optional[
     with guard:
         _launch(x, wm, bias, down, up, pref, rows_per_sample, scale, y, h, path, dropout)
     return y, h
+
+
+def lora_dropout_dA(dh, x, p, seed, offset):
+    """dA_cat = dH^T (x * mask / (1-p)) (R, in), the mask drawn in-kernel: the skinny shrink kernel
+    run on x^T (in, N) against dH (N, R), so no dropped copy of x is made. dh: (N, R); x: (N, in)."""
+    N, K = x.shape
+    R = dh.shape[1]
+    out = x.new_empty((R, K))
+    if N == 0 or K == 0 or R == 0:
+        return out.zero_()
+    upcast, acc_dt, prec = _precision(x.dtype)
+    BR = block_r(R)
+    xt = x.t()                      # (in, N) view: the "x" of the shrink kernel, reduction over N
+    grid = lambda META: (triton.cdiv(K, META["BLOCK_M"]), triton.cdiv(R, BR))  # noqa: E731
+    guard = torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+    with guard:
+        _lora_shrink_kernel[grid](**dict(shrink_args(xt, dh, out.t()), **drop_args(x, (p, seed, offset), K, True)),
+                                  UPCAST=upcast, ACC_DTYPE=acc_dt, INPUT_PRECISION=prec, BLOCK_R=BR, DROP_IN=True)
+    return out
 
 
 def drop_args(x, dropout, cols: int, transpose: bool = False) -> dict:
