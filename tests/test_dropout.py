@@ -321,3 +321,18 @@ def test_bad_dropout_arguments_raise_and_mutate_nothing():
     from palora_kernels.backends.triton import linear as triton_linear
     with triton_linear.use_path("merged"), pytest.raises(ValueError, match="'merged'.*LoRA dropout"):
         _call("linear", leaves, lora_dropout=P_DROP, backend="triton")
+
+
+@pytest.mark.parametrize("on_expand", [False, True])
+def test_opcheck_lora_mm_with_dropout(on_expand):
+    """The palora::lora_mm schema with its dropout arguments: fake implementation, schema, autograd."""
+    g = torch.Generator().manual_seed(5)
+    x, wm, down, up = (torch.randn(*s, generator=g) for s in ((9, 7), (7, 5), (7, 4), (4, 5)))
+    pref = torch.rand(1, 2, generator=g)
+    torch.library.opcheck(torch.ops.palora.lora_mm.default,
+                          (x, wm, None, down, up, pref, 9, 0.5, "torch", P_DROP, SEED[0], SEED[1], on_expand))
+    y, h = torch.ops.palora.lora_mm(x, wm, None, down, up, pref, 9, 0.5, "torch", P_DROP, SEED[0], SEED[1],
+                                    on_expand)
+    y0, h0 = torch.ops.palora.lora_mm(x, wm, None, down, up, pref, 9, 0.5, "torch")
+    assert not torch.equal(y, y0)
+    assert torch.equal(h, h0) == on_expand      # forward: H is the dropped x's; dX call: the mask is on y
