@@ -336,3 +336,11 @@ def test_opcheck_lora_mm_with_dropout(on_expand):
     y0, h0 = torch.ops.palora.lora_mm(x, wm, None, down, up, pref, 9, 0.5, "torch")
     assert not torch.equal(y, y0)
     assert torch.equal(h, h0) == on_expand      # forward: H is the dropped x's; dX call: the mask is on y
+
+
+def test_convert_passes_lora_dropout():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4, 2))
+    pk.convert(model, 2, 1, lora_dropout=0.1)
+    assert [m.lora_dropout for m in model if hasattr(m, "lora_dropout")] == [0.1, 0.1]
+    with pytest.raises(ValueError, match=r"^0 \(Conv2d\): lora_dropout: parameterization='loralib'"):
+        pk.convert(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3)), 2, 1, parameterization="loralib", lora_dropout=0.1)
