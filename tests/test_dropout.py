@@ -163,11 +163,11 @@ def _grads(y, leaves, dy):
     return dict(zip(GRAD_NAMES, torch.autograd.grad(y, leaves, dy)))
 
 
-LINEAR_RUNS = [("torch", None), ("triton", "inloop"), ("triton", "split")]
+LINEAR_RUNS = [("torch", None), ("triton", "inloop"), ("triton", "split"), ("triton", None)]
 
 
 @pytest.mark.parametrize("pref_kind", ["batch", "sample"])
-@pytest.mark.parametrize("backend,path", LINEAR_RUNS, ids=["torch", "triton-inloop", "triton-split"])
+@pytest.mark.parametrize("backend,path", LINEAR_RUNS, ids=["torch", "triton-inloop", "triton-split", "triton-auto"])
 def test_linear_equals_explicit_mask_composition(backend, path, pref_kind):
     from palora_kernels.backends.triton import linear as triton_linear
     leaves, dy = _inputs("linear", pref_kind)

@@ -475,7 +475,14 @@ def lora_mm(x, wm, bias, down, up, pref, rows_per_sample, scale, path: Optional[
     if dropout is not None and (path or _forced_path) == "merged":
         raise ValueError("path: 'merged' folds the adapters into W and cannot mask their input alone; "
                          "it does not run under LoRA dropout")
+    forced = path or _forced_path
     path = path or pick_path(N, K, M, R, T, x.dtype, x.device, P == 1 and dropout is None, bias is not None)
+    if dropout is not None and not forced and path in ("cublas", "inloop"):
+        # the cost model knows nothing of the mask (docs/dropout.md): in-loop draws x's mask once per
+        # column tile (M / BLOCK_N Philox per x element, once in split; an estimate from op counts), its
+        # dX needs a second accumulator for the masked low-rank tile (bf16 128x128 on sm_90: 5492 bytes
+        # spilled, ptxas), and the cuBLAS composition makes the mask with ~150 int64 torch passes over x
+        path = "split"
     if path == "cublas":        # the cost model says cuBLAS composition beats the fused kernels here
         from ..torch import kernels as composed
         if dropout is not None:
