@@ -163,11 +163,14 @@ def _grads(y, leaves, dy):
     return dict(zip(GRAD_NAMES, torch.autograd.grad(y, leaves, dy)))
 
 
-LINEAR_RUNS = [("torch", None), ("triton", "inloop"), ("triton", "split"), ("triton", None)]
+# Triton runs under the interpreter (~3-6 s each here): each path once, both preference kinds among them
+LINEAR_RUNS = [("torch", None, "batch"), ("torch", None, "sample"), ("triton", "inloop", "sample"),
+               ("triton", "split", "batch"), ("triton", None, "sample")]
 
 
-@pytest.mark.parametrize("pref_kind", ["batch", "sample"])
-@pytest.mark.parametrize("backend,path", LINEAR_RUNS, ids=["torch", "triton-inloop", "triton-split", "triton-auto"])
+@pytest.mark.parametrize("backend,path,pref_kind", LINEAR_RUNS,
+                         ids=["torch-batch", "torch-sample", "triton-inloop-sample", "triton-split-batch",
+                              "triton-auto-sample"])
 def test_linear_equals_explicit_mask_composition(backend, path, pref_kind):
     from palora_kernels.backends.triton import linear as triton_linear
     leaves, dy = _inputs("linear", pref_kind)
