@@ -122,21 +122,34 @@ def use_weight_space(rows: int, in_features: int, out_features: int, dtype: torc
             and rows > 0 and rows * (in_features + out_features) >= 2 * in_features * out_features)
 
 
-def linear_composite(x, weight, lora_A, lora_B, pref, rows_per_sample: int, scale: float):
-    """x W^T + ((x A_cat^T) * S) B_cat^T (no bias) as differentiable torch ops on the stacked form.
+def _adapter_input(x, drop):
+    """x, or x under LoRA dropout: drop = (p, seed, offset) regenerates the mask (docs/dropout.md)."""
+    if drop is None:
+        return x
+    from ._rng import dropout_input
+    return dropout_input(x, *drop)
+
+
+def linear_composite(x, weight, lora_A, lora_B, pref, rows_per_sample: int, scale: float, drop=None):
+    """x W^T + ((x~ A_cat^T) * S) B_cat^T (no bias) as differentiable torch ops on the stacked form,
+    x~ = x, or x under LoRA dropout with drop = (p, seed, offset).
 
     What the autograd Functions differentiate when a backward must itself be differentiable
     (``create_graph=True``): autograd records it, so every derivative of every order is exact."""
-    h = x @ stack_A(lora_A).t()
+    h = _adapter_input(x, drop) @ stack_A(lora_A).t()
     return x @ weight.t() + apply_row_scale(h, pref, rows_per_sample, lora_A.shape[1], scale) @ stack_B(lora_B).t()
 
 
-def conv_composite(x, weight, lora_A, lora_B, pref, stride, padding, dilation, scale: float):
-    """conv(x, W) + B_cat diag(S_n) conv(x, A_cat) (no bias, factorized adapters) as differentiable
+def conv_composite(x, weight, lora_A, lora_B, pref, stride, padding, dilation, scale: float, drop=None):
+    """conv(x, W) + B_cat diag(S_n) conv(x~, A_cat) (no bias, factorized adapters) as differentiable
     torch ops; see :func:`linear_composite`. pref (P, T) with P == 1 or P == N."""
     C_out, rank = weight.shape[0], lora_A.shape[1]
-    z = F.conv2d(x, torch.cat([weight, stack_A(lora_A)]), None, stride, padding, dilation)
-    y, h = z[:, :C_out], z[:, C_out:]
+    if drop is None:
+        z = F.conv2d(x, torch.cat([weight, stack_A(lora_A)]), None, stride, padding, dilation)
+        y, h = z[:, :C_out], z[:, C_out:]
+    else:   # base and shrink read different inputs
+        y = F.conv2d(x, weight, None, stride, padding, dilation)
+        h = F.conv2d(_adapter_input(x, drop), stack_A(lora_A), None, stride, padding, dilation)
     S = row_scale(pref.to(h.dtype), rank, scale)[:, :, None, None]               # (P, R, 1, 1)
     return y + torch.einsum("or,nrhw->nohw", stack_B(lora_B), h * S)
 
@@ -151,15 +164,16 @@ def composite_grads(fn, inputs, needs, dy):
 
 
 def conv_groups_composite(x, weight, bias, lora_A, lora_B, pref, scale, stride, padding, dilation, groups,
-                           parameterization):
+                           parameterization, x_lora=None):
     """groups > 1, as differentiable torch ops (every derivative exact): the grouped base conv, then
     factorized: the full-channel adapter (shrink conv over C_in -> R, expand B_cat diag(S_n));
     loralib: the grouped update (B_t A_t).view(W.shape) -- per-batch merged into the one grouped conv,
-    per-sample one grouped conv per task (the (T+1)x floor of that parameterisation)."""
+    per-sample one grouped conv per task (the (T+1)x floor of that parameterisation).
+    x_lora: the factorized adapter's input (x under LoRA dropout), default x."""
     rank = lora_A.shape[1]
     if parameterization == "factorized":
         y = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
-        h = F.conv2d(x, stack_A(lora_A), None, stride, padding, dilation)
+        h = F.conv2d(x if x_lora is None else x_lora, stack_A(lora_A), None, stride, padding, dilation)
         S = row_scale(pref.to(h.dtype), rank, scale)[:, :, None, None]
         return y + torch.einsum("or,nrhw->nohw", stack_B(lora_B), h * S)
     deltas = loralib_delta(lora_A, lora_B, weight.shape)

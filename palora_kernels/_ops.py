@@ -11,6 +11,11 @@ lora_mm     (y, H) with  y = x @ wm + bias + ((x @ down) * S) @ up   (N, M), den
             pref (P, T), S[n, t*r + j] = scale * pref[n // rows_per_sample, t], r = R // T.
             Forward: (wm, down, up) = (W^T, A_cat^T, B_cat^T); dX: (W, B_cat, A_cat) gives
             (dX, dG) with dG = dY B_cat.
+            LoRA dropout (drop_p > 0, docs/dropout.md): the shrink reads x * mask / (1 - drop_p), mask
+            element i (row-major over x) kept iff philox(drop_seed, drop_offset + i) >= drop_p; H is
+            that shrink. drop_on_expand (the dX call): the mask is over y instead and applies to
+            the low-rank term only: y = x @ wm + mask * (((x @ down) * S) @ up) / (1 - drop_p).
+            Runs the backend's ``lora_mm_dropout`` kernel.
 lora_conv2d_dgrad (dX, dG), the conv's data gradient (where a backend has the kernel):
             dG = B_cat^T dY per pixel (N, R, Ho, Wo); dX = conv_transpose([dY | dG S_n], [W; A_cat])
             (N, C_in, H, W); both dense in dy's memory format.
@@ -21,7 +26,8 @@ lora_conv2d (y, H) with  y = conv(x, W) + bias + B_cat diag(S_n) H_n   (N, C_out
                          H = conv(x, A_cat), unscaled                 (N, R, Ho, Wo)
             weight (C_out, C_in, kh, kw), down = A_cat (R, C_in, kh, kw), up = B_cat (C_out, R),
             pref (P, T) with P == 1 or P == N. y and H are dense in x's memory format
-            (channels_last when x is), as nn.Conv2d returns them.
+            (channels_last when x is), as nn.Conv2d returns them. drop_p > 0: the shrink reads
+            x under LoRA dropout (mask over x's logical NCHW elements; ``lora_conv2d_dropout`` kernel).
 
 mtlora_mm   (Y, H), the MTLoRA layer's T + 1 outputs on one base product (docs/mtlora.md):
             Y[o][:, g] = x W_g^T + b_g + sum_{a feeds o} s[g, a] H[:, g, a] B[g, a]^T   (T+1, N, G*Mg)
@@ -86,18 +92,32 @@ def lora_mm_layout(x: Tensor, M: int, R: int, backend: str) -> Tuple[Tensor, Ten
     return y, h
 
 
+def check_dropout(drop_p: float, drop_seed: int, drop_offset: int) -> None:
+    torch._check(0.0 <= drop_p < 1.0, lambda: f"drop_p: expected a probability in [0, 1), got {drop_p}")
+    torch._check(drop_seed >= 0 and drop_offset >= 0,
+                 lambda: f"drop_seed, drop_offset: expected >= 0, got {drop_seed}, {drop_offset}")
+
+
 @torch.library.custom_op("palora::lora_mm", mutates_args=())
 def lora_mm(x: Tensor, wm: Tensor, bias: Optional[Tensor], down: Tensor, up: Tensor,
-            pref: Tensor, rows_per_sample: int, scale: float, backend: str) -> Tuple[Tensor, Tensor]:
+            pref: Tensor, rows_per_sample: int, scale: float, backend: str, drop_p: float = 0.0,
+            drop_seed: int = 0, drop_offset: int = 0, drop_on_expand: bool = False) -> Tuple[Tensor, Tensor]:
     check_lora_mm(x, wm, bias, down, up, pref, rows_per_sample)
-    y, h = dispatch.kernel(backend, "lora_mm")(x, wm, bias, down, up, pref, rows_per_sample, scale)
+    check_dropout(drop_p, drop_seed, drop_offset)
+    if drop_p > 0.0:
+        y, h = dispatch.kernel(backend, "lora_mm_dropout")(x, wm, bias, down, up, pref, rows_per_sample, scale,
+                                                           drop_p, drop_seed, drop_offset, drop_on_expand)
+    else:
+        y, h = dispatch.kernel(backend, "lora_mm")(x, wm, bias, down, up, pref, rows_per_sample, scale)
     _check_layout("lora_mm", backend, (y, h), lora_mm_layout(x.to("meta"), wm.shape[1], down.shape[1], backend))
     return y, h
 
 
 @lora_mm.register_fake
-def _(x, wm, bias, down, up, pref, rows_per_sample, scale, backend):
+def _(x, wm, bias, down, up, pref, rows_per_sample, scale, backend, drop_p=0.0, drop_seed=0, drop_offset=0,
+      drop_on_expand=False):
     check_lora_mm(x, wm, bias, down, up, pref, rows_per_sample)
+    check_dropout(drop_p, drop_seed, drop_offset)
     return lora_mm_layout(x, wm.shape[1], down.shape[1], backend)
 
 
@@ -162,18 +182,25 @@ def lora_conv2d_layout(x: Tensor, C_out: int, R: int, Ho: int, Wo: int) -> Tuple
 @torch.library.custom_op("palora::lora_conv2d", mutates_args=())
 def lora_conv2d(x: Tensor, weight: Tensor, down: Tensor, bias: Optional[Tensor], up: Tensor, pref: Tensor,
                 stride: List[int], padding: List[int], dilation: List[int], scale: float,
-                backend: str) -> Tuple[Tensor, Tensor]:
+                backend: str, drop_p: float = 0.0, drop_seed: int = 0, drop_offset: int = 0) -> Tuple[Tensor, Tensor]:
     Ho, Wo = check_lora_conv2d(x, weight, down, bias, up, pref, stride, padding, dilation)
-    y, h = dispatch.kernel(backend, "lora_conv2d")(x, weight, down, bias, up, pref, stride, padding,
-                                                   dilation, scale)
+    check_dropout(drop_p, drop_seed, drop_offset)
+    if drop_p > 0.0:
+        y, h = dispatch.kernel(backend, "lora_conv2d_dropout")(x, weight, down, bias, up, pref, stride, padding,
+                                                               dilation, scale, drop_p, drop_seed, drop_offset)
+    else:
+        y, h = dispatch.kernel(backend, "lora_conv2d")(x, weight, down, bias, up, pref, stride, padding,
+                                                       dilation, scale)
     _check_layout("lora_conv2d", backend, (y, h),
                   lora_conv2d_layout(x.to("meta"), weight.shape[0], down.shape[0], Ho, Wo))
     return y, h
 
 
 @lora_conv2d.register_fake
-def _(x, weight, down, bias, up, pref, stride, padding, dilation, scale, backend):
+def _(x, weight, down, bias, up, pref, stride, padding, dilation, scale, backend, drop_p=0.0, drop_seed=0,
+      drop_offset=0):
     Ho, Wo = check_lora_conv2d(x, weight, down, bias, up, pref, stride, padding, dilation)
+    check_dropout(drop_p, drop_seed, drop_offset)
     return lora_conv2d_layout(x, weight.shape[0], down.shape[0], Ho, Wo)
 
 

@@ -10,7 +10,7 @@ from typing import Optional, Tuple, Union
 import torch
 import torch.nn.functional as F
 
-from . import dispatch, reference
+from . import _rng, dispatch, reference
 from ._math import conv_groups_composite, linear_composite, loralib_delta, merged_delta, stack_A, stack_B
 from .ops.conv2d import PaLoRAConv2dFunction
 from .ops.linear import PaLoRALinearFunction
@@ -121,14 +121,42 @@ def _pref_rows(preference, N: int, batch: int, dtype):
     return preference.to(pdt), (N // batch if batch else 1)
 
 
+def check_dropout(lora_dropout, name: str = "lora_dropout") -> float:
+    """A dropout probability in [0, 1), as a float."""
+    if isinstance(lora_dropout, bool) or not isinstance(lora_dropout, (int, float)) \
+            or not 0.0 <= lora_dropout < 1.0:
+        raise ValueError(f"{name}: expected a probability in [0, 1), got {lora_dropout!r}")
+    return float(lora_dropout)
+
+
+def _dropout_state(lora_dropout, dropout_seed, numel: int):
+    """None (no dropout) or (p, seed, offset); draws (seed, offset) from torch's default generator
+    unless given (docs/dropout.md). Call after every check: a failed call must not consume it."""
+    if lora_dropout == 0.0:
+        return None
+    if dropout_seed is None:
+        return (lora_dropout,) + _rng.draw_seed_offset(numel)
+    seed, offset = dropout_seed
+    if not (isinstance(seed, int) and isinstance(offset, int) and 0 <= seed < 2**63 and 0 <= offset
+            and offset + numel < 2**63):
+        raise ValueError(f"dropout_seed: expected (seed, offset), ints >= 0 with offset + x.numel() < 2**63, "
+                         f"got {dropout_seed!r}")
+    return (lora_dropout, seed, offset)
+
+
 def palora_linear(x, weight, bias, lora_A, lora_B, preference, scale: float, *,
+                  lora_dropout: float = 0.0, dropout_seed: Optional[Tuple[int, int]] = None,
                   backend: Optional[str] = None):
-    """y = x W^T + b + scale * sum_t p_t (x A_t^T) B_t^T.
+    """y = x W^T + b + scale * sum_t p_t (x~ A_t^T) B_t^T,  x~ = x under LoRA dropout, else x.
 
     x: (..., in); weight: (out, in); bias: (out,) or None; lora_A: (T, r, in);
     lora_B: (T, out, r); preference: (T,) or (B, T) with B = x.shape[0] (a row applies to
     every position of its sample). Returns (..., out).
+    lora_dropout: p in [0, 1); p > 0 drops elements of the adapters' input only (the base sees x),
+    x~ = x * mask / (1-p), the mask regenerated in the backward (docs/dropout.md). Pass 0 in eval.
+    dropout_seed: (seed, offset) of the mask; default: drawn from torch's default CPU generator.
     """
+    lora_dropout = check_dropout(lora_dropout)
     _check_tensor("weight", weight, 2, "(out, in)")
     out_f, in_f = weight.shape
     r = lora_A.shape[1] if isinstance(lora_A, torch.Tensor) and lora_A.dim() == 3 else -1
@@ -143,9 +171,12 @@ def palora_linear(x, weight, bias, lora_A, lora_B, preference, scale: float, *,
         raise ValueError(f"x: a per-sample preference needs x of shape (batch, ..., in), got {tuple(x.shape)}")
     check_preference(preference, lora_A.shape[0], x.shape[0] if x.dim() >= 2 else None, x.device)
     x, weight, bias, lora_A, lora_B = _autocast(x, weight, bias, lora_A, lora_B)
-    name = dispatch.select_backend(x.device, "lora_mm", x.dtype, backend)
-    if dispatch.is_composite(name, "lora_mm"):   # same output dtype as the kernels: x's
-        return dispatch.kernel(name, "lora_mm")(x, weight, bias, lora_A, lora_B, preference, scale).to(x.dtype)
+    op = "lora_mm_dropout" if lora_dropout else "lora_mm"
+    name = dispatch.select_backend(x.device, op, x.dtype, backend)
+    drop = _dropout_state(lora_dropout, dropout_seed, x.numel())
+    if dispatch.is_composite(name, op):   # same output dtype as the kernels: x's
+        kw = {} if drop is None else {"x_lora": _rng.dropout_input(x, *drop)}
+        return dispatch.kernel(name, op)(x, weight, bias, lora_A, lora_B, preference, scale, **kw).to(x.dtype)
     lead = x.shape[:-1]
     x2 = x.reshape(math.prod(lead), x.shape[-1])
     if x2.stride(-1) != 1:
@@ -154,9 +185,9 @@ def palora_linear(x, weight, bias, lora_A, lora_B, preference, scale: float, *,
     if 0 in x2.shape or 0 in lora_A.shape or weight.shape[0] == 0:
         # zero-size: no kernel to launch; the stacked form in torch ops gives nn.Linear's answer (the
         # bias for in = 0, empty for N = 0) and zero gradients, on every backend
-        y = linear_composite(x2, weight, lora_A, lora_B, pref.to(x.dtype), L, float(scale))
+        y = linear_composite(x2, weight, lora_A, lora_B, pref.to(x.dtype), L, float(scale), drop)
         return (y if bias is None else y + bias).reshape(*lead, weight.shape[0])
-    y = PaLoRALinearFunction.apply(x2, weight, bias, lora_A, lora_B, pref, L, float(scale), name)
+    y = PaLoRALinearFunction.apply(x2, weight, bias, lora_A, lora_B, pref, L, float(scale), name, drop)
     return y.reshape(*lead, weight.shape[0])
 
 
@@ -182,18 +213,26 @@ def _resolve_padding(padding, x, kernel, stride, dilation):
 
 def palora_conv2d(x, weight, bias, lora_A, lora_B, preference, scale: float, *,
                   stride: IntPair = 1, padding: Union[IntPair, str] = 0, dilation: IntPair = 1,
-                  groups: int = 1, parameterization: str = "factorized", backend: Optional[str] = None):
-    """Conv2d + scale * sum_t p_t * adapter_t(x).
+                  groups: int = 1, parameterization: str = "factorized", lora_dropout: float = 0.0,
+                  dropout_seed: Optional[Tuple[int, int]] = None, backend: Optional[str] = None):
+    """Conv2d + scale * sum_t p_t * adapter_t(x~),  x~ = x under LoRA dropout, else x.
 
     x: (N, C_in, H, W); weight: (C_out, C_in/groups, kh, kw); bias: (C_out,) or None.
     factorized: lora_A (T, r, C_in, kh, kw), lora_B (T, C_out, r) (full-channel, also for groups > 1).
     loralib (the PaLoRA reference's): lora_A (T, r*k, C_in*k), lora_B (T, C_out/groups*k, r*k),
     update (B_t A_t).view(W.shape), grouped as W is.
     padding: int, pair, "same" or "valid" as nn.Conv2d. preference: (T,) or (N, T).
+    lora_dropout, dropout_seed: as :func:`palora_linear`; the mask is over x's logical NCHW elements
+    (factorized only: loralib's adapter has no input of its own, see docs/dropout.md).
     Returns (N, C_out, Ho, Wo).
     """
     if parameterization not in ("factorized", "loralib"):
         raise ValueError(f"parameterization: expected 'factorized' or 'loralib', got {parameterization!r}")
+    lora_dropout = check_dropout(lora_dropout)
+    if lora_dropout and parameterization == "loralib":
+        raise ValueError(f"lora_dropout: parameterization='loralib' folds its update into the conv weight and has "
+                         f"no adapter input to drop (loralib's ConvLoRA ignores its lora_dropout too); use "
+                         f"parameterization='factorized' or lora_dropout=0, got lora_dropout={lora_dropout}")
     if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
         raise ValueError(f"groups: expected an int >= 1, got {groups!r}")
     if isinstance(x, torch.Tensor) and x.dim() != 4:
@@ -230,26 +269,30 @@ def palora_conv2d(x, weight, bias, lora_A, lora_B, preference, scale: float, *,
                              f"{dilation[0] * (kh - 1) + 1}x{dilation[1] * (kw - 1) + 1}, got "
                              f"{x.shape[2]}x{x.shape[3]} with padding {tuple(padding)}")
     x, weight, bias, lora_A, lora_B = _autocast(x, weight, bias, lora_A, lora_B)
-    op = "loralib_conv2d" if parameterization == "loralib" else "lora_conv2d"
+    op = "loralib_conv2d" if parameterization == "loralib" else "lora_conv2d_dropout" if lora_dropout else "lora_conv2d"
     if groups > 1:
         want = dispatch.requested_backend(backend)
         if want not in (None, "torch", "reference"):
             raise RuntimeError(f"backend {want!r} was requested for a grouped conv (groups={groups}) but has no "
                                "grouped kernel: groups > 1 runs on 'torch' (cuDNN/oneDNN grouped conv plus the "
                                "adapter) or 'reference'")
+        drop = _dropout_state(lora_dropout, dropout_seed, x.numel())
+        x_lora = x if drop is None else _rng.dropout_input(x, *drop)    # autograd saves it: no fused grouped path
         if want == "reference":
             return reference.palora_conv2d(x, weight, bias, lora_A, lora_B, preference, scale, stride, padding,
-                                           dilation, parameterization, groups=groups).to(x.dtype)
+                                           dilation, parameterization, groups=groups, x_lora=x_lora).to(x.dtype)
         pref, _ = _pref_rows(preference, x.shape[0], x.shape[0], x.dtype)
         return conv_groups_composite(x, weight, bias, lora_A, lora_B, pref, float(scale), stride, padding,
-                                      dilation, groups, parameterization)
+                                      dilation, groups, parameterization, x_lora=x_lora)
     name = dispatch.select_backend(x.device, op, x.dtype, backend)
+    drop = _dropout_state(lora_dropout, dropout_seed, x.numel())
     if dispatch.is_composite(name, op):
+        kw = {} if drop is None else {"x_lora": _rng.dropout_input(x, *drop)}
         return dispatch.kernel(name, op)(x, weight, bias, lora_A, lora_B, preference, scale, stride, padding,
-                                         dilation, parameterization).to(x.dtype)
+                                         dilation, parameterization, **kw).to(x.dtype)
     pref, _ = _pref_rows(preference, x.shape[0], x.shape[0], x.dtype)
     return PaLoRAConv2dFunction.apply(x, weight, bias, lora_A, lora_B, pref, stride, padding, dilation,
-                                      float(scale), name)
+                                      float(scale), name, drop)
 
 
 def merged_linear_weight(weight, lora_A, lora_B, preference, scale):

@@ -32,13 +32,14 @@ def palora_layers(model: nn.Module) -> Iterable[tuple[str, nn.Module]]:
 
 def convert(model: nn.Module, num_tasks: int, rank: int, target_modules: Patterns = None,
             exclude: Patterns = None, *, lora_alpha: float = 1.0,
-            parameterization: str = "factorized") -> nn.Module:
+            parameterization: str = "factorized", lora_dropout: float = 0.0) -> nn.Module:
     """Swap nn.Linear / nn.Conv2d layers of ``model`` for PaLoRA layers, in place; returns ``model``.
 
     target_modules: None (every Linear and Conv2d), a regex matched against the full module
     name, or a list of names (a module matches when its name equals one or ends with
     '.' + one), as in PEFT. exclude: the same forms, applied after. Grouped convolutions and
     padding="same"/"valid" are converted as well (see PaLoRAConv2d); an error names the module.
+    lora_dropout: every new layer's (docs/dropout.md); the loralib conv parameterisation refuses p > 0.
     A call that raises leaves the model as it was (every new layer is built before any swap).
     """
     targets = []
@@ -56,10 +57,11 @@ def convert(model: nn.Module, num_tasks: int, rank: int, target_modules: Pattern
     for name, mod in targets:
         try:
             if isinstance(mod, nn.Linear):
-                new = PaLoRALinear.from_module(mod, num_tasks=num_tasks, rank=rank, lora_alpha=lora_alpha)
+                new = PaLoRALinear.from_module(mod, num_tasks=num_tasks, rank=rank, lora_alpha=lora_alpha,
+                                               lora_dropout=lora_dropout)
             else:
                 new = PaLoRAConv2d.from_module(mod, num_tasks=num_tasks, rank=rank, lora_alpha=lora_alpha,
-                                               parameterization=parameterization)
+                                               parameterization=parameterization, lora_dropout=lora_dropout)
         except (TypeError, ValueError) as exc:     # name the module: the message alone names an argument
             raise type(exc)(f"{name} ({type(mod).__name__}): {exc}") from exc
         swaps.append((name, new))

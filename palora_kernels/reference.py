@@ -20,15 +20,17 @@ def _weight(preference: torch.Tensor, t: int, ndim: int) -> torch.Tensor:
     return _per_sample_weight(preference[:, t], ndim)
 
 
-def palora_linear(x, weight, bias, lora_A, lora_B, preference, scale):
-    """y = x W^T + b + s * sum_t p_t (x A_t^T) B_t^T.
+def palora_linear(x, weight, bias, lora_A, lora_B, preference, scale, x_lora=None):
+    """y = x W^T + b + s * sum_t p_t (x~ A_t^T) B_t^T,  x~ = x_lora (the adapters' input) or x.
 
     x: (..., in) or, with a per-sample preference (B, T), (B, ..., in).
     weight: (out, in); bias: (out,) or None; lora_A: (T, r, in); lora_B: (T, out, r).
+    x_lora: x's shape; under LoRA dropout, x with the mask applied (as PEFT's lora_dropout(x)).
     """
+    x_lora = x if x_lora is None else x_lora
     y = F.linear(x, weight, bias)
     for t in range(lora_A.shape[0]):
-        update = F.linear(F.linear(x, lora_A[t]), lora_B[t]) * scale
+        update = F.linear(F.linear(x_lora, lora_A[t]), lora_B[t]) * scale
         y = y + _weight(preference, t, y.dim()) * update
     return y
 
@@ -39,7 +41,7 @@ def delta_weight_loralib(lora_A_t, lora_B_t, weight_shape):
 
 
 def palora_conv2d(x, weight, bias, lora_A, lora_B, preference, scale,
-                  stride=1, padding=0, dilation=1, parameterization="factorized", groups=1):
+                  stride=1, padding=0, dilation=1, parameterization="factorized", groups=1, x_lora=None):
     """Conv2d plus the preference-weighted sum of T adapters.
 
     factorized: lora_A (T, r, C_in, kh, kw) is a conv with the base's stride, padding,
@@ -47,11 +49,13 @@ def palora_conv2d(x, weight, bias, lora_A, lora_B, preference, scale,
     loralib: lora_A (T, r*k, C_in*k), lora_B (T, C_out*k, r*k); update (B_t A_t).view(W.shape).
     groups: the base conv's; a factorized adapter stays full-channel, a loralib update is grouped as
     W (lora_B (T, C_out/groups*k, r*k), as in the PaLoRA reference code).
+    x_lora: the factorized adapters' input (x under LoRA dropout), default x.
     """
+    x_lora = x if x_lora is None else x_lora
     y = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
     for t in range(lora_A.shape[0]):
         if parameterization == "factorized":
-            h = F.conv2d(x, lora_A[t], None, stride, padding, dilation)
+            h = F.conv2d(x_lora, lora_A[t], None, stride, padding, dilation)
             update = F.conv2d(h, lora_B[t][:, :, None, None])
         else:
             dw = delta_weight_loralib(lora_A[t], lora_B[t], weight.shape)

@@ -14,6 +14,8 @@ from palora_kernels import _rng
 triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("one_thread")     # small tensors: a second thread only spin-waits
+
 
 @triton.jit
 def _rand_kernel(seed, off_ptr, out_ptr, n, BLOCK: tl.constexpr):
@@ -57,9 +59,9 @@ def test_philox_high_word_of_offset_matters():
 
 @pytest.mark.parametrize("p", [0.05, 0.5, 0.9])
 def test_keep_rate(p):
-    n = 200_000
-    keep = _rng.keep_mask(3, 2**33 - 1000, (400, 500), p, "cpu")
-    assert keep.shape == (400, 500) and keep.dtype == torch.bool
+    n = 60_000
+    keep = _rng.keep_mask(3, 2**33 - 1000, (200, 300), p, "cpu")
+    assert keep.shape == (200, 300) and keep.dtype == torch.bool
     rate = keep.double().mean().item()
     # 6 standard deviations of a binomial proportion: a biased generator (or a flipped
     # comparison, which gives rate p) fails, a fair one fails with probability ~2e-9
@@ -98,3 +100,250 @@ def test_dropout_input():
     xt = x.t()
     assert torch.equal(_rng.dropout_input(xt, 0.3, seed, offset),
                        _rng.dropout_input(xt.contiguous(), 0.3, seed, offset))
+
+
+# ---- the C++ header (csrc/cuda/philox.h), compiled for the host into palora_kernels._C -------------
+def test_cpp_header_bitwise_equals_rng():
+    import palora_kernels._ext  # noqa: F401  (loads the extension, registering its ops)
+    if not hasattr(torch.ops.palora, "philox_uniform"):
+        pytest.skip("palora_kernels._C is not built (or predates csrc/cpu/rng_ops.cpp)")
+    for seed in (0, 12345, 2**32 + 5, 2**61 + 99):
+        ours = _rng.philox_uniform(seed, _OFFSETS)
+        cpp = torch.ops.palora.philox_uniform(seed, _OFFSETS)
+        assert torch.equal(ours.view(torch.int32), cpp.view(torch.int32)), f"seed {seed}"
+
+
+# ---- the layers ------------------------------------------------------------------------------------
+import palora_kernels as pk  # noqa: E402
+from palora_kernels import dispatch, reference  # noqa: E402
+from palora_kernels._math import use_weight_space  # noqa: E402
+from palora_kernels.functional import palora_conv2d, palora_linear  # noqa: E402
+from conftest import TOL, rel_err  # noqa: E402
+
+P_DROP = 0.3
+SEED = (987654321, 2**32 - 500)      # the offsets cross 2**32 inside the mask
+GRAD_NAMES = ("x", "weight", "bias", "lora_A", "lora_B", "preference")
+
+
+def _inputs(kind, pref_kind, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    rnd = lambda *s: (torch.randn(*s, generator=g, dtype=torch.float64) * 0.5).to(dtype)  # noqa: E731
+    T, r = 2, 3
+    if kind == "linear":
+        B, L, i, o = 3, 13, 45, 29                        # N = 39 >= 2*45*29/74: weight space without dropout
+        x, w, A, Bm = rnd(B, L, i), rnd(o, i), rnd(T, r, i), rnd(T, o, r)
+    else:
+        B, ci, co = 2, 3, 5
+        x, w, A, Bm = rnd(B, ci, 7, 6), rnd(co, ci, 3, 3), rnd(T, r, ci, 3, 3), rnd(T, co, r)
+    b = rnd(w.shape[0])
+    pdt = torch.float64 if dtype == torch.float64 else torch.float32
+    p = torch.rand(T, generator=g, dtype=pdt) if pref_kind == "batch" else torch.rand(B, T, generator=g, dtype=pdt)
+    dy_shape = (B, L, o) if kind == "linear" else (B, co, 7, 6)
+    dy = torch.randn(dy_shape, generator=g, dtype=torch.float64).to(dtype)
+    return [t.requires_grad_(True) for t in (x, w, b, A, Bm, p)], dy
+
+
+def _call(kind, leaves, **kw):
+    x, w, b, A, Bm, p = leaves
+    if kind == "linear":
+        return palora_linear(x, w, b, A, Bm, p, 0.7, **kw)
+    return palora_conv2d(x, w, b, A, Bm, p, 0.7, padding=1, **kw)
+
+
+def _explicit(kind, leaves, drop_seed, p_drop=P_DROP):
+    """The oracle: the reference loop with the adapters reading x * mask / (1-p), the mask made by _rng."""
+    x, w, b, A, Bm, p = leaves
+    x_lora = pk._rng.dropout_input(x, p_drop, *drop_seed)
+    if kind == "linear":
+        return reference.palora_linear(x, w, b, A, Bm, p, 0.7, x_lora=x_lora)
+    return reference.palora_conv2d(x, w, b, A, Bm, p, 0.7, padding=1, x_lora=x_lora)
+
+
+def _grads(y, leaves, dy):
+    return dict(zip(GRAD_NAMES, torch.autograd.grad(y, leaves, dy)))
+
+
+# Triton runs under the interpreter (~3-6 s each here): each path once, both preference kinds among them
+LINEAR_RUNS = [("torch", None, "batch"), ("torch", None, "sample"), ("triton", "inloop", "sample"),
+               ("triton", "split", "batch"), ("triton", None, "sample")]
+
+
+@pytest.mark.parametrize("backend,path,pref_kind", LINEAR_RUNS,
+                         ids=["torch-batch", "torch-sample", "triton-inloop-sample", "triton-split-batch",
+                              "triton-auto-sample"])
+def test_linear_equals_explicit_mask_composition(backend, path, pref_kind):
+    from palora_kernels.backends.triton import linear as triton_linear
+    leaves, dy = _inputs("linear", pref_kind)
+    assert use_weight_space(39, 45, 29, torch.float64)    # so dropout must switch the weight-space path off
+    y_ref = _explicit("linear", leaves, SEED)
+    g_ref = _grads(y_ref, leaves, dy)
+    with triton_linear.use_path(path):
+        y = _call("linear", leaves, lora_dropout=P_DROP, dropout_seed=SEED, backend=backend)
+        g = _grads(y, leaves, dy)
+    assert rel_err(y, y_ref) <= TOL[torch.float64]
+    for n in GRAD_NAMES:
+        assert rel_err(g[n], g_ref[n]) <= TOL[torch.float64], f"{backend}/{path}: grad {n}"
+    # the dropout did something: without it the output and dA differ by far more than rounding
+    y0 = _call("linear", leaves, backend=backend)
+    assert rel_err(y, y0) > 1e-3
+
+
+@pytest.mark.parametrize("pref_kind", ["batch", "sample"])
+def test_conv_equals_explicit_mask_composition(pref_kind):
+    leaves, dy = _inputs("conv", pref_kind)
+    y_ref = _explicit("conv", leaves, SEED)
+    g_ref = _grads(y_ref, leaves, dy)
+    y = _call("conv", leaves, lora_dropout=P_DROP, dropout_seed=SEED)
+    g = _grads(y, leaves, dy)
+    assert rel_err(y, y_ref) <= TOL[torch.float64]
+    for n in GRAD_NAMES:
+        assert rel_err(g[n], g_ref[n]) <= TOL[torch.float64], f"grad {n}"
+    assert rel_err(y, _call("conv", leaves)) > 1e-3
+
+
+def test_conv_channels_last_mask_is_over_logical_nchw():
+    leaves, dy = _inputs("conv", "sample")
+    y_ref = _explicit("conv", leaves, SEED)
+    x_cl = leaves[0].detach().contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    y = _call("conv", [x_cl] + leaves[1:], lora_dropout=P_DROP, dropout_seed=SEED)
+    assert rel_err(y, y_ref) <= TOL[torch.float64]
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_mask_never_saved_for_backward(kind):
+    """Autograd saves no mask and no dropped copy of x: one x-sized tensor (x itself), nothing boolean."""
+    leaves, _ = _inputs(kind, "sample")
+    got = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: got.append(t) or t, lambda t: t):
+        _call(kind, leaves, lora_dropout=P_DROP, dropout_seed=SEED, backend="torch")
+    assert got and not any(t.dtype == torch.bool for t in got)
+    x_sized = [t for t in got if t.numel() == leaves[0].numel()]
+    assert len(x_sized) == 1 and torch.equal(x_sized[0].reshape(leaves[0].shape), leaves[0].detach())
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_double_backward_with_dropout(kind):
+    """create_graph through the layer: second derivatives equal those of the explicit-mask composition."""
+    def second(fn):
+        leaves, dy = _inputs(kind, "sample")
+        y = fn(leaves)
+        gx = torch.autograd.grad(y, leaves[0], dy, create_graph=True)[0]
+        return torch.autograd.grad((gx ** 2).sum() + (y ** 2).sum(), leaves[1:])
+    ours = second(lambda lv: _call(kind, lv, lora_dropout=P_DROP, dropout_seed=SEED, backend="torch"))
+    ref = second(lambda lv: _explicit(kind, lv, SEED))
+    for n, a, b in zip(GRAD_NAMES[1:], ours, ref):
+        assert rel_err(a, b) <= 1e-11, f"{kind}: second derivative wrt {n}"
+
+
+def _layers(kind, p_drop, dtype=torch.float64):
+    from _layers import make_conv, make_linear
+    if kind == "linear":
+        layer = make_linear(20, 12, 2, 3, dtype=dtype, seed=3)
+        x = torch.randn(4, 5, 20, dtype=dtype)
+    else:
+        layer = make_conv(3, 6, 3, 2, 3, padding=1, dtype=dtype, seed=3)
+        x = torch.randn(2, 3, 6, 5, dtype=dtype)
+    layer.lora_dropout = p_drop       # same parameters, dropout on or off
+    return layer, x
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_eval_mode_and_p0_are_exactly_no_dropout(kind):
+    layer, x = _layers(kind, P_DROP)
+    p = torch.tensor([0.3, 0.7], dtype=torch.float64)
+    layer.lora_dropout = 0.0
+    plain = layer(x, p)
+    layer.lora_dropout = P_DROP
+    state = torch.get_rng_state()
+    layer.eval()
+    assert torch.equal(layer(x, p), plain)
+    assert torch.equal(torch.get_rng_state(), state), "eval mode drew a seed"
+    layer.train()
+    assert not torch.allclose(layer(x, p), plain)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_deterministic_under_manual_seed(kind):
+    layer, x = _layers(kind, P_DROP)
+    p = torch.tensor([0.3, 0.7], dtype=torch.float64)
+
+    def run(s):
+        torch.manual_seed(s)
+        layer.zero_grad(set_to_none=True)
+        y = layer(x, p)
+        y.square().sum().backward()
+        return [y.detach()] + [t.grad.clone() for t in (layer.weight, layer.lora_A, layer.lora_B)]
+    a, b, c = run(11), run(11), run(12)
+    assert all(torch.equal(u, v) for u, v in zip(a, b))
+    assert not torch.equal(a[0], c[0]) and not torch.equal(a[2], c[2])
+
+
+@pytest.mark.parametrize("dt", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_low_precision_within_twice_the_same_dtype_loop(dt):
+    """FlashAttention's rule (tests/test_low_precision.py) with dropout, linear, torch backend."""
+    leaves64, dy64 = _inputs("linear", "sample")
+    leaves = [t.detach().to(dt if i < 5 else torch.float32).requires_grad_(True) for i, t in enumerate(leaves64)]
+    exact_in = [t.detach().double().requires_grad_(True) for t in leaves]
+    dy = dy64.to(dt)
+    y = _call("linear", leaves, lora_dropout=P_DROP, dropout_seed=SEED, backend="torch")
+    g = _grads(y, leaves, dy)
+    y64 = _explicit("linear", exact_in, SEED)
+    g64 = _grads(y64, exact_in, dy.double())
+    loop_in = [t.detach().to(dt).requires_grad_(True) for t in leaves]
+    y_lo = _explicit("linear", loop_in, SEED)
+    g_lo = _grads(y_lo, loop_in, dy)
+    for name, got, loop, exact in [("output", y, y_lo, y64)] + [(n, g[n], g_lo[n], g64[n]) for n in GRAD_NAMES[:5]]:
+        bound = 2 * rel_err(loop, exact) + rel_err(exact.to(dt), exact)
+        assert rel_err(got, exact) <= bound, f"{name}: {rel_err(got, exact):.3g} > {bound:.3g}"
+
+
+# ---- dispatch, errors ------------------------------------------------------------------------------
+def test_cuda_backends_do_not_run_dropout():
+    for name in ("cuda", "cuda_sim"):
+        for op in ("lora_mm_dropout", "lora_conv2d_dropout"):
+            assert "no kernel for op" in dispatch.why_not(name, torch.device("cpu"), op, torch.float32)
+    leaves, _ = _inputs("linear", "batch", torch.float32)
+    with pytest.raises(RuntimeError, match=r"backend 'cuda_sim' was requested for op 'lora_mm_dropout'"):
+        _call("linear", leaves, lora_dropout=P_DROP, backend="cuda_sim")
+    # automatic choice on CPU: the torch composition
+    assert dispatch.select_backend("cpu", "lora_mm_dropout", torch.float32) == "torch"
+    assert dispatch.select_backend("cpu", "lora_conv2d_dropout", torch.float32) == "torch"
+
+
+def test_bad_dropout_arguments_raise_and_mutate_nothing():
+    leaves, _ = _inputs("linear", "batch")
+    for bad in (1.0, -0.1, "0.1", True):
+        state = torch.get_rng_state()
+        with pytest.raises(ValueError, match=r"lora_dropout: expected a probability in \[0, 1\)"):
+            _call("linear", leaves, lora_dropout=bad)
+        assert torch.equal(torch.get_rng_state(), state)
+        with pytest.raises(ValueError, match="lora_dropout"):
+            pk.PaLoRALinear(4, 4, num_tasks=2, rank=1, lora_dropout=bad)
+    with pytest.raises(ValueError, match="parameterization='loralib'.*lora_dropout=0"):
+        pk.PaLoRAConv2d(3, 4, 3, num_tasks=2, rank=1, parameterization="loralib", lora_dropout=0.1)
+    from palora_kernels.backends.triton import linear as triton_linear
+    with triton_linear.use_path("merged"), pytest.raises(ValueError, match="'merged'.*LoRA dropout"):
+        _call("linear", leaves, lora_dropout=P_DROP, backend="triton")
+
+
+@pytest.mark.parametrize("on_expand", [False, True])
+def test_opcheck_lora_mm_with_dropout(on_expand):
+    """The palora::lora_mm schema with its dropout arguments: fake implementation, schema, autograd."""
+    g = torch.Generator().manual_seed(5)
+    x, wm, down, up = (torch.randn(*s, generator=g) for s in ((9, 7), (7, 5), (7, 4), (4, 5)))
+    pref = torch.rand(1, 2, generator=g)
+    torch.library.opcheck(torch.ops.palora.lora_mm.default,
+                          (x, wm, None, down, up, pref, 9, 0.5, "torch", P_DROP, SEED[0], SEED[1], on_expand))
+    y, h = torch.ops.palora.lora_mm(x, wm, None, down, up, pref, 9, 0.5, "torch", P_DROP, SEED[0], SEED[1],
+                                    on_expand)
+    y0, h0 = torch.ops.palora.lora_mm(x, wm, None, down, up, pref, 9, 0.5, "torch")
+    assert not torch.equal(y, y0)
+    assert torch.equal(h, h0) == on_expand      # forward: H is the dropped x's; dX call: the mask is on y
+
+
+def test_convert_passes_lora_dropout():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4, 2))
+    pk.convert(model, 2, 1, lora_dropout=0.1)
+    assert [m.lora_dropout for m in model if hasattr(m, "lora_dropout")] == [0.1, 0.1]
+    with pytest.raises(ValueError, match=r"^0 \(Conv2d\): lora_dropout: parameterization='loralib'"):
+        pk.convert(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3)), 2, 1, parameterization="loralib", lora_dropout=0.1)

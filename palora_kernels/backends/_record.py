@@ -27,7 +27,9 @@ class Backend:
     # plus loralib_conv2d and pref_grad; lora_conv2d_dgrad (the conv's dX and dG) and
     # lora_conv2d_wgrad (dW and dA in one pass), lora_conv2d_pref_grad (d(preference) from the
     # conv's 4-D H and dG) where a backend has kernels for them (the conv backward falls back to
-    # convolution_backward and torch reductions otherwise); mtlora_mm and mtlora_mm_dgrad (MTLoRA).
+    # convolution_backward and torch reductions otherwise); mtlora_mm and mtlora_mm_dgrad (MTLoRA);
+    # lora_mm_dropout / lora_conv2d_dropout where its kernel runs LoRA dropout, lora_dropout_dA where it
+    # has the backward's dA under dropout (docs/dropout.md).
     kernels: Mapping[str, str]
     dtypes: FrozenSet[torch.dtype]
     # device types it runs on ("cpu", "cuda"); empty: any device torch runs on

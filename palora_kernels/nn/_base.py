@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..functional import check_finite, check_preference
+from ..functional import check_dropout, check_finite, check_preference
 
 
 def check_positive(name: str, value) -> int:
@@ -33,8 +33,9 @@ class PaLoRALayerMixin:
     rank: int
     scaling: float
 
-    def _init_palora(self, num_tasks: int, rank: int, lora_alpha: float) -> None:
+    def _init_palora(self, num_tasks: int, rank: int, lora_alpha: float, lora_dropout: float = 0.0) -> None:
         self.num_tasks = check_positive("num_tasks", num_tasks)
+        self.lora_dropout = check_dropout(lora_dropout)
         self.rank = check_positive("rank", rank)
         if not isinstance(lora_alpha, (int, float)) or not math.isfinite(lora_alpha):
             raise ValueError(f"lora_alpha: expected a finite number, got {lora_alpha!r}")
@@ -161,5 +162,10 @@ class PaLoRALayerMixin:
         if merged_p is not None:
             self.merge(merged_p)
 
+    def _active_dropout(self) -> float:
+        """LoRA dropout applies in training mode only (eval gives exactly the no-dropout layer)."""
+        return self.lora_dropout if self.training else 0.0
+
     def extra_palora_repr(self) -> str:
-        return f"num_tasks={self.num_tasks}, rank={self.rank}, lora_alpha={self.lora_alpha}"
+        drop = f", lora_dropout={self.lora_dropout}" if self.lora_dropout else ""
+        return f"num_tasks={self.num_tasks}, rank={self.rank}, lora_alpha={self.lora_alpha}{drop}"

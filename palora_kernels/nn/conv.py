@@ -30,15 +30,18 @@ class PaLoRAConv2d(PaLoRALayerMixin, nn.Module):
         into the grouped weight (merge raises). loralib: the update (B_t A_t).view(W.shape) is
         grouped as W, lora_B (T, C_out/groups*k, r*k) as in the PaLoRA reference; it merges.
     padding: an int, a pair, "same" or "valid", as nn.Conv2d. padding_mode must be "zeros".
+    lora_dropout p (factorized only): in training mode the adapters read x * mask / (1-p), the
+    base reads x; eval mode or p = 0: no dropout. loralib's update has no input of its own (loralib's
+    ConvLoRA folds it into the weight and ignores its lora_dropout): p > 0 raises there.
     forward(x: (N, C_in, H, W), preference: (T,) | (N, T) | None) -> (N, C_out, Ho, Wo).
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
                  dilation=1, groups: int = 1, bias: bool = True, *, num_tasks: int, rank: int,
                  lora_alpha: float = 1.0, parameterization: str = "factorized",
-                 padding_mode: str = "zeros", device=None, dtype=None):
+                 padding_mode: str = "zeros", lora_dropout: float = 0.0, device=None, dtype=None):
         super().__init__()
-        self._init_palora(num_tasks, rank, lora_alpha)
+        self._init_palora(num_tasks, rank, lora_alpha, lora_dropout)
         check_positive("in_channels", in_channels)
         check_positive("out_channels", out_channels)
         groups = check_positive("groups", groups)
@@ -49,6 +52,10 @@ class PaLoRAConv2d(PaLoRALayerMixin, nn.Module):
             raise ValueError(f"padding_mode: expected 'zeros', got {padding_mode!r}")
         if parameterization not in PARAMETERIZATIONS:
             raise ValueError(f"parameterization: expected one of {PARAMETERIZATIONS}, got {parameterization!r}")
+        if parameterization == "loralib" and self.lora_dropout:
+            raise ValueError(f"lora_dropout: parameterization='loralib' folds its update into the conv weight and "
+                             f"has no adapter input to drop (loralib's ConvLoRA ignores its lora_dropout too); use "
+                             f"parameterization='factorized' or lora_dropout=0, got {self.lora_dropout}")
         kh, kw = _pair(kernel_size)
         if isinstance(padding, str):
             if padding not in ("same", "valid"):
@@ -84,7 +91,7 @@ class PaLoRAConv2d(PaLoRALayerMixin, nn.Module):
 
     @classmethod
     def from_module(cls, layer: nn.Conv2d, *, num_tasks: int, rank: int, lora_alpha: float = 1.0,
-                    parameterization: str = "factorized"):
+                    parameterization: str = "factorized", lora_dropout: float = 0.0):
         """A PaLoRAConv2d with ``layer``'s weight and bias (copied) and fresh adapters."""
         if not isinstance(layer, nn.Conv2d):
             raise TypeError(f"layer: expected nn.Conv2d, got {type(layer).__name__}")
@@ -92,7 +99,7 @@ class PaLoRAConv2d(PaLoRALayerMixin, nn.Module):
         new = cls(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
                   layer.dilation, layer.groups, layer.bias is not None, num_tasks=num_tasks, rank=rank,
                   lora_alpha=lora_alpha, parameterization=parameterization,
-                  padding_mode=layer.padding_mode, device=w.device, dtype=w.dtype)
+                  padding_mode=layer.padding_mode, lora_dropout=lora_dropout, device=w.device, dtype=w.dtype)
         with torch.no_grad():
             new.weight.copy_(w)
             if layer.bias is not None:
@@ -112,7 +119,8 @@ class PaLoRAConv2d(PaLoRALayerMixin, nn.Module):
             return F.conv2d(x, self.weight, self.bias, **self._conv_kwargs())
         p = self._resolve_preference(preference)
         return palora_conv2d(x, self.weight, self.bias, self.lora_A, self.lora_B, p, self.scaling,
-                             parameterization=self.parameterization, **self._conv_kwargs())
+                             parameterization=self.parameterization, lora_dropout=self._active_dropout(),
+                             **self._conv_kwargs())
 
     def to_conv2d(self, preference: torch.Tensor) -> nn.Conv2d:
         """A plain nn.Conv2d computing this layer at ``preference`` (T,)."""

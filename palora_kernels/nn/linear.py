@@ -14,15 +14,17 @@ from ._base import PaLoRALayerMixin, init_lora_
 class PaLoRALinear(PaLoRALayerMixin, nn.Module):
     """nn.Linear plus T preference-weighted LoRA adapters; the base weight is trained too.
 
-    y = x W^T + b + s * sum_t p_t (x A_t^T) B_t^T,   s = lora_alpha / rank.
+    y = x W^T + b + s * sum_t p_t (x~ A_t^T) B_t^T,   s = lora_alpha / rank.
+    lora_dropout p: in training mode x~ = x * mask / (1-p), the adapters' input only (PEFT's
+    lora_dropout); x~ = x in eval mode or for p = 0. The mask is regenerated in the backward.
     Parameters: weight (out, in), bias (out,), lora_A (T, r, in), lora_B (T, out, r).
     forward(x: (..., in), preference: (T,) | (B, T) | None) -> (..., out).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, num_tasks: int,
-                 rank: int, lora_alpha: float = 1.0, device=None, dtype=None):
+                 rank: int, lora_alpha: float = 1.0, lora_dropout: float = 0.0, device=None, dtype=None):
         super().__init__()
-        self._init_palora(num_tasks, rank, lora_alpha)
+        self._init_palora(num_tasks, rank, lora_alpha, lora_dropout)
         kw = {"device": device, "dtype": dtype}
         self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features, **kw))
@@ -39,13 +41,14 @@ class PaLoRALinear(PaLoRALayerMixin, nn.Module):
         init_lora_(self.lora_A, self.lora_B)
 
     @classmethod
-    def from_module(cls, layer: nn.Linear, *, num_tasks: int, rank: int, lora_alpha: float = 1.0):
+    def from_module(cls, layer: nn.Linear, *, num_tasks: int, rank: int, lora_alpha: float = 1.0,
+                    lora_dropout: float = 0.0):
         """A PaLoRALinear with ``layer``'s weight and bias (copied) and fresh adapters."""
         if not isinstance(layer, nn.Linear):
             raise TypeError(f"layer: expected nn.Linear, got {type(layer).__name__}")
         w = layer.weight
         new = cls(layer.in_features, layer.out_features, layer.bias is not None, num_tasks=num_tasks,
-                  rank=rank, lora_alpha=lora_alpha, device=w.device, dtype=w.dtype)
+                  rank=rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout, device=w.device, dtype=w.dtype)
         with torch.no_grad():
             new.weight.copy_(w)
             if layer.bias is not None:
@@ -60,7 +63,8 @@ class PaLoRALinear(PaLoRALayerMixin, nn.Module):
             self._merged_call_preference(preference)
             return F.linear(x, self.weight, self.bias)
         p = self._resolve_preference(preference)
-        return palora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, p, self.scaling)
+        return palora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, p, self.scaling,
+                             lora_dropout=self._active_dropout())
 
     def to_linear(self, preference: torch.Tensor) -> nn.Linear:
         """A plain nn.Linear computing this layer at ``preference`` (T,)."""

@@ -24,6 +24,11 @@ The stacked kernels otherwise:
     One call over C_out + R channels: the R-channel convolutions alone ran at a fraction of oneDNN's
     speed (12 channels: 39 ms against 60 ms for 76 channels, same shape as above).
 
+LoRA dropout (docs/dropout.md), drop = (p, seed, offset): the shrink conv reads x~ = x * mask / (1-p)
+(mask over x's logical NCHW elements, regenerated in the backward, never saved), so base and adapter are
+separate convolutions, forward and backward (two convolution_backward calls, dX = dX_base + mask *
+dX~ / (1-p)). No weight-space path.
+
 Double backward: with grad mode on in the backward (``create_graph=True``) the gradients come from
 differentiating _math.conv_composite with ``create_graph`` instead, as in ops/linear.py: exact
 second derivatives on both paths, per-batch and per-sample.
@@ -36,6 +41,7 @@ import torch.nn.functional as F
 from .. import _ops, dispatch
 from .._math import (composite_grads, conv_composite, merged_deltas, row_scale, stack_A, stack_B, unstack_B,
                      use_weight_space, weight_space_grads)
+from .._rng import dropout_input
 
 
 def _cm(t: torch.Tensor) -> torch.Tensor:
@@ -68,10 +74,10 @@ def _grouped(t):
 
 class PaLoRAConv2dFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, pref, stride, padding, dilation, scale, backend):
+    def forward(ctx, x, weight, bias, lora_A, lora_B, pref, stride, padding, dilation, scale, backend, drop=None):
         Ho = _ops.conv_out_size(x.shape[2], weight.shape[2], stride[0], padding[0], dilation[0])
         Wo = _ops.conv_out_size(x.shape[3], weight.shape[3], stride[1], padding[1], dilation[1])
-        ws = weight_space(x, weight, pref, Ho, Wo)
+        ws = drop is None and weight_space(x, weight, pref, Ho, Wo)
         if ws:
             w_eff = _effective_weights(weight, lora_A, lora_B, pref, scale)
             P = pref.shape[0]
@@ -83,22 +89,22 @@ class PaLoRAConv2dFunction(torch.autograd.Function):
             y, h = y.contiguous(memory_format=_ops.conv_memory_format(x)), None
         else:
             y, h = _ops.lora_conv2d(x, weight, stack_A(lora_A), bias, stack_B(lora_B), pref, stride, padding,
-                                    dilation, scale, backend)
+                                    dilation, scale, backend, *(drop or ()))
         ctx.save_for_backward(x, weight, lora_A, lora_B, pref, h)
-        ctx.conf = (stride, padding, dilation, scale, bias is not None, ws, backend)
+        ctx.conf = (stride, padding, dilation, scale, bias is not None, ws, backend, drop)
         return y
 
     @staticmethod
     def backward(ctx, dy):
         x, weight, lora_A, lora_B, pref, h = ctx.saved_tensors
-        stride, padding, dilation, scale, has_bias, ws, backend = ctx.conf
+        stride, padding, dilation, scale, has_bias, ws, backend, drop = ctx.conf
         needs = ctx.needs_input_grad[:6]
         if torch.is_grad_enabled():      # create_graph: a differentiable backward (module docstring)
             dx, dW, dA, dB, dp = composite_grads(
-                lambda *t: conv_composite(*t, stride, padding, dilation, scale), (x, weight, lora_A, lora_B, pref),
-                needs[:2] + needs[3:], dy)
+                lambda *t: conv_composite(*t, stride, padding, dilation, scale, drop),
+                (x, weight, lora_A, lora_B, pref), needs[:2] + needs[3:], dy)
             db = dy.sum((0, 2, 3)) if needs[2] and has_bias else None
-            return dx, dW, db, dA, dB, dp, None, None, None, None, None
+            return dx, dW, db, dA, dB, dp, None, None, None, None, None, None
         if ws:
             return _weight_space_backward(dy, x, weight, lora_A, lora_B, pref, stride, padding, dilation,
                                           scale, has_bias, needs)
@@ -111,7 +117,7 @@ class PaLoRAConv2dFunction(torch.autograd.Function):
         dy3, h3 = _cm(dy), _cm(h)                                         # (N, C_out, HW), (N, R, HW)
         dx = dW = db = dA = dB = dp = None
         # a backend with a data-gradient kernel (cuda, cuda_sim) computes dX and dG in two launches
-        kernel_dx = need_x and "lora_conv2d_dgrad" in dispatch.record(backend).kernels
+        kernel_dx = need_x and drop is None and "lora_conv2d_dgrad" in dispatch.record(backend).kernels
         if kernel_dx:
             dx, dg4 = _ops.lora_conv2d_dgrad(dy, weight, stack_A(lora_A), B_cat, pref, [x.shape[2], x.shape[3]],
                                              stride, padding, dilation, scale, backend)
@@ -121,9 +127,12 @@ class PaLoRAConv2dFunction(torch.autograd.Function):
             dg4 = dg.view(N, R, Ho, Wo)
         # and a backend with a weight-gradient kernel computes dW and dA in one pass over im2col(x)
         # (only where dX needs no convolution_backward, which would compute dW on the way)
-        kernel_dw = ((need_w or need_A) and (kernel_dx or not need_x)
+        kernel_dw = (drop is None and (need_w or need_A) and (kernel_dx or not need_x)
                      and "lora_conv2d_wgrad" in dispatch.record(backend).kernels)
-        if kernel_dw:
+        if drop is not None:
+            dx, dW, db, dA = _dropout_conv_backward(dy, dg * S, x, weight, lora_A, stride, padding, dilation, drop,
+                                                    has_bias, needs)
+        elif kernel_dw:
             dw_, da_ = _ops.lora_conv2d_wgrad(x, dy, dg4, pref, list(weight.shape[2:]), stride,
                                               padding, dilation, scale, need_w, backend)
             dW, dA = (dw_ if need_w else None), (da_.view(lora_A.shape) if need_A else None)
@@ -153,7 +162,30 @@ class PaLoRAConv2dFunction(torch.autograd.Function):
             acc = torch.promote_types(h.dtype, torch.float32)
             dp = (h3.to(acc) * dg.to(acc)).sum(-1).view(N, T, rank).sum(-1) * scale
             dp = (dp.sum(0, keepdim=True) if pref.shape[0] == 1 else dp).to(pref.dtype)
-        return dx, dW, db, dA, dB, dp, None, None, None, None, None
+        return dx, dW, db, dA, dB, dp, None, None, None, None, None, None
+
+
+def _dropout_conv_backward(dy, dh, x, weight, lora_A, stride, padding, dilation, drop, has_bias, needs):
+    """(dX, dW, db, dA) under LoRA dropout: the base's convolution_backward on x, the adapter's on the
+    regenerated x~, and the adapter's data gradient masked as x~ was. dh: (N, R, HW) = dG * S."""
+    need_x, need_w, need_b, need_A, _, _ = needs
+    C_out = weight.shape[0]
+    dx, dW, db = torch.ops.aten.convolution_backward(
+        dy, x, weight, [C_out] if has_bias else None, stride, padding, dilation, False, [0, 0], 1,
+        [need_x, need_w, need_b and has_bias])
+    dA = None
+    if need_x or need_A:
+        A_cat = stack_A(lora_A)
+        dh = dh.reshape(dy.shape[0], A_cat.shape[0], *dy.shape[2:]).contiguous(
+            memory_format=_ops.conv_memory_format(dy))
+        x_lora = dropout_input(x, *drop)                                  # regenerated, freed on return
+        dx_lora, dA, _ = torch.ops.aten.convolution_backward(
+            dh, x_lora, A_cat, None, stride, padding, dilation, False, [0, 0], 1, [need_x, need_A, False])
+        del x_lora
+        if need_x:
+            dx = dx + dropout_input(dx_lora, *drop)
+        dA = None if dA is None else dA.view(lora_A.shape)
+    return dx, (dW if need_w else None), (db if has_bias else None), dA
 
 
 def _weight_space_backward(dy, x, weight, lora_A, lora_B, pref, stride, padding, dilation, scale,
@@ -183,4 +215,4 @@ def _weight_space_backward(dy, x, weight, lora_A, lora_B, pref, stride, padding,
         dA = None if dA is None else dA.view(lora_A.shape)
         dB = None if dB is None else unstack_B(dB, T)
         dW = dWn.sum(0).view_as(weight) if need_w else None
-    return (dx, dW, db if has_bias else None, dA, dB, dp, None, None, None, None, None)
+    return (dx, dW, db if has_bias else None, dA, dB, dp, None, None, None, None, None, None)

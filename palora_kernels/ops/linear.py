@@ -16,6 +16,13 @@ plain layer's -- dX = dY W_eff, dW = dY^T x -- plus weight-sized products for dA
 (_math.weight_space_grads). H is neither computed nor saved. In fp16/bf16 the rounded W_eff and
 dW would feed the result and the adapter gradients, so those dtypes take the kernel path.
 
+LoRA dropout (docs/dropout.md), drop = (p, seed, offset): the shrink reads x~ = x * mask / (1-p),
+the mask regenerated from (seed, offset) wherever it is needed, never saved:
+    y, H = lora_mm(x, ...; mask on x)          H = x~ A_cat^T
+    dX, dG = lora_mm(dY, W, -, B_cat, A_cat; mask on the low-rank term)   dX = dY W + mask * (dH A_cat) / (1-p)
+    dA_cat = dH^T x~   (lora_dropout_dA: the mask regenerated)   dW = dY^T x,  dB, dp as above (H is x~'s)
+The weight-space path cannot express a mask on x alone and is off under dropout.
+
 Double backward: the fast backward above treats the saved H as a constant and uses hand-written
 kernels, so it is not itself differentiable. When the backward runs with grad mode on
 (``create_graph=True``, e.g. a gradient penalty), it instead differentiates the stacked form written
@@ -35,29 +42,30 @@ from .._math import (apply_row_scale, composite_grads, linear_composite, merged_
 
 class PaLoRALinearFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, pref, rows_per_sample, scale, backend):
+    def forward(ctx, x, weight, bias, lora_A, lora_B, pref, rows_per_sample, scale, backend, drop=None):
         A_cat, B_cat = stack_A(lora_A), stack_B(lora_B)
         out, rank = weight.shape[0], lora_A.shape[1]
-        ws = pref.shape[0] == 1 and use_weight_space(x.shape[0], x.shape[1], out, x.dtype)
+        ws = drop is None and pref.shape[0] == 1 and use_weight_space(x.shape[0], x.shape[1], out, x.dtype)
         if ws:
             y, h = F.linear(x, weight + merged_delta(A_cat, B_cat, pref, rank, scale), bias), None
         else:
-            y, h = _ops.lora_mm(x, weight.t(), bias, A_cat.t(), B_cat.t(), pref, rows_per_sample, scale, backend)
+            y, h = _ops.lora_mm(x, weight.t(), bias, A_cat.t(), B_cat.t(), pref, rows_per_sample, scale, backend,
+                                *(drop or ()))
         ctx.save_for_backward(x, weight, lora_A, lora_B, pref, h)
-        ctx.conf = (rows_per_sample, scale, backend, bias is not None, ws)
+        ctx.conf = (rows_per_sample, scale, backend, bias is not None, ws, drop)
         return y
 
     @staticmethod
     def backward(ctx, dy):
         x, weight, lora_A, lora_B, pref, h = ctx.saved_tensors
-        rows_per_sample, scale, backend, has_bias, ws = ctx.conf
+        rows_per_sample, scale, backend, has_bias, ws, drop = ctx.conf
         need_x, need_w, need_b, need_A, need_B, need_p = ctx.needs_input_grad[:6]
         if torch.is_grad_enabled():      # create_graph: a differentiable backward (module docstring)
             dx, dW, dA, dB, dp = composite_grads(
-                lambda *t: linear_composite(*t, rows_per_sample, scale), (x, weight, lora_A, lora_B, pref),
+                lambda *t: linear_composite(*t, rows_per_sample, scale, drop), (x, weight, lora_A, lora_B, pref),
                 (need_x, need_w, need_A, need_B, need_p), dy)
             db = dy.sum(0) if need_b and has_bias else None
-            return dx, dW, db, dA, dB, dp, None, None, None
+            return dx, dW, db, dA, dB, dp, None, None, None, None
         T, rank, in_f = lora_A.shape
         A_cat, B_cat = stack_A(lora_A), stack_B(lora_B)
         dx = dW = db = dA = dB = dp = None
@@ -73,18 +81,24 @@ class PaLoRALinearFunction(torch.autograd.Function):
                 dA, dB, dp = weight_space_grads(dW, A_cat, B_cat, pref, rank, scale, need_A, need_B, need_p)
             dA = None if dA is None else dA.view(T, rank, in_f)
             dB = None if dB is None else unstack_B(dB, T)
-            return dx, (dW if need_w else None), db, dA, dB, dp, None, None, None
+            return dx, (dW if need_w else None), db, dA, dB, dp, None, None, None, None
         if need_x:
-            dx, dg = _ops.lora_mm(dy, weight, None, B_cat, A_cat, pref, rows_per_sample, scale, backend)
+            dx, dg = _ops.lora_mm(dy, weight, None, B_cat, A_cat, pref, rows_per_sample, scale, backend,
+                                  *((*drop, True) if drop else ()))
         else:
             dg = dy @ B_cat
         if need_w:
             dW = dy.t() @ x
         if need_A:
-            dA = (apply_row_scale(dg, pref, rows_per_sample, rank, scale).t() @ x).view(T, rank, in_f)
+            dh = apply_row_scale(dg, pref, rows_per_sample, rank, scale)
+            if drop is None:
+                dA = (dh.t() @ x).view(T, rank, in_f)
+            else:   # the mask regenerated: in-kernel (triton) or as an (N, in) temporary (torch)
+                name = dispatch.select_backend(x.device, "lora_dropout_dA", x.dtype, backend, fallback=True)
+                dA = dispatch.kernel(name, "lora_dropout_dA")(dh, x, *drop).view(T, rank, in_f)
         if need_B:
             dB = unstack_B(dy.t() @ apply_row_scale(h, pref, rows_per_sample, rank, scale), T)
         if need_p:
             name = dispatch.select_backend(h.device, "pref_grad", h.dtype, fallback=True)
             dp = dispatch.kernel(name, "pref_grad")(h, dg, pref, rows_per_sample, rank, scale)
-        return dx, dW, db, dA, dB, dp, None, None, None
+        return dx, dW, db, dA, dB, dp, None, None, None, None

@@ -211,9 +211,12 @@ def _signature(fn, constexprs, args, dt):
     from triton.backends.compiler import BaseBackend
     from triton.runtime.jit import native_specialize_impl
     sig, attrs, const = {}, {}, {}
+    defaults = {p.name: p.default for p in fn.params if p.is_constexpr and p.has_default}
     for i, n in enumerate(fn.arg_names):
         if n in constexprs:
             sig[n] = "constexpr"
+        elif n in defaults:          # a feature flag left at its default (DROP_IN, DROP_OUT: off)
+            sig[n], const[n] = "constexpr", defaults[n]
         elif n.endswith("_ptr"):
             elt = "fp64" if dt == "fp64" else "fp32" if dt == "tf32" else dt
             # the scaled preference and the wgrad partials are in the accumulator's dtype

@@ -27,6 +27,8 @@ RECORD = Backend(
              "lora_conv2d_dgrad": "palora_kernels.backends.cuda.kernels:lora_conv2d_dgrad",
              "lora_conv2d_wgrad": "palora_kernels.backends.cuda.kernels:lora_conv2d_wgrad",
              "lora_conv2d_pref_grad": "palora_kernels.backends.cuda.kernels:lora_conv2d_pref_grad"},
+    # no *_dropout ops: the CUDA C++ kernels draw no dropout mask, so dispatch sends a layer under
+    # LoRA dropout to triton / torch (docs/dropout.md)
     dtypes=HALF_AND_FP32,            # fp64 (gradcheck) goes to the next backend: torch on cuBLAS
     devices=frozenset({"cuda"}),
     priority=20,

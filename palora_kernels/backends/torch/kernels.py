@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from ..._math import apply_row_scale, loralib_delta, row_scale
 from ..._ops import conv_memory_format
+from ..._rng import dropout_input
 from . import RECORD
 
 
@@ -38,6 +39,46 @@ def lora_mm(x, wm, bias, down, up, pref, rows_per_sample, scale):
         y.addmm_(h, up * row_scale(pref.to(up.dtype), rank, scale).t())
     else:
         y.addmm_(apply_row_scale(h, pref, rows_per_sample, rank, scale), up)
+    return y, h
+
+
+def lora_mm_dropout(x, wm, bias, down, up, pref, rows_per_sample, scale, p, seed, offset, on_expand):
+    """lora_mm under LoRA dropout (see palora_kernels._ops): the mask of _rng, made here in torch ops.
+
+    Forward: H = (x * mask / (1-p)) down. dX call (on_expand): the (N, M) low-rank term is masked,
+    so it is its own GEMM here instead of an in-place addmm_ into y."""
+    R = down.shape[1]
+    rank = R // pref.shape[1]
+    x_lora = x if on_expand else dropout_input(x, p, seed, offset)
+    h = torch.mm(x_lora, _padded_cols(down, RECORD.h_row_stride(R)))[:, :R]
+    del x_lora
+    y = torch.mm(x, wm) if bias is None else torch.addmm(bias, x, wm)
+    if pref.shape[0] == 1:
+        low = h @ (up * row_scale(pref.to(up.dtype), rank, scale).t())
+    else:
+        low = apply_row_scale(h, pref, rows_per_sample, rank, scale) @ up
+    y += dropout_input(low, p, seed, offset) if on_expand else low
+    return y, h
+
+
+def lora_dropout_dA(dh, x, p, seed, offset):
+    """dA_cat = dH^T (x * mask / (1-p)) (R, in): x~ regenerated with _rng, one (N, in) temporary."""
+    return dh.t() @ dropout_input(x, p, seed, offset)
+
+
+def lora_conv2d_dropout(x, weight, down, bias, up, pref, stride, padding, dilation, scale, p, seed, offset):
+    """lora_conv2d under LoRA dropout: the base conv reads x, the shrink conv x * mask / (1-p) (mask over
+    x's logical NCHW elements), so they are two convolutions and the per-batch expand does not fold
+    into W."""
+    C_out, R = up.shape
+    rank = R // pref.shape[1]
+    fmt = conv_memory_format(x)
+    y = F.conv2d(x, weight, bias, stride, padding, dilation).contiguous(memory_format=fmt)
+    h = F.conv2d(dropout_input(x, p, seed, offset), down, None, stride, padding, dilation)
+    h = h.contiguous(memory_format=fmt)
+    up_s = up[None] * row_scale(pref.to(up.dtype), rank, scale)[:, None, :]      # (P, C_out, R)
+    y += torch.einsum("por,nrhw->nohw", up_s, h) if pref.shape[0] == 1 else \
+        torch.einsum("nor,nrhw->nohw", up_s, h)
     return y, h
 
 

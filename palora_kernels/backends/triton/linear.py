@@ -13,6 +13,12 @@ Three paths (palora_kernels.cost_model chooses, :func:`use_path` forces):
   merged  _lora_merge_kernel: W_eff = wm + (down*S) @ up (per-batch preference only), then
           _lora_shrink_kernel for H (the backward needs it) and a plain GEMM with W_eff.
 None of the kernels accumulates into memory it did not zero itself, so autotuning is safe.
+
+LoRA dropout (docs/dropout.md), in-kernel: the mask element of logical index i is
+tl.rand(drop_seed, drop_offset + i) >= drop_p, i = row * drop_sr + col * drop_sc, drawn where the
+tile is used and never stored. DROP_IN (forward): the x tile feeding the shrink is masked and scaled
+by 1/(1-p), the base GEMM reads it unmasked. DROP_OUT (dX): the low-rank term (dH A_cat) is masked
+before it joins the base product. The merged path cannot express a mask on x alone: not under dropout.
 """
 from __future__ import annotations
 
@@ -161,6 +167,15 @@ def _scale_tile(ps_ptr, offs_m, offs_r, mask_m, mask_r, rows_per_sample, rank, s
     return s.to(ACC_DTYPE)
 
 
+@triton.jit
+def _drop_tile(t, offs_row, offs_col, drop_p, drop_seed, drop_offset, drop_sr, drop_sc, dscale):
+    # t * mask / (1-p); mask element i = row*drop_sr + col*drop_sc kept iff tl.rand(seed, offset + i) >= p.
+    # i in int64: offsets past 2**32 keep their high word, and N * in may pass 2**31
+    idx = drop_offset + offs_row.to(tl.int64)[:, None] * drop_sr + offs_col.to(tl.int64)[None, :] * drop_sc
+    keep = tl.rand(drop_seed, idx) >= drop_p
+    return tl.where(keep, t.to(dscale.dtype) * dscale, 0.0)
+
+
 # ----------------------------------------------------------------------------------------------
 # kernels
 # ----------------------------------------------------------------------------------------------
@@ -183,12 +198,16 @@ def _lora_mm_kernel(
     stride_xm, stride_xk, stride_wk, stride_wn, stride_dk, stride_dr, stride_ur, stride_un,
     stride_pp, stride_pt, stride_om, stride_on, stride_hm, stride_hr,
     M_BUCKET,   # next_pow2(M): autotune key only, so a new batch size does not retune
+    # LoRA dropout (read when DROP_IN / DROP_OUT): p (fp32), seed, offset, mask index strides
+    drop_p, drop_seed, drop_offset, drop_sr, drop_sc,
+    dscale_ptr,  # (1,)   1 / (1 - p) in ACC_DTYPE
     # features
     HAS_BIAS: tl.constexpr, PER_SAMPLE_PREF: tl.constexpr, SHRINK_IN_LOOP: tl.constexpr,
     EXPAND: tl.constexpr, UPCAST: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     # tiles
     BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
+    DROP_IN: tl.constexpr = False, DROP_OUT: tl.constexpr = False,
 ):
     # grouped ordering: GROUP_M row tiles share each column tile of w while it is in L2
     pid = tl.program_id(0)
@@ -221,6 +240,9 @@ def _lora_mm_kernel(
             u = tl.load(up_ptr + rr[:, None] * stride_ur + offs_n[None, :] * stride_un,
                         mask=mask_r[:, None] & mask_n[None, :], other=0.0)
             acc = _dot(g.to(u.dtype), u, acc, UPCAST, INPUT_PRECISION)
+        if DROP_OUT:   # acc holds the low-rank term only so far
+            acc = _drop_tile(acc, offs_m, offs_n, drop_p, drop_seed, drop_offset, drop_sr, drop_sc,
+                             tl.load(dscale_ptr))
 
     x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk
     w_ptrs = w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn
@@ -235,7 +257,12 @@ def _lora_mm_kernel(
         acc = _dot(x, w, acc, UPCAST, INPUT_PRECISION)
         if SHRINK_IN_LOOP:
             d = tl.load(d_ptrs, mask=mask_k[:, None] & mask_r[None, :], other=0.0)
-            h_acc = _dot(x, d, h_acc, UPCAST, INPUT_PRECISION)
+            if DROP_IN:
+                xd = _drop_tile(x, offs_m, k0 + offs_k, drop_p, drop_seed, drop_offset, drop_sr, drop_sc,
+                                tl.load(dscale_ptr)).to(x.dtype)
+                h_acc = _dot(xd, d, h_acc, UPCAST, INPUT_PRECISION)
+            else:
+                h_acc = _dot(x, d, h_acc, UPCAST, INPUT_PRECISION)
             d_ptrs += BLOCK_K * stride_dk
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K * stride_wk
@@ -246,7 +273,12 @@ def _lora_mm_kernel(
                                     stride_pp, stride_pt, ACC_DTYPE, PER_SAMPLE_PREF)
             u = tl.load(up_ptr + offs_r[:, None] * stride_ur + offs_n[None, :] * stride_un,
                         mask=mask_r[:, None] & mask_n[None, :], other=0.0)
-            acc = _dot(g.to(u.dtype), u, acc, UPCAST, INPUT_PRECISION)
+            if DROP_OUT:   # the low-rank term in its own tile, masked, then added to the base product
+                low = _dot(g.to(u.dtype), u, tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE), UPCAST, INPUT_PRECISION)
+                acc += _drop_tile(low, offs_m, offs_n, drop_p, drop_seed, drop_offset, drop_sr, drop_sc,
+                                  tl.load(dscale_ptr))
+            else:
+                acc = _dot(g.to(u.dtype), u, acc, UPCAST, INPUT_PRECISION)
         if pid_n == 0:
             tl.store(h_ptr + offs_m[:, None] * stride_hm + offs_r[None, :] * stride_hr,
                      h_acc.to(h_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_r[None, :])
@@ -294,8 +326,9 @@ def _lora_shrink_kernel(
     M, K, R,
     stride_xm, stride_xk, stride_dk, stride_dr, stride_hm, stride_hr,
     M_BUCKET,
+    drop_p, drop_seed, drop_offset, drop_sr, drop_sc, dscale_ptr,   # LoRA dropout on x, read when DROP_IN
     UPCAST: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, DROP_IN: tl.constexpr = False,
 ):
     # grid (row tiles, R chunks): H[m, r0:r0+BLOCK_R] = x[m, :] @ down[:, r0:r0+BLOCK_R]
     pid_m = tl.program_id(0)
@@ -312,6 +345,9 @@ def _lora_shrink_kernel(
         mask_k = offs_k < K - k0
         x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         d = tl.load(d_ptrs, mask=mask_k[:, None] & mask_r[None, :], other=0.0)
+        if DROP_IN:
+            x = _drop_tile(x, offs_m, k0 + offs_k, drop_p, drop_seed, drop_offset, drop_sr, drop_sc,
+                           tl.load(dscale_ptr)).to(x.dtype)
         h = _dot(x, d, h, UPCAST, INPUT_PRECISION)
         x_ptrs += BLOCK_K * stride_xk
         d_ptrs += BLOCK_K * stride_dk
@@ -414,11 +450,18 @@ def pick_path(N, K, M, R, T, dtype, device, per_batch, bias) -> str:
                                   allow_tf32=allow_tf32(), cublas=not INTERPRET)
 
 
-def lora_mm(x, wm, bias, down, up, pref, rows_per_sample, scale, path: Optional[str] = None):
+def lora_mm_dropout(x, wm, bias, down, up, pref, rows_per_sample, scale, p, seed, offset, on_expand):
+    """lora_mm under LoRA dropout (palora_kernels._ops): the mask drawn in-kernel, on the shrink's x
+    tile, or on the low-rank term when ``on_expand`` (the dX call)."""
+    return lora_mm(x, wm, bias, down, up, pref, rows_per_sample, scale, dropout=(p, seed, offset, on_expand))
+
+
+def lora_mm(x, wm, bias, down, up, pref, rows_per_sample, scale, path: Optional[str] = None, dropout=None):
     """(y, H): y = x wm + bias + ((x down) * S) up (N, M) dense, H = x down (N, R) with a padded
     row stride; see palora_kernels._ops (which checked the arguments).
 
     x: (N, K); wm: (K, M); bias: (M,) or None; down: (K, R); up: (R, M); pref: (P, T).
+    dropout: None or (p, seed, offset, on_expand), see :func:`lora_mm_dropout`.
     """
     from . import RECORD
     N, K = x.shape
@@ -428,23 +471,69 @@ def lora_mm(x, wm, bias, down, up, pref, rows_per_sample, scale, path: Optional[
     h = x.new_empty_strided((N, R), (RECORD.h_row_stride(R), 1))
     if N == 0:
         return y, h
-    path = path or pick_path(N, K, M, R, T, x.dtype, x.device, P == 1, bias is not None)
+    # merged (W_eff) has no separate adapter input, so it is never picked under dropout
+    if dropout is not None and (path or _forced_path) == "merged":
+        raise ValueError("path: 'merged' folds the adapters into W and cannot mask their input alone; "
+                         "it does not run under LoRA dropout")
+    forced = path or _forced_path
+    path = path or pick_path(N, K, M, R, T, x.dtype, x.device, P == 1 and dropout is None, bias is not None)
+    if dropout is not None and not forced and path in ("cublas", "inloop"):
+        # the cost model knows nothing of the mask (docs/dropout.md): in-loop draws x's mask once per
+        # column tile (M / BLOCK_N Philox per x element, once in split; an estimate from op counts), its
+        # dX needs a second accumulator for the masked low-rank tile (bf16 128x128 on sm_90: 5492 bytes
+        # spilled, ptxas), and the cuBLAS composition makes the mask with ~150 int64 torch passes over x
+        path = "split"
     if path == "cublas":        # the cost model says cuBLAS composition beats the fused kernels here
-        from ..torch.kernels import lora_mm as composed
-        return composed(x, wm, bias, down, up, pref, rows_per_sample, scale)
+        from ..torch import kernels as composed
+        if dropout is not None:
+            return composed.lora_mm_dropout(x, wm, bias, down, up, pref, rows_per_sample, scale, *dropout)
+        return composed.lora_mm(x, wm, bias, down, up, pref, rows_per_sample, scale)
     # launch on x's device (the current stream of that device), whatever device is current
     guard = torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
     with guard:
-        _launch(x, wm, bias, down, up, pref, rows_per_sample, scale, y, h, path)
+        _launch(x, wm, bias, down, up, pref, rows_per_sample, scale, y, h, path, dropout)
     return y, h
 
 
-def shrink_args(x, down, h) -> dict:
+def lora_dropout_dA(dh, x, p, seed, offset):
+    """dA_cat = dH^T (x * mask / (1-p)) (R, in), the mask drawn in-kernel: the skinny shrink kernel
+    run on x^T (in, N) against dH (N, R), so no dropped copy of x is made. dh: (N, R); x: (N, in)."""
+    N, K = x.shape
+    R = dh.shape[1]
+    out = x.new_empty((R, K))
+    if N == 0 or K == 0 or R == 0:
+        return out.zero_()
+    upcast, acc_dt, prec = _precision(x.dtype)
+    BR = block_r(R)
+    xt = x.t()                      # (in, N) view: the "x" of the shrink kernel, reduction over N
+    grid = lambda META: (triton.cdiv(K, META["BLOCK_M"]), triton.cdiv(R, BR))  # noqa: E731
+    guard = torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+    with guard:
+        _lora_shrink_kernel[grid](**dict(shrink_args(xt, dh, out.t()), **drop_args(x, (p, seed, offset), K, True)),
+                                  UPCAST=upcast, ACC_DTYPE=acc_dt, INPUT_PRECISION=prec, BLOCK_R=BR, DROP_IN=True)
+    return out
+
+
+def drop_args(x, dropout, cols: int, transpose: bool = False) -> dict:
+    """The kernels' dropout arguments: the mask over a row-major (rows, cols) matrix (x, or dX's
+    low-rank term), read transposed when ``transpose``. dropout: None or (p, seed, offset, ...)."""
+    if dropout is None:
+        return dict(drop_p=0.0, drop_seed=0, drop_offset=0, drop_sr=0, drop_sc=0, dscale_ptr=x)
+    p, seed, offset = dropout[:3]
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    # 1/(1-p) in the accumulator's dtype (a float kernel argument would be fp32 even for fp64 x)
+    dscale = torch.full((1,), 1.0 / (1.0 - p), dtype=acc, device=x.device)
+    sr, sc = (1, cols) if transpose else (cols, 1)
+    return dict(drop_p=p, drop_seed=seed, drop_offset=offset, drop_sr=sr, drop_sc=sc, dscale_ptr=dscale)
+
+
+def shrink_args(x, down, h, dropout=None) -> dict:
     """The arguments _lora_shrink_kernel gets (kernel_report compiles with these very values)."""
     N, K = x.shape
     return dict(x_ptr=x, down_ptr=down, h_ptr=h, M=N, K=K, R=down.shape[1],
                 stride_xm=x.stride(0), stride_xk=x.stride(1), stride_dk=down.stride(0), stride_dr=down.stride(1),
-                stride_hm=h.stride(0), stride_hr=h.stride(1), M_BUCKET=triton.next_power_of_2(N))
+                stride_hm=h.stride(0), stride_hr=h.stride(1), M_BUCKET=triton.next_power_of_2(N),
+                **drop_args(x, dropout, K))
 
 
 def merge_args(wm, down, up, ps, weff, T) -> dict:
@@ -456,8 +545,9 @@ def merge_args(wm, down, up, ps, weff, T) -> dict:
                 stride_ek=weff.stride(0), stride_en=weff.stride(1))
 
 
-def mm_args(x, w, bias, down, up, ps, out, h, rows_per_sample) -> dict:
-    """The non-constexpr arguments _lora_mm_kernel gets (kernel_report compiles with these values)."""
+def mm_args(x, w, bias, down, up, ps, out, h, rows_per_sample, dropout=None) -> dict:
+    """The non-constexpr arguments _lora_mm_kernel gets (kernel_report compiles with these values).
+    dropout (p, seed, offset, on_expand): the mask is over x (N, K), or over out (N, M) when on_expand."""
     N, K = x.shape
     M, R = w.shape[1], down.shape[1]
     return dict(x_ptr=x, w_ptr=w, bias_ptr=bias if bias is not None else x, down_ptr=down, up_ptr=up,
@@ -466,10 +556,11 @@ def mm_args(x, w, bias, down, up, ps, out, h, rows_per_sample) -> dict:
                 stride_xm=x.stride(0), stride_xk=x.stride(1), stride_wk=w.stride(0), stride_wn=w.stride(1),
                 stride_dk=down.stride(0), stride_dr=down.stride(1), stride_ur=up.stride(0), stride_un=up.stride(1),
                 stride_pp=ps.stride(0), stride_pt=ps.stride(1), stride_om=out.stride(0), stride_on=out.stride(1),
-                stride_hm=h.stride(0), stride_hr=h.stride(1), M_BUCKET=triton.next_power_of_2(N))
+                stride_hm=h.stride(0), stride_hr=h.stride(1), M_BUCKET=triton.next_power_of_2(N),
+                **drop_args(x, dropout, M if dropout is not None and dropout[3] else K))
 
 
-def _launch(x, wm, bias, down, up, pref, rows_per_sample, scale, out, h, path):
+def _launch(x, wm, bias, down, up, pref, rows_per_sample, scale, out, h, path, dropout=None):
     N, K = x.shape
     M, R = wm.shape[1], down.shape[1]
     P, T = pref.shape
@@ -477,9 +568,12 @@ def _launch(x, wm, bias, down, up, pref, rows_per_sample, scale, out, h, path):
     ps = pref.to(torch.float64 if x.dtype == torch.float64 else torch.float32) * scale   # (P, T), tiny
     BR = block_r(R)
     common = dict(UPCAST=upcast, ACC_DTYPE=acc_dt, INPUT_PRECISION=prec, BLOCK_R=BR)
+    drop_in = dropout is not None and not dropout[3]
+    drop_out = dropout is not None and dropout[3]
     if path in ("split", "merged"):
         grid = lambda META: (triton.cdiv(N, META["BLOCK_M"]), triton.cdiv(R, BR))  # noqa: E731
-        _lora_shrink_kernel[grid](**shrink_args(x, down, h), **common)
+        _lora_shrink_kernel[grid](**shrink_args(x, down, h, dropout if drop_in else None), **common,
+                                  DROP_IN=drop_in)
     w = wm
     if path == "merged":
         w = torch.empty((K, M), dtype=x.dtype, device=x.device)
@@ -488,6 +582,6 @@ def _launch(x, wm, bias, down, up, pref, rows_per_sample, scale, out, h, path):
             **merge_args(wm, down, up, ps, w, T), **common,
             BLOCK_K=t["BLOCK_K"], BLOCK_N=t["BLOCK_N"], num_warps=t["num_warps"])
     grid = lambda META: (triton.cdiv(N, META["BLOCK_M"]) * triton.cdiv(M, META["BLOCK_N"]),)  # noqa: E731
-    _lora_mm_kernel[grid](**mm_args(x, w, bias, down, up, ps, out, h, rows_per_sample), **common,
+    _lora_mm_kernel[grid](**mm_args(x, w, bias, down, up, ps, out, h, rows_per_sample, dropout), **common,
                           HAS_BIAS=bias is not None, PER_SAMPLE_PREF=P != 1, SHRINK_IN_LOOP=path == "inloop",
-                          EXPAND=path != "merged")
+                          EXPAND=path != "merged", DROP_IN=drop_in and path == "inloop", DROP_OUT=drop_out)
