@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 
 from .. import _ops, dispatch
-from .._math import (apply_row_scale, composite_grads, linear_composite, merged_delta, row_scale, stack_A,
-                     stack_B, unstack_B, use_weight_space, weight_space_grads)
+from .._math import (acc_dtype, composite_grads, linear_composite, merged_delta, row_scale, stack_A,
+                     stack_B, row_scaled_tmm, unstack_B, use_weight_space, weight_space_grads)
 
 
 class PaLoRALinearFunction(torch.autograd.Function):
@@ -81,10 +81,16 @@ class PaLoRALinearFunction(torch.autograd.Function):
         if need_w:
             dW = dy.t() @ x
         if need_A:
-            dA = (apply_row_scale(dg, pref, rows_per_sample, rank, scale).t() @ x).view(T, rank, in_f)
+            dA = row_scaled_tmm(dg, x, pref, rows_per_sample, rank, scale).view(T, rank, in_f)
         if need_B:
-            dB = unstack_B(dy.t() @ apply_row_scale(h, pref, rows_per_sample, rank, scale), T)
+            dB = unstack_B(row_scaled_tmm(h, dy, pref, rows_per_sample, rank, scale).t(), T)
         if need_p:
+            acc = acc_dtype(x.dtype)
+            if acc != x.dtype:
+                # fp16/bf16: H and dG again in fp32 (2*N*R*(in+out) flops, only when the preference needs a
+                # gradient): dp sums N*r products with cancellation, and the rounded H and dG gave up to
+                # 6x the same-dtype loop's error in bf16
+                h, dg = x.to(acc) @ A_cat.to(acc).t(), dy.to(acc) @ B_cat.to(acc)
             name = dispatch.select_backend(h.device, "pref_grad", h.dtype, fallback=True)
             dp = dispatch.kernel(name, "pref_grad")(h, dg, pref, rows_per_sample, rank, scale)
         return dx, dW, db, dA, dB, dp, None, None, None
