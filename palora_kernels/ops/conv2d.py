@@ -152,8 +152,8 @@ class PaLoRAConv2dFunction(torch.autograd.Function):
             # fp16); fp16/bf16 go through fp32 copies of a few images at a time, ~16 MiB
             hs = h3 * S                                                   # (N, R, HW), fp32 for fp16/bf16
             step = max(1, (1 << 22) // max(1, C_out * Ho * Wo))
-            dBc = sum(torch.matmul(dy3[i:i + step].to(acc), hs[i:i + step].transpose(1, 2)).sum(0)
-                      for i in range(0, N, step))
+            dBc = sum((torch.matmul(dy3[i:i + step].to(acc), hs[i:i + step].transpose(1, 2)).sum(0)
+                      for i in range(0, N, step)), dy.new_zeros(C_out, R, dtype=acc))
             dB = unstack_B(dBc.to(dy.dtype), T)
         if need_p:
             if acc != h.dtype:
