@@ -22,6 +22,11 @@ PEFT LoRA (its LoraModel wrapper):
     override r / alpha for modules whose name matches ``(.*\\.)?<pattern>$``. Several active
     adapters add up: y = base(x) + sum_t scaling_t B_t A_t x.
 
+Saving (to_peft / save_peft): one PEFT adapter per task in the saved-adapter layout above, with
+adapter_config.json (r and lora_alpha of the first layer, rank_pattern / alpha_pattern for layers that
+differ) and adapter_model.bin (no safetensors here), plus the base model's own state_dict, since PaLoRA
+trains the base. PEFT with adapter t alone then computes the model at the one-hot preference e_t.
+
 Loading PEFT adapters into a PaLoRA layer of rank R (>= every adapter's r) and scaling s: A_t and
 B_t are zero-padded to rank R and B_t is multiplied by scaling_t / s, so the layer at preference p
 computes base(x) + sum_t p_t scaling_t B_t A_t x: PEFT's output with adapter t alone at p = e_t, and
