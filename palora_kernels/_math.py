@@ -39,15 +39,35 @@ def row_scale(pref: torch.Tensor, rank: int, scale: float) -> torch.Tensor:
     return (pref * scale).repeat_interleave(rank, dim=1)
 
 
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype small products and sums are formed in: fp32 for fp16/bf16, else ``dtype``."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def apply_row_scale(h: torch.Tensor, pref: torch.Tensor, rows_per_sample: int,
                     rank: int, scale: float) -> torch.Tensor:
-    """G = H * S for H (N, R): row n is scaled by S[n // rows_per_sample]. New tensor."""
+    """G = H * S for H (N, R): row n is scaled by S[n // rows_per_sample]. New tensor, H's dtype.
+
+    S and the product in fp32 for fp16/bf16 H, rounded once: S rounded to the dtype first added a
+    systematic relative error of ~1 ulp to every adapter gradient."""
     N, R = h.shape
     P = pref.shape[0]
-    S = row_scale(pref.to(h.dtype), rank, scale)                # (P, R)
+    S = row_scale(pref.to(acc_dtype(h.dtype)), rank, scale)     # (P, R)
     if P == 1:
-        return h * S
-    return (h.reshape(P, rows_per_sample, R) * S[:, None, :]).reshape(N, R)
+        return (h * S).to(h.dtype)
+    return (h.reshape(P, rows_per_sample, R) * S[:, None, :]).reshape(N, R).to(h.dtype)
+
+
+def row_scaled_tmm(u: torch.Tensor, v: torch.Tensor, pref: torch.Tensor, rows_per_sample: int,
+                   rank: int, scale: float) -> torch.Tensor:
+    """(U * S)^T V for U (N, R), V (N, K): dA_cat = dH^T x and dB_cat^T = (H * S)^T dY. (R, K), V's dtype.
+
+    A per-batch S scales the columns of U^T V once, in fp32, after the GEMM: rounding U * S (N x R
+    values) before a sum over N rows put 1-3x the same-dtype loop's error into dA and dB in bf16."""
+    if pref.shape[0] == 1:
+        S = row_scale(pref.to(acc_dtype(u.dtype)), rank, scale)[0]              # (R,)
+        return ((u.t() @ v) * S[:, None]).to(v.dtype)
+    return apply_row_scale(u, pref, rows_per_sample, rank, scale).t() @ v
 
 
 def pref_grad(h: torch.Tensor, dg: torch.Tensor, pref: torch.Tensor,
@@ -60,7 +80,8 @@ def pref_grad(h: torch.Tensor, dg: torch.Tensor, pref: torch.Tensor,
     P, T = pref.shape
     if N == 0:
         return torch.zeros_like(pref)
-    prod = (h * dg).reshape(P, -1, T, rank)          # (P, L, T, r); L = N // P
+    acc = acc_dtype(h.dtype)                         # products and sums in fp32, one rounding at the end
+    prod = (h.to(acc) * dg.to(acc)).reshape(P, -1, T, rank)          # (P, L, T, r); L = N // P
     return (prod.sum(dim=(1, 3)) * scale).to(pref.dtype)
 
 

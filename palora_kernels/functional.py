@@ -239,6 +239,14 @@ def palora_conv2d(x, weight, bias, lora_A, lora_B, preference, scale: float, *,
         raise ValueError(f"x: expected a 4-D tensor (N, C_in, H, W), got shape {tuple(x.shape)}")
     _check_tensor("weight", weight, 4, "(C_out, C_in/groups, kh, kw)")
     C_out, C_in, kh, kw = weight.shape
+    # zero-size channels and images: nn.Conv2d raises for C_out = 0 and for an empty image (H or W = 0) and
+    # returns a tensor with 0 channels, not C_out, for C_in = 0; all three are refused here, on every backend
+    if C_out == 0 or C_in == 0:
+        raise ValueError(f"weight: expected C_out = weight.shape[0] >= 1 and C_in/groups = weight.shape[1] >= 1, "
+                         f"got shape {tuple(weight.shape)}")
+    if isinstance(x, torch.Tensor) and (x.shape[2] == 0 or x.shape[3] == 0):
+        raise ValueError(f"x: expected an image of H, W >= 1 (nn.Conv2d takes only a zero batch or zero "
+                         f"channels), got shape {tuple(x.shape)}")
     if C_out % groups:
         raise ValueError(f"weight: expected C_out = weight.shape[0] divisible by groups = {groups}, got {C_out}")
     C_in *= groups

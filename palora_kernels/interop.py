@@ -22,6 +22,11 @@ PEFT LoRA (its LoraModel wrapper):
     override r / alpha for modules whose name matches ``(.*\\.)?<pattern>$``. Several active
     adapters add up: y = base(x) + sum_t scaling_t B_t A_t x.
 
+Saving (to_peft / save_peft): one PEFT adapter per task in the saved-adapter layout above, with
+adapter_config.json (r and lora_alpha of the first layer, rank_pattern / alpha_pattern for layers that
+differ) and adapter_model.bin (no safetensors here), plus the base model's own state_dict, since PaLoRA
+trains the base. PEFT with adapter t alone then computes the model at the one-hot preference e_t.
+
 Loading PEFT adapters into a PaLoRA layer of rank R (>= every adapter's r) and scaling s: A_t and
 B_t are zero-padded to rank R and B_t is multiplied by scaling_t / s, so the layer at preference p
 computes base(x) + sum_t p_t scaling_t B_t A_t x: PEFT's output with adapter t alone at p = e_t, and
@@ -227,3 +232,101 @@ def from_peft(model: nn.Module, adapters: Union[StateDict, Sequence[StateDict]],
                          f"{len(unused)} unused: {unused[:6]}")
     model.load_state_dict(out, strict=strict)
     return model
+
+
+PEFT_ADAPTER_WEIGHTS = "adapter_model.bin"      # PEFT's file name without safetensors (safe_serialization=False)
+PEFT_ADAPTER_CONFIG = "adapter_config.json"
+BASE_WEIGHTS = "base_model.pt"
+
+
+def to_peft(model: nn.Module):
+    """The model as T PEFT LoRA adapters, one per task, plus the base weights.
+
+    Returns (adapters, configs, base_state_dict):
+      adapters[t]: the state_dict PEFT's save_pretrained writes for adapter t (adapter name dropped):
+        ``base_model.model.<m>.lora_A.weight`` (r, in) / (r, C_in, kh, kw) and ``...lora_B.weight``
+        (out, r) / (C_out, r, 1, 1);
+      configs[t]: its adapter_config.json fields (peft_type LORA, r, lora_alpha, target_modules, and
+        rank_pattern / alpha_pattern for layers whose rank or lora_alpha differs from the first one's);
+      base_state_dict: the plain model's state_dict (``<m>.weight``, ``<m>.bias``, every other module):
+        PaLoRA trains the base, so the adapters alone do not reproduce the model. Merged layers give their
+        unmerged weight.
+    PEFT's model with adapter t alone computes this model at the one-hot preference e_t; with all
+    adapters active, at (1, ..., 1). Convs must be ``parameterization="factorized"`` and groups=1
+    (PEFT's conv LoRA is a kh x kw conv then a 1x1 conv over all channels).
+    """
+    layers = list(palora_layers(model))
+    if not layers:
+        raise ValueError("model: expected at least one PaLoRA layer (convert the model first), got none")
+    T = {layer.num_tasks for _, layer in layers}
+    if len(T) != 1:
+        raise ValueError(f"model: expected the same num_tasks in every PaLoRA layer, got {sorted(T)}")
+    T = T.pop()
+    sd = model.state_dict()
+    base: "OrderedDict[str, torch.Tensor]" = OrderedDict()
+    lora = {}
+    for name, layer in layers:
+        p = f"{name}." if name else ""
+        if isinstance(layer, PaLoRAConv2d) and (layer.parameterization != "factorized" or layer.groups != 1):
+            raise ValueError(f"{name}: PEFT conv adapters are a kxk conv then a 1x1 conv over all channels: expected "
+                             f"parameterization='factorized' and groups=1, got {layer.parameterization!r} and "
+                             f"groups={layer.groups}")
+        lora[name] = (sd.pop(p + "lora_A"), sd.pop(p + "lora_B"), layer)
+        sd.pop(p + "merged_preference", None)
+    base.update(sd)
+    r0, a0 = layers[0][1].rank, layers[0][1].lora_alpha
+    config = {"peft_type": "LORA", "task_type": None, "base_model_name_or_path": None, "inference_mode": True,
+              "r": r0, "lora_alpha": a0, "lora_dropout": 0.0, "use_rslora": False, "use_dora": False,
+              "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True, "modules_to_save": None,
+              "layers_to_transform": None, "layers_pattern": None,
+              "target_modules": sorted(lora),
+              "rank_pattern": {re.escape(n): lay.rank for n, (_, _, lay) in lora.items() if lay.rank != r0},
+              "alpha_pattern": {re.escape(n): lay.lora_alpha for n, (_, _, lay) in lora.items()
+                                if lay.lora_alpha != a0}}
+    adapters = []
+    for t in range(T):
+        ad: "OrderedDict[str, torch.Tensor]" = OrderedDict()
+        for name, (A, B, layer) in lora.items():
+            Bt = B[t][:, :, None, None] if isinstance(layer, PaLoRAConv2d) else B[t]
+            ad[f"{PEFT_PREFIX}{name}.lora_A.weight"] = A[t].clone()
+            ad[f"{PEFT_PREFIX}{name}.lora_B.weight"] = Bt.clone()
+        adapters.append(ad)
+    return adapters, [dict(config) for _ in range(T)], base
+
+
+def save_peft(model: nn.Module, directory, adapter_names: Sequence[str]) -> None:
+    """Write :func:`to_peft` as PEFT lays a multi-adapter save_pretrained out without safetensors:
+    ``<directory>/<adapter_names[t]>/adapter_config.json`` and ``.../adapter_model.bin`` per task, and
+    the base weights in ``<directory>/base_model.pt`` (a plain state_dict of the base architecture)."""
+    import json
+    import os
+    adapters, configs, base = to_peft(model)
+    names = list(adapter_names)
+    if len(names) != len(adapters) or len(set(names)) != len(names) or not all(
+            isinstance(n, str) and n and "/" not in n and "." not in n for n in names):
+        raise ValueError(f"adapter_names: expected {len(adapters)} distinct names (one per task) without '/' or "
+                         f"'.', got {names!r}")
+    os.makedirs(directory, exist_ok=True)
+    torch.save(base, os.path.join(directory, BASE_WEIGHTS))
+    for name, ad, cfg in zip(names, adapters, configs):
+        sub = os.path.join(directory, name)
+        os.makedirs(sub, exist_ok=True)
+        torch.save(dict(ad), os.path.join(sub, PEFT_ADAPTER_WEIGHTS))
+        with open(os.path.join(sub, PEFT_ADAPTER_CONFIG), "w") as f:
+            json.dump(cfg, f, indent=2, sort_keys=True)
+
+
+def load_peft(model: nn.Module, directory, adapter_names: Sequence[str], *, strict: bool = True) -> nn.Module:
+    """Read what :func:`save_peft` wrote (or PEFT's own per-adapter folders, adapter_model.bin, with a
+    base_model.pt beside them) into ``model`` through :func:`from_peft`. Returns ``model``."""
+    import json
+    import os
+    adapters, configs = [], []
+    for name in adapter_names:
+        sub = os.path.join(directory, name)
+        adapters.append(_read(os.path.join(sub, PEFT_ADAPTER_WEIGHTS), "adapters"))
+        with open(os.path.join(sub, PEFT_ADAPTER_CONFIG)) as f:
+            configs.append(json.load(f))
+    base = os.path.join(directory, BASE_WEIGHTS)
+    return from_peft(model, adapters, configs, base_state_dict=base if os.path.exists(base) else None,
+                     strict=strict)

@@ -231,3 +231,71 @@ def test_peft_errors():
     with pytest.raises(ValueError, match=r"conv: PEFT conv adapters .*expected parameterization='factorized'"):
         interop.from_peft(pk.convert(PeftNet().double(), num_tasks=3, rank=4, parameterization="loralib"),
                           [_saved_adapter(ad) for ad in adapters], TASKS)
+
+
+def _trained_peftnet(rank_fc=4):
+    """PeftNet converted with unequal ranks/alphas per layer, every parameter random (a trained base too)."""
+    model = pk.convert(PeftNet().double(), num_tasks=3, rank=3, lora_alpha=2.0, target_modules=["conv", "head"])
+    pk.convert(model, num_tasks=3, rank=rank_fc, lora_alpha=5.0, target_modules=["fc"])
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for t in model.parameters():
+            t.copy_(_rand(g, *t.shape))
+    return model
+
+
+def test_peft_save_round_trip(tmp_path):
+    """load(save(model)) into a model of another rank and alpha reproduces the outputs at per-sample
+    preferences to fp64 rounding (a merged layer is saved unmerged); the files are PEFT's per-adapter layout
+    (keys, shapes, adapter_config.json with rank_pattern / alpha_pattern for the layer that differs), and
+    PEFT's forward over them (its formula, written out) is the model at the one-hot preferences."""
+    import json
+    model = _trained_peftnet()
+    model.fc.merge(torch.tensor([0.2, 0.3, 0.5], dtype=f64))          # saved unmerged, as PEFT stores adapters
+    x, p = torch.randn(4, 3, 6, 6, dtype=f64), torch.rand(4, 3, dtype=f64)
+    with pytest.raises(ValueError, match="the layer is merged at"):
+        with pk.preference(model, p):
+            model(x)
+    model.fc.unmerge()
+    with pk.preference(model, p):
+        want = model(x)
+    model.fc.merge(torch.tensor([0.2, 0.3, 0.5], dtype=f64))
+    interop.save_peft(model, tmp_path, ["t0", "t1", "t2"])
+    cfg = json.loads((tmp_path / "t1" / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["r"] == 3 and cfg["lora_alpha"] == 2.0
+    assert cfg["target_modules"] == ["conv", "fc", "head"] and cfg["rank_pattern"] == {"fc": 4}
+    assert cfg["alpha_pattern"] == {"fc": 5.0}
+    ad = torch.load(tmp_path / "t1" / "adapter_model.bin", weights_only=True)
+    assert sorted(ad) == sorted(f"base_model.model.{m}.lora_{w}.weight" for m in ("conv", "fc", "head") for w in "AB")
+    assert ad["base_model.model.conv.lora_B.weight"].shape == (4, 3, 1, 1)
+    assert ad["base_model.model.fc.lora_A.weight"].shape == (4, 4)
+    fresh = pk.convert(PeftNet().double(), num_tasks=3, rank=4, lora_alpha=1.0)
+    interop.load_peft(fresh, tmp_path, ["t0", "t1", "t2"])
+    with pk.preference(fresh, p):
+        assert_rel_close(fresh(x), want, f64, "loaded vs saved model")
+    # PEFT's forward over the saved files: adapter t alone is the model at e_t
+    base = PeftNet().double()
+    base.load_state_dict(torch.load(tmp_path / "base_model.pt", weights_only=True))
+    saved = [torch.load(tmp_path / n / "adapter_model.bin", weights_only=True) for n in ("t0", "t1", "t2")]
+    adapters = [{m: (s[f"base_model.model.{m}.lora_A.weight"], s[f"base_model.model.{m}.lora_B.weight"])
+                 for m in ("conv", "fc", "head")} for s in saved]
+    model.fc.unmerge()
+    scaling = {"conv": 2.0 / 3, "fc": 5.0 / 4, "head": 2.0 / 3}          # lora_alpha / r of each layer
+    for t, ad in enumerate(adapters):
+        lora = lambda m, h: scaling[m] * h @ ad[m][0].t() @ ad[m][1].t()  # noqa: E731
+        h = base.conv(x) + scaling["conv"] * F.conv2d(F.conv2d(x, ad["conv"][0], stride=2, padding=1), ad["conv"][1])
+        h = torch.relu(h).mean((2, 3))
+        h = torch.relu(base.fc(h) + lora("fc", h))
+        peft = base.head(h) + lora("head", h)
+        with pk.preference(model, torch.eye(3, dtype=f64)[t]):
+            assert_rel_close(model(x), peft, f64, f"PEFT's forward with adapter {t} vs the model at e_{t}")
+
+
+def test_peft_save_refuses_what_peft_cannot_hold(tmp_path):
+    loralib = pk.convert(PeftNet().double(), num_tasks=2, rank=2, parameterization="loralib")
+    with pytest.raises(ValueError, match=r"^conv: PEFT conv adapters .* got 'loralib'"):
+        interop.to_peft(loralib)
+    with pytest.raises(ValueError, match=r"^model: expected at least one PaLoRA layer"):
+        interop.to_peft(PeftNet())
+    with pytest.raises(ValueError, match=r"^adapter_names: expected 3 distinct names"):
+        interop.save_peft(_trained_peftnet(), tmp_path, ["a", "a", "b"])

@@ -266,3 +266,30 @@ def test_merged_model_state_dict_round_trips():
     assert fresh.head.merged and not fresh.conv1.merged
     with pk.preference(fresh, p):
         assert torch.equal(fresh(x), y)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_merged_layer_moves_its_unmerged_weight(kind):
+    """.double() / .half() / .to() convert the saved unmerged weight with `weight`: unmerge then gives the
+    weight an unmerged layer converted the same way has, the state_dict still holds the unmerged weight
+    and merged_preference (round trip bit for bit), and a deepcopy of the converted layer keeps all that."""
+    layer, x, p = _layer(kind), _x(kind), torch.tensor([0.6, 0.1, 0.3])
+    plain = copy.deepcopy(layer)
+    layer.merge(p)
+    for conv in (lambda m: m.double(), lambda m: m.half(), lambda m: m.to(torch.float32)):
+        conv(layer), conv(plain)
+        assert layer._unmerged_weight.dtype == layer.weight.dtype == plain.weight.dtype
+        sd = layer.state_dict()
+        assert torch.equal(sd["weight"], plain.weight) and torch.equal(sd["merged_preference"], p)
+        again = copy.deepcopy(layer)
+        again.load_state_dict(sd)
+        assert again.merged and all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), sd.values()))
+        c = copy.deepcopy(layer)
+        c.unmerge()
+        assert torch.equal(c.weight, plain.weight)
+    layer.double()
+    y = layer(x.double())
+    layer.unmerge()
+    assert layer.weight.dtype == torch.float64 and torch.equal(layer.weight, plain.double().weight)
+    # both weights went through fp16 above: they agree to fp16 rounding
+    assert_rel_close(y, layer(x.double(), p), torch.float16, "merged vs unmerged after .half().double()")

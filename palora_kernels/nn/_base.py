@@ -130,6 +130,17 @@ class PaLoRALayerMixin:
             self._check_merged_call(self._preference, "preference (the layer's default, set by "
                                                       "set_preference or `with preference(model, p)`)")
 
+    def _apply(self, fn, recurse=True):
+        """``.to()``, ``.half()``, ``.cuda()`` and friends move the saved unmerged weight with ``weight``
+        (it keeps weight's dtype, so ``unmerge`` after ``.half()`` gives the fp16 weight an unmerged
+        layer would have); the merged preference only follows the device (it stays the exact values
+        the state_dict saves)."""
+        super()._apply(fn, recurse)
+        if self.merged:
+            self._unmerged_weight = fn(self._unmerged_weight)
+            self._merged_preference = self._merged_preference.to(self.weight.device)
+        return self
+
     # -- state_dict: the merged state travels with the weights ------------------------------
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         """A merged layer saves its unmerged weight (as PEFT does) plus ``merged_preference``; loading

@@ -39,8 +39,8 @@ import torch
 import torch.nn.functional as F
 
 from .. import _ops, dispatch
-from .._math import (composite_grads, conv_composite, merged_deltas, row_scale, stack_A, stack_B, unstack_B,
-                     use_weight_space, weight_space_grads)
+from .._math import (acc_dtype, composite_grads, conv_composite, merged_deltas, row_scale, stack_A, stack_B,
+                     unstack_B, use_weight_space, weight_space_grads)
 from .._rng import dropout_input
 
 
@@ -113,8 +113,11 @@ class PaLoRAConv2dFunction(torch.autograd.Function):
         N, R, Ho, Wo = h.shape
         C_out = weight.shape[0]
         B_cat = stack_B(lora_B)                                           # (C_out, R)
-        S = row_scale(pref.to(h.dtype), rank, scale)[:, :, None]          # (P, R, 1)
+        acc = acc_dtype(h.dtype)
+        per_batch = pref.shape[0] == 1
+        S = row_scale(pref.to(acc), rank, scale)[:, :, None]              # (P, R, 1), fp32 for fp16/bf16
         dy3, h3 = _cm(dy), _cm(h)                                         # (N, C_out, HW), (N, R, HW)
+        fmt = _ops.conv_memory_format(dy)
         dx = dW = db = dA = dB = dp = None
         # a backend with a data-gradient kernel (cuda, cuda_sim) computes dX and dG in two launches
         kernel_dx = need_x and drop is None and "lora_conv2d_dgrad" in dispatch.record(backend).kernels
@@ -130,17 +133,24 @@ class PaLoRAConv2dFunction(torch.autograd.Function):
         kernel_dw = (drop is None and (need_w or need_A) and (kernel_dx or not need_x)
                      and "lora_conv2d_wgrad" in dispatch.record(backend).kernels)
         if drop is not None:
-            dx, dW, db, dA = _dropout_conv_backward(dy, dg * S, x, weight, lora_A, stride, padding, dilation, drop,
-                                                    has_bias, needs)
+            dx, dW, db, dA = _dropout_conv_backward(dy, (dg * S).to(dg.dtype), x, weight, lora_A, stride, padding,
+                                                    dilation, drop, has_bias, needs)
         elif kernel_dw:
             dw_, da_ = _ops.lora_conv2d_wgrad(x, dy, dg4, pref, list(weight.shape[2:]), stride,
                                               padding, dilation, scale, need_w, backend)
             dW, dA = (dw_ if need_w else None), (da_.view(lora_A.shape) if need_A else None)
             db = dy.sum((0, 2, 3)) if need_b and has_bias else None
         elif (need_x and not kernel_dx) or need_w or need_A or (need_b and has_bias):
-            wcat = torch.cat([weight, stack_A(lora_A)])
-            dz = torch.cat([dy, (dg * S).reshape(N, R, Ho, Wo).contiguous(memory_format=_ops.conv_memory_format(dy))],
-                           dim=1)
+            # per-batch S: dz carries dG unscaled and S moves onto A_cat (for dX) and onto dA after the
+            # sum over rows, in fp32: rounding dG * S before that sum gave ~2x the same-dtype loop's error
+            A_cat = stack_A(lora_A)
+            if per_batch:
+                wcat = torch.cat([weight, (A_cat * S[0, :, :, None, None]).to(A_cat.dtype)])
+                dh = dg
+            else:
+                wcat = torch.cat([weight, A_cat])
+                dh = (dg * S).to(dg.dtype)
+            dz = torch.cat([dy, dh.reshape(N, R, Ho, Wo).contiguous(memory_format=fmt)], dim=1)
             dx_conv, dwcat, dbcat = torch.ops.aten.convolution_backward(
                 dz, x, wcat, [C_out + R] if has_bias else None, stride, padding, dilation,
                 False, [0, 0], 1, [need_x and not kernel_dx, need_w or need_A, need_b and has_bias])
@@ -148,20 +158,36 @@ class PaLoRAConv2dFunction(torch.autograd.Function):
             if not kernel_dx:
                 dx = dx_conv
             if dwcat is not None:
-                dW, dA = (dwcat[:C_out] if need_w else None), (dwcat[C_out:].view(lora_A.shape) if need_A else None)
+                dW = dwcat[:C_out] if need_w else None
+                if need_A:
+                    dA = dwcat[C_out:]
+                    dA = (dA * S[0, :, :, None, None]).to(dA.dtype) if per_batch else dA
+                    dA = dA.reshape(lora_A.shape)
             if dbcat is not None:
                 db = dbcat[:C_out]
         if need_B:
-            dB = unstack_B(torch.matmul(dy3, (h3 * S).transpose(1, 2)).sum(0), T)
-        if need_p and "lora_conv2d_pref_grad" in dispatch.record(backend).kernels:
-            # one pass over the 4-D H and dG (either memory format), fp32 sums, no atomics
-            dp = dispatch.kernel(backend, "lora_conv2d_pref_grad")(h, dg4, pref, rank, scale)
-        elif need_p:
-            # products and sums in fp32 for fp16/bf16, one rounding at the end: half-precision products
-            # and partial sums gave 2-3x the naive loop's error (issue 11)
-            acc = torch.promote_types(h.dtype, torch.float32)
-            dp = (h3.to(acc) * dg.to(acc)).sum(-1).view(N, T, rank).sum(-1) * scale
-            dp = (dp.sum(0, keepdim=True) if pref.shape[0] == 1 else dp).to(pref.dtype)
+            # dB_cat = sum_n dY_n (H_n S_n)^T, summed over all images and pixels in fp32 and rounded once
+            # (per-image products rounded and then summed gave up to 2.7x the same-dtype loop's error in
+            # fp16); fp16/bf16 go through fp32 copies of a few images at a time, ~16 MiB
+            hs = h3 * S                                                   # (N, R, HW), fp32 for fp16/bf16
+            step = max(1, (1 << 22) // max(1, C_out * Ho * Wo))
+            dBc = sum((torch.matmul(dy3[i:i + step].to(acc), hs[i:i + step].transpose(1, 2)).sum(0)
+                      for i in range(0, N, step)), dy.new_zeros(C_out, R, dtype=acc))
+            dB = unstack_B(dBc.to(dy.dtype), T)
+        if need_p:
+            if acc != h.dtype:
+                # fp16/bf16: H and dG again in fp32 (an R-channel conv and B_cat^T dY, only when the
+                # preference needs a gradient): dp sums Ho*Wo*r products with cancellation, and the
+                # rounded H and dG gave up to 4x the same-dtype loop's error in bf16
+                xa = x if drop is None else dropout_input(x, *drop)      # H was formed from the dropped x
+                h3 = _cm(F.conv2d(xa.to(acc), stack_A(lora_A).to(acc), None, stride, padding, dilation))
+                dg = torch.matmul(B_cat.to(acc).t(), dy3.to(acc))
+            elif "lora_conv2d_pref_grad" in dispatch.record(backend).kernels:
+                # fp32: one pass over the 4-D H and dG (either memory format), fp32 sums, no atomics
+                dp = dispatch.kernel(backend, "lora_conv2d_pref_grad")(h, dg4, pref, rank, scale)
+            if dp is None:
+                dp = (h3 * dg).sum(-1).view(N, T, rank).sum(-1) * scale
+                dp = (dp.sum(0, keepdim=True) if per_batch else dp).to(pref.dtype)
         return dx, dW, db, dA, dB, dp, None, None, None, None, None, None
 
 

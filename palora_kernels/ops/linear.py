@@ -36,8 +36,9 @@ import torch
 import torch.nn.functional as F
 
 from .. import _ops, dispatch
-from .._math import (apply_row_scale, composite_grads, linear_composite, merged_delta, row_scale, stack_A,
-                     stack_B, unstack_B, use_weight_space, weight_space_grads)
+from .._math import (acc_dtype, apply_row_scale, composite_grads, linear_composite, merged_delta, row_scale,
+                     row_scaled_tmm, stack_A, stack_B, unstack_B, use_weight_space, weight_space_grads)
+from .._rng import dropout_input
 
 
 class PaLoRALinearFunction(torch.autograd.Function):
@@ -90,15 +91,22 @@ class PaLoRALinearFunction(torch.autograd.Function):
         if need_w:
             dW = dy.t() @ x
         if need_A:
-            dh = apply_row_scale(dg, pref, rows_per_sample, rank, scale)
             if drop is None:
-                dA = (dh.t() @ x).view(T, rank, in_f)
+                dA = row_scaled_tmm(dg, x, pref, rows_per_sample, rank, scale).view(T, rank, in_f)
             else:   # the mask regenerated: in-kernel (triton) or as an (N, in) temporary (torch)
+                dh = apply_row_scale(dg, pref, rows_per_sample, rank, scale)
                 name = dispatch.select_backend(x.device, "lora_dropout_dA", x.dtype, backend, fallback=True)
                 dA = dispatch.kernel(name, "lora_dropout_dA")(dh, x, *drop).view(T, rank, in_f)
         if need_B:
-            dB = unstack_B(dy.t() @ apply_row_scale(h, pref, rows_per_sample, rank, scale), T)
+            dB = unstack_B(row_scaled_tmm(h, dy, pref, rows_per_sample, rank, scale).t(), T)
         if need_p:
+            acc = acc_dtype(x.dtype)
+            if acc != x.dtype:
+                # fp16/bf16: H and dG again in fp32 (2*N*R*(in+out) flops, only when the preference needs a
+                # gradient): dp sums N*r products with cancellation, and the rounded H and dG gave up to
+                # 6x the same-dtype loop's error in bf16
+                xa = x if drop is None else dropout_input(x, *drop)          # H was formed from the dropped x
+                h, dg = xa.to(acc) @ A_cat.to(acc).t(), dy.to(acc) @ B_cat.to(acc)
             name = dispatch.select_backend(h.device, "pref_grad", h.dtype, fallback=True)
             dp = dispatch.kernel(name, "pref_grad")(h, dg, pref, rows_per_sample, rank, scale)
         return dx, dW, db, dA, dB, dp, None, None, None, None

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..._math import apply_row_scale, loralib_delta, row_scale
+from ..._math import acc_dtype, apply_row_scale, loralib_delta, row_scale
 from ..._ops import conv_memory_format
 from ..._rng import dropout_input
 from . import RECORD
@@ -124,6 +124,10 @@ def loralib_conv2d(x, weight, bias, lora_A, lora_B, preference, scale, stride, p
     per-task (N, C_out, Ho, Wo) temporaries).
     """
     deltas = loralib_delta(lora_A, lora_B, weight.shape)                # (T, C_out, C_in, k, k)
+    if preference.requires_grad and acc_dtype(x.dtype) != x.dtype:
+        # fp16/bf16: the preference's gradient from fp32 (see _PrefGradFP32); the rest as below
+        y = loralib_conv2d(x, weight, bias, lora_A, lora_B, preference.detach(), scale, stride, padding, dilation)
+        return _PrefGradFP32.apply(y, preference, x, lora_A, lora_B, weight.shape, scale, stride, padding, dilation)
     if preference.dim() == 1:
         w_eff = weight + torch.tensordot(preference.to(weight.dtype) * scale, deltas, dims=1)
         return F.conv2d(x, w_eff, bias, stride, padding, dilation)
@@ -136,3 +140,33 @@ def loralib_conv2d(x, weight, bias, lora_A, lora_B, preference, scale, stride, p
     y = torch.bmm(coef[:, None, :], z.reshape(N, T + 1, C_out * Ho * Wo)).view(N, C_out, Ho, Wo)
     y = y if bias is None else y + bias.view(1, -1, 1, 1)
     return y.contiguous(memory_format=conv_memory_format(x))
+
+
+class _PrefGradFP32(torch.autograd.Function):
+    """Identity on y; the preference's gradient dp[n, t] = s <dY_n, conv(x_n, dW_t)> (summed over n for a
+    per-batch p), dW_t = (B_t A_t).view(W.shape), formed in fp32 from the fp16/bf16 x, A and B. Through the
+    rounded dW_t and conv outputs (or the rounded weight gradient, per-batch) the loralib layer's dp had
+    up to 6x the same-dtype loop's error. Costs T fp32 convolutions of the base's size, only when the
+    preference needs a gradient."""
+
+    @staticmethod
+    def forward(ctx, y, preference, x, lora_A, lora_B, weight_shape, scale, stride, padding, dilation):
+        ctx.save_for_backward(x, lora_A, lora_B)
+        ctx.conf = (preference.dim(), preference.dtype, weight_shape, scale, stride, padding, dilation)
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, lora_A, lora_B = ctx.saved_tensors
+        pdim, pdtype, weight_shape, scale, stride, padding, dilation = ctx.conf
+        dp = None
+        if ctx.needs_input_grad[1]:
+            # fp32 normally; the input dtype when the backward itself is differentiated (create_graph)
+            acc = x.dtype if torch.is_grad_enabled() else acc_dtype(x.dtype)
+            deltas = loralib_delta(lora_A.to(acc), lora_B.to(acc), weight_shape)
+            T, C_out = deltas.shape[:2]
+            z = F.conv2d(x.to(acc), deltas.flatten(0, 1), None, stride, padding, dilation)
+            z = z.unflatten(1, (T, C_out))                                          # (N, T, C_out, Ho, Wo)
+            dp = (z * dy.to(acc)[:, None]).sum((2, 3, 4)) * scale                   # (N, T)
+            dp = (dp.sum(0) if pdim == 1 else dp).to(pdtype)
+        return dy, dp, None, None, None, None, None, None, None, None

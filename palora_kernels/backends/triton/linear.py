@@ -33,6 +33,9 @@ from ... import cost_model
 
 # The interpreter replaces @triton.jit at decoration time, so read the knob right here.
 INTERPRET = bool(triton.knobs.runtime.interpret)
+if INTERPRET:           # its fp32 -> bf16 cast truncates; a GPU rounds to nearest (see _interpreter.py)
+    from ._interpreter import round_bf16_to_nearest
+    round_bf16_to_nearest()
 
 _TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,
              torch.float64: tl.float64}
