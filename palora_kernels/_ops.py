@@ -285,6 +285,9 @@ def lora_conv2d_wgrad(x: Tensor, dy: Tensor, dg: Tensor, pref: Tensor, kernel_hw
     applied in registers. need_weight=False (a frozen base) skips dW: it comes back with 0 rows.
     x, dy and dg may have any strides (NCHW, channels_last or views); the backend handles them."""
     check_lora_conv2d_wgrad(x, dy, dg, pref, kernel_hw, stride, padding, dilation)
+    if x.shape[0] == 0:     # an empty batch: a sum over no pixels, the same zeros on every backend
+        return tuple(t.zero_() for t in lora_conv2d_wgrad_layout(x, dy.shape[1], dg.shape[1], *kernel_hw,
+                                                                  need_weight))
     dw, da = dispatch.kernel(backend, "lora_conv2d_wgrad")(x, dy, dg, pref, kernel_hw, stride, padding,
                                                            dilation, scale, need_weight)
     _check_layout("lora_conv2d_wgrad", backend, (dw, da),

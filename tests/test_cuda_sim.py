@@ -212,8 +212,10 @@ def test_palora_conv2d_fwd_bwd(lib, monkeypatch, dtype, per_sample):
     merged = conv_weight_space(x, layer.weight, pref if per_sample else pref[None], 6, 5)
     assert merged == (dtype == torch.float32 and not per_sample)   # per-sample: K = 36 > 30 pixels
     # forward (shrink + fused) + dX and dG (lora_conv2d_dgrad: shrink + transposed fused) + dW and dA
-    # (lora_conv2d_wgrad: partial tiles + finish) + d(preference) (pref_grad on 4-D H: partial + finish)
-    assert _launches(lib) - before == (0 if merged else 8)
+    # (lora_conv2d_wgrad: partial tiles + finish) + d(preference) (pref_grad on 4-D H: partial + finish);
+    # in fp16/bf16 d(preference) comes from H and dG recomputed in fp32 instead (ops/conv2d.py: the
+    # rounded H and dG gave up to 4x the same-dtype loop's error), so no pref_grad launch
+    assert _launches(lib) - before == (0 if merged else 8 if dtype == torch.float32 else 6)
 
     ref = {n: p.detach().double().requires_grad_() for n, p in layer.named_parameters()}
     xr = x.detach().double().requires_grad_()
@@ -555,7 +557,8 @@ def test_palora_conv2d_frozen_base_channels_last_bwd(lib, monkeypatch):
     before = _launches(lib)
     y = layer(x, pref)
     y.float().square().sum().backward()
-    assert _launches(lib) - before == 8 and layer.weight.grad is None
+    # 6: forward 2, dgrad 2, wgrad 2 (dA only); a bf16 d(preference) is recomputed in fp32 (no launch)
+    assert _launches(lib) - before == 6 and layer.weight.grad is None
     ref = {n: p.detach().double().requires_grad_(p.requires_grad) for n, p in layer.named_parameters()}
     xr, pr = x.detach().double().requires_grad_(), pref.detach().double().requires_grad_()
     yr = reference.palora_conv2d(xr, ref["weight"], ref["bias"], ref["lora_A"], ref["lora_B"], pr, layer.scaling,

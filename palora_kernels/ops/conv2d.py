@@ -182,7 +182,7 @@ class PaLoRAConv2dFunction(torch.autograd.Function):
                 xa = x if drop is None else dropout_input(x, *drop)      # H was formed from the dropped x
                 h3 = _cm(F.conv2d(xa.to(acc), stack_A(lora_A).to(acc), None, stride, padding, dilation))
                 dg = torch.matmul(B_cat.to(acc).t(), dy3.to(acc))
-            elif "lora_conv2d_pref_grad" in dispatch.record(backend).kernels:
+            elif N > 0 and "lora_conv2d_pref_grad" in dispatch.record(backend).kernels:
                 # fp32: one pass over the 4-D H and dG (either memory format), fp32 sums, no atomics
                 dp = dispatch.kernel(backend, "lora_conv2d_pref_grad")(h, dg4, pref, rank, scale)
             if dp is None:
