@@ -73,6 +73,13 @@ def test_within_twice_the_same_dtype_loop(backend, kind, dt, pref_kind, seed):
     assert not bad, f"error / same-dtype loop's error over 2x (FlashAttention's rule): {bad}"
 
 
+def test_conv_dB_fp16_per_batch_draw_27():
+    """The worst draw of the 30 measured (docs/testing.md): factorized-conv dB in fp16 with a per-batch
+    preference was 2.41x the same-dtype loop's error while H was rounded to fp16; H is recomputed in fp32
+    for dB now (0.67x)."""
+    assert ratios("torch", "conv-factorized", torch.float16, "batch", 27)["lora_B"] <= 2
+
+
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="the Triton interpreter is not on")
 def test_triton_interpreter_rounds_bf16_to_nearest():
     """The interpreter truncated fp32 -> bf16 (a GPU rounds to nearest even); the Triton backend patches

@@ -165,6 +165,13 @@ class PaLoRAConv2dFunction(torch.autograd.Function):
                     dA = dA.reshape(lora_A.shape)
             if dbcat is not None:
                 db = dbcat[:C_out]
+        if acc != h.dtype and (need_B or need_p):
+            # fp16/bf16: H again in fp32 (an R-channel conv, only for the gradients that read it): dB and dp
+            # sum Ho*Wo products of H, and the rounded H gave up to 2.4x (dB, fp16) and 4x (dp, bf16) the
+            # same-dtype loop's error
+            xa = x if drop is None else dropout_input(x, *drop)          # H was formed from the dropped x
+            h3 = _cm(F.conv2d(xa.to(acc), stack_A(lora_A).to(acc), None, stride, padding, dilation))
+            del xa
         if need_B:
             # dB_cat = sum_n dY_n (H_n S_n)^T, summed over all images and pixels in fp32 and rounded once
             # (per-image products rounded and then summed gave up to 2.7x the same-dtype loop's error in
@@ -176,11 +183,7 @@ class PaLoRAConv2dFunction(torch.autograd.Function):
             dB = unstack_B(dBc.to(dy.dtype), T)
         if need_p:
             if acc != h.dtype:
-                # fp16/bf16: H and dG again in fp32 (an R-channel conv and B_cat^T dY, only when the
-                # preference needs a gradient): dp sums Ho*Wo*r products with cancellation, and the
-                # rounded H and dG gave up to 4x the same-dtype loop's error in bf16
-                xa = x if drop is None else dropout_input(x, *drop)      # H was formed from the dropped x
-                h3 = _cm(F.conv2d(xa.to(acc), stack_A(lora_A).to(acc), None, stride, padding, dilation))
+                # fp16/bf16: dG again in fp32 too (H is, above): dp sums Ho*Wo*r products with cancellation
                 dg = torch.matmul(B_cat.to(acc).t(), dy3.to(acc))
             elif N > 0 and "lora_conv2d_pref_grad" in dispatch.record(backend).kernels:
                 # fp32: one pass over the 4-D H and dG (either memory format), fp32 sums, no atomics
