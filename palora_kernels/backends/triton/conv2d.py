@@ -28,7 +28,8 @@ import triton
 import triton.language as tl
 
 from ... import _ops, cost_model
-from .linear import INTERPRET, _cfg, _dot, _precision, _scale_tile, allow_tf32, block_r, mma_class
+from .linear import (INTERPRET, _cfg, _dot, _precision, _scale_tile, allow_tf32, block_r, grouped_tile,
+                     mma_class)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -138,16 +139,7 @@ def _conv_fwd_kernel(
     BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    # grouped ordering: GROUP_M row tiles share each column tile of the weight while it is in L2
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
+    pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)   # int64: N*C*H*W may pass 2^31
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

@@ -27,7 +27,7 @@ import triton.language as tl
 from ... import _ops
 from .conv2d import (_ALL_CONFIGS, _check_int32, _pixels, _prune, _tap, _weight_tile, _x_rows, launch_fwd,
                      scaled_pref)
-from .linear import INTERPRET, _dot, _precision, _scale_tile, mma_class
+from .linear import INTERPRET, _dot, _precision, _scale_tile, grouped_tile, mma_class
 
 
 # ----------------------------------------------------------------------------------------------
@@ -94,15 +94,7 @@ def _conv_dgrad_kernel(
     # tiles
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
+    pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

@@ -27,7 +27,7 @@ from ..._ops import conv_memory_format, conv_out_size
 from ..torch.kernels import loralib_conv2d as torch_loralib
 from .conv2d import (_ALL_CONFIGS, _pixels, _prune, _tap, _weight_tile, _x_rows, launch_fwd, scaled_pref)
 from .conv2d_bwd import launch_dgrad, wgrad
-from .linear import _dot, _precision
+from .linear import _dot, _precision, grouped_tile
 
 
 @triton.autotune(configs=_ALL_CONFIGS, key=["M_BUCKET", "N", "K", "T", "KH", "KW", "INPUT_PRECISION"],
@@ -51,15 +51,7 @@ def _loralib_fwd_kernel(
     HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
+    pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

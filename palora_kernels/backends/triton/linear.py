@@ -157,6 +157,22 @@ def _dot(a, b, acc, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr):
 
 
 @triton.jit
+def grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of this program in grouped order: GROUP_M row tiles share each column tile of the
+    weight while it is in L2 (Triton tutorial 03's swizzle; every GEMM-shaped kernel here uses it)."""
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+    return pid_m, pid_n
+
+
+@triton.jit
 def _scale_tile(ps_ptr, offs_m, offs_r, mask_m, mask_r, rows_per_sample, rank, stride_pp, stride_pt,
                 ACC_DTYPE: tl.constexpr, PER_SAMPLE_PREF: tl.constexpr):
     # S[m, j] = (scale * pref)[m // rows_per_sample, j // rank]; ps = scale * pref, made on the host
@@ -212,16 +228,7 @@ def _lora_mm_kernel(
     GROUP_M: tl.constexpr,
     DROP_IN: tl.constexpr = False, DROP_OUT: tl.constexpr = False,
 ):
-    # grouped ordering: GROUP_M row tiles share each column tile of w while it is in L2
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
+    pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)   # int64: M*K may pass 2^31
     offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
