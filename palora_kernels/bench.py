@@ -289,13 +289,19 @@ def measure_memory(case: Case, provider: str, pref: str, threads: int) -> Option
     if not sys.platform.startswith("linux"):
         return None
     spec = dict(case=dataclasses.asdict(case), provider=provider, pref=pref, threads=threads)
+    return run_memory_worker("palora_kernels.bench", spec, f"{case.name}/{provider}/{pref}")
+
+
+def run_memory_worker(module: str, spec: dict, what: str) -> dict:
+    """``python -m module --memory-worker SPEC`` in a fresh process (its peak RSS is the cell's alone);
+    small mallocs are mmapped so freed memory leaves the process. Returns the worker's last JSON line."""
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
     env["PYTHONPATH"] = os.pathsep.join(
         [os.path.dirname(os.path.dirname(os.path.abspath(__file__)))] + [env.get("PYTHONPATH", "")])
-    out = subprocess.run([sys.executable, "-m", "palora_kernels.bench", "--memory-worker", json.dumps(spec)],
+    out = subprocess.run([sys.executable, "-m", module, "--memory-worker", json.dumps(spec)],
                          env=env, capture_output=True, text=True, check=False)
     if out.returncode != 0:
-        raise RuntimeError(f"memory worker for {case.name}/{provider}/{pref} failed:\n{out.stderr[-2000:]}")
+        raise RuntimeError(f"memory worker for {what} failed:\n{out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

@@ -21,9 +21,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 from typing import Callable, Dict, List, Optional
@@ -31,7 +29,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from . import reference
-from .bench import _loadavg, _proc_status_kb, git_commit, hardware, hardware_line
+from .bench import _loadavg, _proc_status_kb, git_commit, hardware, hardware_line, run_memory_worker
 from .nn.mtlora import MTLoRALinear, MTLoRAQKV
 
 PROVIDERS = ("reference", "reference-once", "fused")
@@ -164,14 +162,7 @@ def measure_memory(case: Case, provider: str, threads: int) -> Optional[dict]:
     if not sys.platform.startswith("linux"):
         return None
     spec = dict(case=dataclasses.asdict(case), provider=provider, threads=threads)
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
-    env["PYTHONPATH"] = os.pathsep.join(
-        [os.path.dirname(os.path.dirname(os.path.abspath(__file__)))] + [env.get("PYTHONPATH", "")])
-    out = subprocess.run([sys.executable, "-m", "palora_kernels.bench_mtlora", "--memory-worker", json.dumps(spec)],
-                         env=env, capture_output=True, text=True, check=False)
-    if out.returncode != 0:
-        raise RuntimeError(f"memory worker for {case.name}/{provider} failed:\n{out.stderr[-2000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_memory_worker("palora_kernels.bench_mtlora", spec, f"{case.name}/{provider}")
 
 
 def run(cases: List[Case], repeats: int, memory: bool, threads: int) -> dict:
