@@ -239,13 +239,16 @@ def mtlora_col_scale(scales: torch.Tensor, ranks) -> torch.Tensor:
     return scales.reshape(-1).repeat_interleave(reps, output_size=int(reps.sum()))
 
 
-def mtlora_dropout_masks(x: torch.Tensor, groups: int, p: float, seed: int, offset: int):
-    """Dropped inputs of the adapters that read x, one per group: x * m_g / (1 - p), where m_g is the
-    counter-based mask of (seed, offset + g*N*K) (palora_kernels._rng). [x] * G when p == 0."""
-    if p == 0.0:
-        return [x] * groups
+def mtlora_dropped(x: torch.Tensor, g: int, p: float, seed: int, offset: int) -> torch.Tensor:
+    """Group g's dropped input of the adapters that read x: x * m_g / (1 - p), m_g the counter-based
+    mask of (seed, offset + g*N*K) (palora_kernels._rng); x itself when p == 0."""
     from ._rng import dropout_input
-    return [dropout_input(x, p, seed, offset + g * x.numel()) for g in range(groups)]
+    return dropout_input(x, p, seed, offset + g * x.numel())
+
+
+def mtlora_dropout_masks(x: torch.Tensor, groups: int, p: float, seed: int, offset: int):
+    """[mtlora_dropped(x, g, ...) for each group]: all G at once (the composite; kernels take one at a time)."""
+    return [mtlora_dropped(x, g, p, seed, offset) for g in range(groups)]
 
 
 def mtlora_composite(x, xs, weight, bias, A, B, ranks, scales, groups: int, shared_to_tasks: bool,

@@ -2,7 +2,8 @@
 
 Generator: ``_rng.philox_uniform`` must be bitwise equal to Triton's ``tl.rand`` (the Triton
 kernels draw the mask in-kernel, the torch backend with ``_rng``) and to the C++ header
-csrc/philox.h. TRITON_INTERPRET=1 is set in conftest.py.
+csrc/cuda/philox.h; the C++ fast path of ``keep_mask`` / ``dropout_input`` must give the bits of their
+torch arithmetic. TRITON_INTERPRET=1 is set in conftest.py.
 """
 import math
 
@@ -111,6 +112,70 @@ def test_cpp_header_bitwise_equals_rng():
         ours = _rng.philox_uniform(seed, _OFFSETS)
         cpp = torch.ops.palora.philox_uniform(seed, _OFFSETS)
         assert torch.equal(ours.view(torch.int32), cpp.view(torch.int32)), f"seed {seed}"
+
+
+def _cpp_built(name):
+    import palora_kernels._ext  # noqa: F401
+    if not hasattr(torch.ops.palora, name):
+        pytest.skip(f"palora_kernels._C is not built (or predates palora::{name})")
+
+
+def _both_ways(monkeypatch, fn):
+    """fn() with the C++ fast path of _rng (keep_mask, dropout_input) and with its int64 torch arithmetic."""
+    monkeypatch.setattr(_rng, "USE_CPP", True)
+    fast = fn()
+    monkeypatch.setattr(_rng, "USE_CPP", False)
+    return fast, fn()
+
+
+def _bits(t):
+    return t.view({torch.float64: torch.int64, torch.float32: torch.int32}.get(t.dtype, torch.int16))
+
+
+@pytest.mark.parametrize("seed,offset", [(0, 0), (2**32 + 5, 2**32 - 1000), (2**61 + 99, 2**40 - 7)])
+def test_cpp_keep_mask_bitwise_equals_torch(monkeypatch, seed, offset):
+    _cpp_built("philox_keep")
+    for p in (0.0, 0.05, 0.3, 0.9):
+        fast, slow = _both_ways(monkeypatch, lambda: _rng.keep_mask(seed, offset, (37, 53), p, "cpu"))
+        assert fast.dtype == torch.bool and fast.shape == (37, 53) and torch.equal(fast, slow), p
+    # p is rounded to fp32 before the compare (as the kernels do): p a hair above a drawn uniform u, rounding
+    # to u in fp32, keeps u in both ways (an fp64 compare would drop it)
+    u = _rng.philox_uniform(seed, torch.arange(offset, offset + 64, dtype=torch.int64))
+    i = int(u.argmax())
+    p = float(u[i]) + 2.0**-40
+    assert p != float(u[i]) and torch.tensor(p, dtype=torch.float32).item() == float(u[i])
+    fast, slow = _both_ways(monkeypatch, lambda: _rng.keep_mask(seed, offset, (64,), p))
+    assert bool(fast[i]) and torch.equal(fast, slow)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_cpp_dropout_input_bitwise_equals_torch(monkeypatch, dtype):
+    _cpp_built("philox_dropout")
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(41, 29, generator=g) * 3).to(dtype)
+    x[0, :4] = torch.tensor([float("inf"), -float("inf"), float("nan"), -0.0]).to(dtype)
+    for p in (0.05, 0.3, 1 / 3):
+        for xx in (x, x.t()):            # a transposed view: its own row-major order, both ways
+            fast, slow = _both_ways(monkeypatch, lambda: _rng.dropout_input(xx, p, 2**33 + 1, 2**32 - 100))
+            assert fast.dtype == dtype and fast.shape == xx.shape
+            fast, slow = fast.contiguous(), slow.contiguous()
+            # NaN where the other has NaN, every other value bit for bit (the NaN encoding itself differs:
+            # torch's vectorized fp32 -> bf16 writes 0xffff for NaN, its scalar conversion 0x7fc0)
+            nan = fast.isnan()
+            assert torch.equal(nan, slow.isnan()) and nan.sum() >= 1, p
+            assert torch.equal(_bits(fast[~nan]), _bits(slow[~nan])), (p, tuple(xx.stride()))
+
+
+def test_dropout_input_keeps_the_gradient_when_x_requires_it(monkeypatch):
+    _cpp_built("philox_dropout")
+    x = torch.randn(9, 8, dtype=torch.float64, requires_grad=True)
+    y = _rng.dropout_input(x, 0.25, 3, 2**32 - 30)     # the C++ op has no derivative: the torch product runs
+    y.backward(torch.ones_like(y))
+    m = _rng.keep_mask(3, 2**32 - 30, x.shape, 0.25)
+    assert torch.equal(x.grad, m.double() / 0.75)
+    with torch.no_grad():
+        fast, slow = _both_ways(monkeypatch, lambda: _rng.dropout_input(x, 0.25, 3, 2**32 - 30))
+    assert torch.equal(fast, y.detach()) and torch.equal(slow, y.detach())
 
 
 # ---- the layers ------------------------------------------------------------------------------------
