@@ -347,6 +347,65 @@ def test_dropout_equals_explicit_mask_composition(cls, mode, with_tasks, backend
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("cls,with_tasks", [(pk.MTLoRAQKV, False), (pk.MTLoRALinear, True)], ids=["QKV", "Linear-x_tasks"])
+def test_frozen_base_dx_in_row_chunks_matches_the_oracle(monkeypatch, cls, with_tasks, p):
+    """A frozen base: dX = (sum_o dY_o) W is formed a few rows at a time (no (N, out) sum; 5-row chunks over 18
+    rows here, the last one ragged) and dH never exists (dA, dX scale the (R, K) factors): fp64 oracle with the
+    explicit dropout mask, and the chunk path really ran."""
+    from palora_kernels import dispatch
+    from palora_kernels.backends.torch import mtlora as tm
+    G, out_f = (3, 11) if cls is pk.MTLoRAQKV else (1, 11)
+    monkeypatch.setattr(tm, "DX_CHUNK_BYTES", 5 * G * out_f * 8)
+    chunks = []
+    real = tm._sum_rows
+    monkeypatch.setattr(tm, "_sum_rows", lambda dys, n0, n1, out: chunks.append((n0, n1)) or real(dys, n0, n1, out))
+    dispatch.clear_cache()
+    try:
+        m = make("matrix", cls=cls, dropout=p, in_f=21, out_f=out_f)
+        m.requires_grad_(True)
+        for lin in ([m.q, m.k, m.v] if cls is pk.MTLoRAQKV else [m]):
+            lin.linear.requires_grad_(False)
+        x, xt = inputs(21, m.tasks, with_tasks, shape=(2, 9))
+        masks = _masks(m, x, p, 7) if p else [None] * G
+
+        def fused(m, x, xt):
+            torch.manual_seed(7)
+            return m(x, xt, backend="torch")
+
+        def explicit(m, x, xt):
+            if cls is pk.MTLoRALinear:
+                return oracle_linear(m, x, xt, masks[0], p)
+            return oracle_qkv(m, x, xt, masks, p)
+        outs, grads = run_with_grads(m, x, xt, fused)
+        outs64, grads64 = run_with_grads(__import__("copy").deepcopy(m).double(), x.double(), xt, explicit)
+    finally:
+        dispatch.clear_cache()
+    assert chunks == [(0, 5), (5, 10), (10, 15), (15, 18)]
+    assert "linear.weight" not in grads and "q.linear.weight" not in grads
+    for a, b in zip(outs, outs64):
+        assert rel_err(a, b) <= TOL[torch.float64]
+    for k in grads:
+        assert rel_err(grads[k], grads64[k]) <= TOL[torch.float64], k
+
+
+def test_layer_dropout_same_bits_with_and_without_the_cpp_mask(monkeypatch):
+    """The fused layer under dropout (forward, dX, dA regenerate the mask) gives the same bits whether _rng
+    draws the mask with the C++ op or with its int64 torch arithmetic."""
+    import palora_kernels._ext  # noqa: F401
+    from palora_kernels import _rng
+    if not hasattr(torch.ops.palora, "philox_dropout"):
+        pytest.skip("palora_kernels._C is not built (or predates palora::philox_dropout)")
+    m = make("matrix", cls=pk.MTLoRAQKV, dropout=0.3, in_f=21, out_f=11, dtype=torch.float32)
+    x, _ = inputs(21, m.tasks, False, shape=(2, 9), dtype=torch.float32)
+    got = []
+    for use in (True, False):
+        monkeypatch.setattr(_rng, "USE_CPP", use)
+        outs, grads = run_with_grads(m, x, None, lambda m, x, xt: (torch.manual_seed(3), m(x, backend="torch"))[1])
+        got.append(outs + [grads[k] for k in sorted(grads)])
+    assert all(torch.equal(a, b) for a, b in zip(*got))
+
+
 def test_dropout_is_deterministic_under_manual_seed_and_varies_without():
     m = make("matrix", dropout=0.5)
     x, _ = inputs(13, m.tasks, False)

@@ -11,6 +11,7 @@ dY_t for task t):
     dW = dBase^T x                     db = sum_n dBase
     dA[g, a] = dH[:, g, a]^T x_a       dB[g, a] = s[g, a] dYsum_a^T H[:, g, a]
     ds[g, a] = sum_n,j dG[:, g, a] * H[:, g, a]
+dH is never formed: dA = s (dG^T x_a) and dH A = dG (s A) scale the small (G*R, K) factors instead.
 x_a is the dropped x of group g (its mask regenerated from (seed, offset + g*N*K), never stored) or
 the task input. Saved: x, xs, the parameters, H -- no (N, out) tensor. A frozen base (W and b
 without requires_grad, MTLoRA's FREEZE_PRETRAINED) computes no dW, and no dBase unless dX needs it.
@@ -24,7 +25,7 @@ from typing import Optional, Sequence
 import torch
 
 from .. import _ops, dispatch
-from .._math import composite_grads, mtlora_composite, mtlora_dropout_masks, mtlora_offsets
+from .._math import composite_grads, mtlora_col_scale, mtlora_composite, mtlora_dropped, mtlora_offsets
 
 
 class MTLoRAFunction(torch.autograd.Function):
@@ -64,21 +65,21 @@ class MTLoRAFunction(torch.autograd.Function):
         dW = dbase.t() @ x if need_w else None
         db = dbase.sum(0) if need_b and ctx.has_bias else None
         dA = dB = ds = None
-        if need_A:
-            reps = torch.tensor(list(ranks), device=dg.device).repeat(groups)
-            dh = dg * scales.reshape(-1).to(dg.dtype).repeat_interleave(reps, output_size=groups * R)
+        if need_A:           # dA = s dG^T x_a: the (G*R, K) product scaled, no (N, G*R) copy of dG * s
+            dA = torch.empty_like(A)
             if not xs and p == 0.0:
-                dA = dh.t() @ x
+                torch.mm(dg.t(), x, out=dA)
             else:
-                dA = torch.empty_like(A)
-                xd = mtlora_dropout_masks(x, groups, p, seed, offset)
                 for g in range(groups):
                     lo = g * R
                     hi = lo + (ranks[0] if xs else R)
-                    dA[lo:hi] = dh[:, lo:hi].t() @ xd[g]
+                    if hi > lo:      # group g's dropped x, regenerated (one (N, K) copy at a time)
+                        torch.mm(dg[:, lo:hi].t(), mtlora_dropped(x, g, p, seed, offset), out=dA[lo:hi])
                     for t in range(1, len(ranks)) if xs else ():
-                        dA[lo + offs[t]:lo + offs[t + 1]] = dh[:, lo + offs[t]:lo + offs[t + 1]].t() @ xs[t - 1]
-                del xd
+                        if ranks[t]:
+                            torch.mm(dg[:, lo + offs[t]:lo + offs[t + 1]].t(), xs[t - 1],
+                                     out=dA[lo + offs[t]:lo + offs[t + 1]])
+            dA.mul_(mtlora_col_scale(scales, ranks).to(dA.dtype)[:, None])
         if need_B:
             dB = torch.empty_like(B)
             for g in range(groups):

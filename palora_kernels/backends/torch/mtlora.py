@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from ..._math import mtlora_dropout_masks, mtlora_feeds, mtlora_offsets
+from ..._math import mtlora_col_scale, mtlora_dropped, mtlora_feeds, mtlora_offsets
+from ..._rng import dropout_input
 from . import RECORD
 from .kernels import _padded_cols
 
@@ -21,12 +22,11 @@ def _shrink(x, xs, A, ranks, groups, p, seed, offset):
     if p == 0.0 and not xs:      # every adapter reads x: one GEMM over all of A, zero-padded to the stride
         return torch.mm(x, _padded_cols(A.t(), width))[:, :GR]
     h = x.new_empty((x.shape[0], width))[:, :GR]
-    xd = mtlora_dropout_masks(x, groups, p, seed, offset)
     for g in range(groups):
         lo = g * R
         hi = lo + (R if not xs else ranks[0])   # the adapters of group g that read x
-        if hi > lo:
-            h[:, lo:hi] = xd[g] @ A[lo:hi].t()
+        if hi > lo:                             # one (N, K) dropped copy alive at a time
+            torch.mm(mtlora_dropped(x, g, p, seed, offset), A[lo:hi].t(), out=h[:, lo:hi])
         for t in range(1, len(ranks)) if xs else ():
             a0, a1 = lo + offs[t], lo + offs[t + 1]
             if a1 > a0:
@@ -72,6 +72,20 @@ def mtlora_mm(x, xs, weight, bias, A, B, ranks, scales, groups, shared_to_tasks,
     return y, h
 
 
+# dX = (sum_o dY_o) W without the (N, M) sum when nothing else needs it: the sum is formed this many bytes of
+# rows at a time (1 MiB: 910 rows at M = 288) and multiplied there, so it stays in cache and the peak drops by
+# N x M x 4 bytes (3.4 MiB at Swin-T stage 1's QKV, fp32). Tests make it small to cover several chunks.
+DX_CHUNK_BYTES = 1 << 20
+
+
+def _sum_rows(dys, n0, n1, out):
+    """out = sum_o dys[o][n0:n1]: T adds, no stacked copy."""
+    torch.add(dys[0][n0:n1], dys[1][n0:n1], out=out) if len(dys) > 1 else out.copy_(dys[0][n0:n1])
+    for d in dys[2:]:
+        out.add_(d[n0:n1])
+    return out
+
+
 def mtlora_mm_dgrad(dys, x, xs, weight, A, B, ranks, scales, groups, shared_to_tasks, p, seed, offset,
                     need_x, need_base):
     """(dX, dXs, dBase, dG) of palora::mtlora_mm_dgrad (see palora_kernels._ops)."""
@@ -80,11 +94,7 @@ def mtlora_mm_dgrad(dys, x, xs, weight, A, B, ranks, scales, groups, shared_to_t
     K = x.shape[1]
     R, offs = sum(ranks), mtlora_offsets(ranks)
     Mg = M // groups
-    dbase = None
-    if need_x or need_base or shared_to_tasks:       # sum_o dY_o: T adds, no stacked copy
-        dbase = dys[0] + dys[1] if T1 > 1 else dys[0].clone()
-        for d in dys[2:]:
-            dbase.add_(d)
+    dbase = _sum_rows(dys, 0, N, dy0.new_empty((N, M))) if (need_base or shared_to_tasks) else None
     dg = dy0.new_empty((N, groups * R))
     for g in range(groups):
         rows = slice(g * Mg, (g + 1) * Mg)
@@ -92,28 +102,38 @@ def mtlora_mm_dgrad(dys, x, xs, weight, A, B, ranks, scales, groups, shared_to_t
             if ranks[a] == 0:
                 continue
             dsum = (dbase if shared_to_tasks else dys[0]) if a == 0 else dys[a]
-            dg[:, g * R + offs[a]:g * R + offs[a + 1]] = dsum[:, rows] @ B[rows, offs[a]:offs[a + 1]]
+            torch.mm(dsum[:, rows], B[rows, offs[a]:offs[a + 1]], out=dg[:, g * R + offs[a]:g * R + offs[a + 1]])
     dx = dy0.new_empty((0, K))
     dxs = dy0.new_empty((0, N, K))
     if need_x:
-        reps = torch.tensor(list(ranks), device=dy0.device).repeat(groups)
-        dh = dg * scales.reshape(-1).to(dg.dtype).repeat_interleave(reps, output_size=groups * R)
-        dx = dbase @ weight
-        for g in range(groups):
+        # dH A = (dG * s) A = dG (s A): scale the (G*R, K) factor, no (N, G*R) copy of dG
+        As = A * mtlora_col_scale(scales, ranks).to(A.dtype)[:, None]
+        dx = dy0.new_empty((N, K))
+        if dbase is not None:
+            torch.mm(dbase, weight, out=dx)
+        else:
+            step = max(1, DX_CHUNK_BYTES // max(1, M * dy0.element_size()))
+            buf = dy0.new_empty((min(step, N), M))
+            for n0 in range(0, N, step):
+                n1 = min(N, n0 + step)
+                torch.mm(_sum_rows(dys, n0, n1, buf[:n1 - n0]), weight, out=dx[n0:n1])
+            del buf
+        if p == 0.0 and not xs:          # every adapter reads x: one GEMM over all of them
+            dx.addmm_(dg, As)
+        for g in range(groups) if (p != 0.0 or xs) else ():
             lo = g * R
             hi = lo + (R if not xs else ranks[0])
             if hi == lo:
                 continue
             if p == 0.0:
-                dx.addmm_(dh[:, lo:hi], A[lo:hi])
+                dx.addmm_(dg[:, lo:hi], As[lo:hi])
             else:                    # the mask of x, regenerated: same (seed, offset + g*N*K) and shape
-                from ..._rng import dropout_input
-                dx.add_(dropout_input(dh[:, lo:hi] @ A[lo:hi], p, seed, offset + g * N * K))
+                dx.add_(dropout_input(dg[:, lo:hi] @ As[lo:hi], p, seed, offset + g * N * K))
         if xs:
             dxs = dy0.new_zeros((T1 - 1, N, K))
             for t in range(1, T1):
                 for g in range(groups):
                     a0, a1 = g * R + offs[t], g * R + offs[t + 1]
                     if a1 > a0:
-                        dxs[t - 1].addmm_(dh[:, a0:a1], A[a0:a1])
+                        dxs[t - 1].addmm_(dg[:, a0:a1], As[a0:a1])
     return dx, dxs, (dbase if need_base else dy0.new_empty((0, M))), dg
