@@ -89,7 +89,9 @@ def mtlora_linear(layer, x, x_tasks=None):
 
 def mtlora_qkv(layer, x, x_tasks=None, once: bool = False):
     """The reference MTLoRAQKV.forward: [q | k | v] of every output. As written there, q, k and v are each
-    called 1 + T times (once for the shared output, once more per task); ``once=True`` calls each once."""
+    called 1 + T times (once for the shared output, once more per task); ``once=True`` calls each once.
+    Under lora_dropout every call draws its own nn.Dropout mask and autograd keeps, per call, the dropped x
+    (for dA) and the fp32 noise tensor (CPU dropout multiplies by it): 2 x (N, in) fp32 per call."""
     parts = (layer.q, layer.k, layer.v)
     if once:
         outs = [mtlora_linear(m, x, x_tasks) for m in parts]

@@ -575,6 +575,33 @@ def test_reference_composition_of_the_benchmarks_is_the_oracle():
             assert rel_err(a, c) <= TOL[torch.float64] and rel_err(b, c) <= TOL[torch.float64]
 
 
+def test_reference_composition_draws_a_dropout_mask_per_call_as_the_reference():
+    """With lora_dropout > 0 in training, the benchmarks' reference runs nn.Dropout on the adapters' input in
+    every sub-layer call, as MTLoRA's models/lora.py: MTLoRAQKV as written calls q, k, v 1 + T times, so 3(1+T)
+    fresh masks; once=True draws 3. Each output is the oracle's for the mask its call drew."""
+    from palora_kernels import reference
+    p = 0.3
+    m = make("matrix", cls=pk.MTLoRAQKV, dropout=p)
+    x, _ = inputs(13, m.tasks, False)
+    for once in (False, True):
+        calls = []
+        for part in (m.q, m.k, m.v):
+            assert isinstance(part.lora_dropout, nn.Dropout) and part.lora_dropout.p == p
+            part._hook = part.lora_dropout.register_forward_hook(lambda mod, i, out, part=part: calls.append((part, out)))
+        y, lt = reference.mtlora_qkv(m, x, once=once)
+        for part in (m.q, m.k, m.v):
+            part._hook.remove()
+        assert len(calls) == 3 * (1 if once else 1 + len(m.tasks))
+        masks = [(part, (out != 0).double()) for part, out in calls]
+        assert len({tuple(mk.flatten().tolist()) for _, mk in masks}) == len(masks), "every call draws its own mask"
+        per_call = [oracle_linear(part, x, None, mk, p) for part, mk in masks]
+        want_y = torch.cat([o[0] for o in per_call[:3]], -1)
+        assert rel_err(y, want_y) <= TOL[torch.float64]
+        for i, t in enumerate(m.tasks):
+            src = per_call[:3] if once else per_call[3 * (1 + i):3 * (2 + i)]
+            assert rel_err(lt[t], torch.cat([o[1][t] for o in src], -1)) <= TOL[torch.float64], t
+
+
 def test_double_backward_matches_the_oracle():
     """create_graph=True differentiates the composition: a gradient penalty's second derivatives are exact."""
     import copy
