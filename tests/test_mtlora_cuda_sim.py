@@ -229,6 +229,17 @@ def test_broken_cp_async_wait_gives_wrong_result(lib):
     assert not torch.equal(nok[0], ok[0]) and nok[0].isnan().any()
 
 
+def test_broken_barrier_breaks_the_output_epilogue(lib):
+    """-DPALORA_BREAK_BARRIER drops the K loop's and the output epilogue's chunk barriers (both at once: it does
+    not tell which one broke it): threads then read tiles and chunks other threads have not staged yet
+    (NaN-poisoned shared memory) or already overwrote."""
+    broken = cuda_sim.build(("PALORA_BREAK_BARRIER",))
+    x, xs, w, b, A, B, ranks, s, G = _op_case(3, True, ranks=(20, 2, 0, 3))   # 20: two chunks of 16
+    good = cuda_sim.mtlora_mm_sim(x, xs, w, b, A, B, ranks, s, G, True, lib=lib)
+    bad = cuda_sim.mtlora_mm_sim(x, xs, w, b, A, B, ranks, s, G, True, lib=broken, verify=False)
+    assert not torch.equal(bad[0], good[0])
+
+
 def test_dropout_runs_the_torch_kernels_never_ignored(lib, monkeypatch):
     """The CUDA C++ kernels draw no mask: p > 0 runs the torch backend's kernels (same mask), p == 0 the
     emulated ones; the layer under cuda_sim equals the torch backend's, outputs and gradients."""

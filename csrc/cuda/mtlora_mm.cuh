@@ -75,7 +75,7 @@ __device__ __forceinline__ void mtlora_outputs(const GemmParams& p, const MTEpil
     for (int i = 0; i < TM; ++i)
       for (int j = 0; j < TN; ++j) d[i][j] = 0.f;
     for (int j0 = 0; j0 < r; j0 += RC) {   // r is uniform over the block: the barriers are too
-      __syncthreads();                     // the previous chunk has been read
+      PALORA_TILE_BARRIER();               // the previous chunk has been read
       for (int idx = tid; idx < BM * RC; idx += Cfg::THREADS) {
         const int mm = idx / RC, jj = idx % RC, m = m0 + mm, j = j0 + jj;
         Hs[mm * LDE + jj] = m < p.rows && j < r ? Num<T>::to_f(H[int64_t(m) * e.h_sn + c0 + j]) * s : 0.f;
@@ -84,7 +84,7 @@ __device__ __forceinline__ void mtlora_outputs(const GemmParams& p, const MTEpil
         const int nn = idx / RC, jj = idx % RC, c = n0 + nn, j = j0 + jj;
         Bs[nn * LDE + jj] = c < cend && j < r ? Num<T>::to_f(Bm[int64_t(c) * e.b_sm + (e.offs[a] + j) * e.b_sr]) : 0.f;
       }
-      __syncthreads();
+      PALORA_TILE_BARRIER();               // the chunk is staged (-DPALORA_BREAK_BARRIER drops both: tests)
       for (int jj = 0; jj < RC; ++jj) {
         float av[TM], bv[TN];
         for (int i = 0; i < TM; ++i) av[i] = Hs[(ty * TM + i) * LDE + jj];
