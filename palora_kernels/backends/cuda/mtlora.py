@@ -45,11 +45,18 @@ def dgrad_inputs(dys, ranks, scales, groups, xs, shared_to_tasks, need_x, need_b
     return dys, dbase, col_scale_rows(scales, ranks, groups, bool(xs))
 
 
+def _require_ops() -> None:
+    if not hasattr(torch.ops.palora, "mtlora_mm_cuda"):
+        raise RuntimeError("palora_kernels._C was built before the MTLoRA kernels (no palora::mtlora_mm_cuda): "
+                           "rebuild it (pip install -e . or python setup.py build_ext --inplace)")
+
+
 def mtlora_mm(x, xs, weight, bias, A, B, ranks, scales, groups, shared_to_tasks, p, seed, offset):
     """(Y, H); see palora_kernels._ops."""
     fb = dropout_fallback(p)
     if fb is not None:
         return fb.mtlora_mm(x, xs, weight, bias, A, B, ranks, scales, groups, shared_to_tasks, p, seed, offset)
+    _require_ops()
     return torch.ops.palora.mtlora_mm_cuda(x, list(xs), weight, bias, A, B, list(ranks), scales.float(), groups,
                                            bool(shared_to_tasks))
 
@@ -61,6 +68,7 @@ def mtlora_mm_dgrad(dys, x, xs, weight, A, B, ranks, scales, groups, shared_to_t
     if fb is not None:
         return fb.mtlora_mm_dgrad(dys, x, xs, weight, A, B, ranks, scales, groups, shared_to_tasks, p, seed, offset,
                                   need_x, need_base)
+    _require_ops()
     dys, dbase, cs = dgrad_inputs(dys, ranks, scales, groups, xs, shared_to_tasks, need_x, need_base)
     dx, dxs, dg = torch.ops.palora.mtlora_mm_dgrad_cuda(dys, dbase, weight, A, B, list(ranks), cs, groups,
                                                         bool(shared_to_tasks), bool(need_x), len(xs))
