@@ -184,13 +184,20 @@ def _op_case(G, with_tasks, dtype=torch.float32, N=70, K=24, Mg=20, ranks=(5, 2,
             torch.rand(G, len(ranks), generator=g) + 0.5, G)
 
 
-@pytest.mark.parametrize("G,with_tasks,s2t", [(1, True, True), (3, False, False)], ids=["G1-x_tasks-v2", "G3-matrix"])
-def test_ops_are_schedule_independent_and_match_the_torch_backend(lib, G, with_tasks, s2t):
+@pytest.mark.parametrize("G,with_tasks,s2t,ranks,layout", [
+    (1, True, True, (5, 2, 0, 3), "dense"), (3, False, False, (5, 2, 0, 3), "dense"),
+    (3, True, True, (20, 2, 0, 3), "transposed")],
+    ids=["G1-x_tasks-v2", "G3-matrix", "G3-x_tasks-v2-R75-transposed"])
+def test_ops_are_schedule_independent_and_match_the_torch_backend(lib, G, with_tasks, s2t, ranks, layout):
     """Forward, reverse and shuffled fiber orders give bit-identical results (no race on the shared tiles or
-    the output epilogue's chunks), equal to the torch backend's kernels of the same ops (fp64)."""
+    the output epilogue's chunks), equal to the torch backend's kernels of the same ops (fp64). R = 75
+    columns of H: two shrink column tiles, two 16-column chunks of the shared adapter's expand.
+    transposed: x, weight, A and B with swapped strides (the scalar load paths)."""
     from palora_kernels.backends.cuda.mtlora import dgrad_inputs
     from palora_kernels.backends.torch import mtlora as tm
-    x, xs, w, b, A, B, ranks, s, G = _op_case(G, with_tasks)
+    x, xs, w, b, A, B, ranks, s, G = _op_case(G, with_tasks, ranks=ranks)
+    if layout == "transposed":
+        x, w, A, B = (t.t().contiguous().t() for t in (x, w, A, B))
     dys = [torch.randn(x.shape[0], w.shape[0]) for _ in ranks]
     runs = []
     try:
@@ -244,8 +251,9 @@ def test_dropout_runs_the_torch_kernels_never_ignored(lib, monkeypatch):
     """The CUDA C++ kernels draw no mask: p > 0 runs the torch backend's kernels (same mask), p == 0 the
     emulated ones; the layer under cuda_sim equals the torch backend's, outputs and gradients."""
     calls = []
-    real = cuda_sim.mtlora_mm_sim
-    monkeypatch.setattr(cuda_sim, "mtlora_mm_sim", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for fn in ("mtlora_mm_sim", "mtlora_mm_dgrad_sim"):
+        real = getattr(cuda_sim, fn)
+        monkeypatch.setattr(cuda_sim, fn, lambda *a, _real=real, _fn=fn, **k: calls.append(_fn) or _real(*a, **k))
     m = make("matrixv2", dropout=0.3)
     x, xt = inputs(21, m.tasks, False, torch.float32)
 
@@ -256,9 +264,9 @@ def test_dropout_runs_the_torch_kernels_never_ignored(lib, monkeypatch):
     assert not calls, "p > 0 must not reach the emulated kernels (they have no dropout)"
     assert all(torch.equal(a, b) for a, b in zip(o_sim, o_t))
     assert all(torch.equal(g_sim[k], g_t[k]) for k in g_sim if g_sim[k] is not None)
-    m.eval()                    # p = 0: the emulated kernels
+    m.eval()                    # p = 0: the emulated kernels, forward and backward
     run("cuda_sim")
-    assert calls
+    assert calls == ["mtlora_mm_sim", "mtlora_mm_dgrad_sim"]
 
 
 def test_errors_name_the_argument(lib):
