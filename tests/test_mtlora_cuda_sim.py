@@ -247,26 +247,60 @@ def test_broken_barrier_breaks_the_output_epilogue(lib):
     assert not torch.equal(bad[0], good[0])
 
 
-def test_dropout_runs_the_torch_kernels_never_ignored(lib, monkeypatch):
-    """The CUDA C++ kernels draw no mask: p > 0 runs the torch backend's kernels (same mask), p == 0 the
-    emulated ones; the layer under cuda_sim equals the torch backend's, outputs and gradients."""
-    calls = []
-    for fn in ("mtlora_mm_sim", "mtlora_mm_dgrad_sim"):
-        real = getattr(cuda_sim, fn)
-        monkeypatch.setattr(cuda_sim, fn, lambda *a, _real=real, _fn=fn, **k: calls.append(_fn) or _real(*a, **k))
-    m = make("matrixv2", dropout=0.3)
-    x, xt = inputs(21, m.tasks, False, torch.float32)
+@pytest.mark.parametrize("cls,mode,with_tasks", [(pk.MTLoRALinear, "matrixv2", False), (pk.MTLoRAQKV, "matrix", True)],
+                         ids=["Linear-matrixv2", "QKV-matrix-x_tasks"])
+def test_dropout_in_the_kernels_equals_the_explicit_mask(lib, cls, mode, with_tasks):
+    """LoRA dropout in the kernels: the mask of palora_kernels._rng (one per q/k/v group, offsets g*N*K)
+    drawn in the forward and regenerated in the backward. The layer under cuda_sim equals the reference
+    forward with that explicit mask in fp64 (outputs and every gradient) and the torch backend's kernels."""
+    from palora_kernels._rng import draw_seed_offset, keep_mask
+    p = 0.3
+    m = make(mode, cls=cls, dropout=p)
+    x, xt = inputs(21, m.tasks, with_tasks, torch.float32)
+    G = 3 if cls is pk.MTLoRAQKV else 1
+    torch.manual_seed(123)
+    seed, offset = draw_seed_offset(G * x.numel())
+    masks = [keep_mask(seed, offset + g * x.numel(), x.shape, p).double() for g in range(G)]
+    assert 0 < sum(k.sum() for k in masks) < sum(k.numel() for k in masks)
 
-    def run(backend):
-        torch.manual_seed(123)
-        return outputs_and_grads(m, x, xt, lambda m, x, xt: m(x, xt, backend=backend))
-    (o_sim, g_sim), (o_t, g_t) = run("cuda_sim"), run("torch")
-    assert not calls, "p > 0 must not reach the emulated kernels (they have no dropout)"
-    assert all(torch.equal(a, b) for a, b in zip(o_sim, o_t))
-    assert all(torch.equal(g_sim[k], g_t[k]) for k in g_sim if g_sim[k] is not None)
-    m.eval()                    # p = 0: the emulated kernels, forward and backward
-    run("cuda_sim")
-    assert calls == ["mtlora_mm_sim", "mtlora_mm_dgrad_sim"]
+    def fused(backend):
+        def fn(m, x, xt):
+            torch.manual_seed(123)
+            return m(x, xt, backend=backend)
+        return fn
+
+    def explicit(m, x, xt):     # the reference forward on x * mask_g / (1 - p), per part for QKV
+        parts = [m] if cls is pk.MTLoRALinear else [m.q, m.k, m.v]
+        outs = []
+        for part, mk in zip(parts, masks):
+            pre = torch.nn.functional.linear(x, part.linear.weight, part.linear.bias)
+            xd = x * mk / (1 - p)
+            shared = (xd @ part.lora_shared_A.t() @ part.lora_shared_B.t()) * part.lora_shared_scale
+            tasks = {t: (xd if xt is None else xt[t]) @ part.lora_tasks_A[t].t() @ part.lora_tasks_B[t].t()
+                     * part.lora_task_scale[t] for t in part.tasks}
+            extra = shared if part.shared_mode == "matrixv2" else 0
+            outs.append((pre + shared, {t: pre + extra + v for t, v in tasks.items()}))
+        return torch.cat([o[0] for o in outs], -1), {t: torch.cat([o[1][t] for o in outs], -1) for t in TASKS}
+
+    before = cuda_sim.stats(lib)["launches"]
+    outs, grads = outputs_and_grads(m, x, xt, fused("cuda_sim"))
+    assert cuda_sim.stats(lib)["launches"] > before, "the emulated kernels ran"
+    up = lambda d: {k: v.double() for k, v in d.items()} if d else None  # noqa: E731
+    outs64, grads64 = outputs_and_grads(copy.deepcopy(m).double(), x.double(), up(xt), explicit)
+    for i, (a, b) in enumerate(zip(outs, outs64)):
+        assert rel_err(a, b) <= TOL[torch.float32], f"output {i}: {rel_err(a, b):.3g}"
+    g1, g2 = _scales_as_one(grads), _scales_as_one(grads64)
+    for k in g1:
+        if g1[k] is not None:
+            assert rel_err(g1[k], g2[k]) <= TOL[torch.float32], f"grad {k}: {rel_err(g1[k], g2[k]):.3g}"
+    outs_t, _ = outputs_and_grads(m, x, xt, fused("torch"))
+    assert all(rel_err(a, b) <= TOL[torch.float32] for a, b in zip(outs, outs_t))
+    m.eval()                    # eval: no dropout, the p = 0 layer
+    m0 = copy.deepcopy(m)
+    for part in ([m0] if cls is pk.MTLoRALinear else [m0, m0.q, m0.k, m0.v]):
+        part.lora_dropout_p = 0.0
+    a, b = sim(m, x, xt), sim(m0, x, xt)
+    assert torch.equal(a[0], b[0])
 
 
 def test_errors_name_the_argument(lib):

@@ -284,8 +284,8 @@ TORCH_LIBRARY_IMPL(palora, CUDA, m) {
 }  // namespace palora
 
 // ---- MTLoRA: palora::mtlora_mm_cuda and palora::mtlora_mm_dgrad_cuda (csrc/cuda/mtlora_mm.cuh). The
-// Python wrappers (palora_kernels/backends/cuda/mtlora.py) send dropout (p > 0) to the torch backend,
-// sum dBase = sum_o dY_o and build the per-column scale rows; these ops run the kernels.
+// Python wrappers (palora_kernels/backends/cuda/mtlora.py) sum dBase = sum_o dY_o and build the
+// per-column scale rows; these ops run the kernels, LoRA dropout (p, seed, offset) included.
 namespace palora {
 namespace {
 
@@ -304,7 +304,7 @@ int64_t mtlora_ranks(const char* op, at::IntArrayRef ranks, int64_t* out) {
 std::tuple<at::Tensor, at::Tensor> mtlora_mm_cuda(const at::Tensor& x, at::TensorList xs, const at::Tensor& weight,
                                                   const std::optional<at::Tensor>& bias, const at::Tensor& A,
                                                   const at::Tensor& B, at::IntArrayRef ranks, const at::Tensor& scales,
-                                                  int64_t groups, bool s2t) {
+                                                  int64_t groups, bool s2t, double p, int64_t seed, int64_t offset) {
   const char* op = "mtlora_mm_cuda";
   TORCH_CHECK(x.is_cuda(), op, ": x: expected a CUDA tensor, got device ", x.device());
   TORCH_CHECK(x.dim() == 2, op, ": x: expected (N, K), got shape ", x.sizes());
@@ -339,6 +339,8 @@ std::tuple<at::Tensor, at::Tensor> mtlora_mm_cuda(const at::Tensor& x, at::Tenso
   const at::Tensor s = scales.to(at::kFloat).contiguous();
   at::Tensor y = at::empty({T1, N, M}, x.options());
   at::Tensor h = at::empty_strided({N, groups * R}, {padded_rows(groups * R), 1}, x.options());
+  at::Tensor work = at::empty({p > 0.0 ? groups * N * K : 0}, x.options());   // each group's dropped x
+  a.work = p > 0.0 ? work.data_ptr() : nullptr; a.p = p; a.seed = seed; a.offset = offset;
   a.x = x.data_ptr(); a.xs = xp.empty() ? nullptr : xp.data(); a.weight = weight.data_ptr();
   a.bias = bias ? bias->data_ptr() : nullptr; a.A = A.data_ptr(); a.B = B.data_ptr(); a.scales = s.data_ptr<float>();
   a.y = y.data_ptr(); a.h = h.data_ptr();
@@ -358,7 +360,7 @@ std::tuple<at::Tensor, at::Tensor> mtlora_mm_cuda(const at::Tensor& x, at::Tenso
 std::tuple<at::Tensor, at::Tensor, at::Tensor> mtlora_mm_dgrad_cuda(
     at::TensorList dys, const std::optional<at::Tensor>& dbase, const at::Tensor& weight, const at::Tensor& A,
     const at::Tensor& B, at::IntArrayRef ranks, const at::Tensor& col_scales, int64_t groups, bool s2t, bool need_x,
-    int64_t n_xs) {
+    int64_t n_xs, double p, int64_t seed, int64_t offset) {
   const char* op = "mtlora_mm_dgrad_cuda";
   MTLoraDgradArgs a{};
   const int64_t T1 = static_cast<int64_t>(ranks.size());
@@ -399,6 +401,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mtlora_mm_dgrad_cuda(
   at::Tensor dx = at::empty({need_x ? N : 0, K}, d0.options());
   at::Tensor dxs = at::empty({need_x ? n_xs : 0, N, K}, d0.options());
   at::Tensor dg = at::empty({N, groups * R}, d0.options());
+  at::Tensor work = at::empty({p > 0.0 && need_x ? N * K : 0}, d0.options());   // drop_g(dH_g A_g) before its mask
+  a.work = p > 0.0 && need_x ? work.data_ptr() : nullptr; a.p = p; a.seed = seed; a.offset = offset;
   a.dys = dp.data(); a.dbase = db.defined() ? db.data_ptr() : nullptr; a.weight = weight.data_ptr(); a.A = A.data_ptr();
   a.B = B.data_ptr(); a.col_scales = cs.data_ptr<float>(); a.dx = need_x ? dx.data_ptr() : nullptr;
   a.dxs = need_x && n_xs ? dxs.data_ptr() : nullptr; a.dg = dg.data_ptr();
@@ -415,9 +419,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mtlora_mm_dgrad_cuda(
 
 TORCH_LIBRARY_FRAGMENT(palora, m) {
   m.def("mtlora_mm_cuda(Tensor x, Tensor[] xs, Tensor weight, Tensor? bias, Tensor A, Tensor B, int[] ranks, "
-        "Tensor scales, int groups, bool shared_to_tasks) -> (Tensor, Tensor)");
+        "Tensor scales, int groups, bool shared_to_tasks, float p, int seed, int offset) -> (Tensor, Tensor)");
   m.def("mtlora_mm_dgrad_cuda(Tensor[] dys, Tensor? dbase, Tensor weight, Tensor A, Tensor B, int[] ranks, "
-        "Tensor col_scales, int groups, bool shared_to_tasks, bool need_x, int n_xs) -> (Tensor, Tensor, Tensor)");
+        "Tensor col_scales, int groups, bool shared_to_tasks, bool need_x, int n_xs, float p, int seed, int offset) "
+        "-> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(palora, CUDA, m) {

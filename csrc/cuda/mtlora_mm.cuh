@@ -16,8 +16,40 @@
 #include <utility>
 
 #include "cuda/lora_gemm.cuh"
+#include "cuda/philox.h"
 
 namespace palora {
+
+// LoRA dropout of MTLoRA (docs/dropout.md): out (N, K) dense = (accumulate ? out : 0) + in * keep / (1 - p),
+// keep = philox_uniform(seed, offset + n*K + k) >= p, the mask of palora_kernels._rng (x * mask / (1 - p)).
+// Forward: the dropped x of one group for its shrink; backward: dX += drop_g(dH_g A_g). Grid: blockIdx.x
+// tiles the K columns, blockIdx.y strides over the rows (no division).
+constexpr int kDropThreads = 128;
+template <class T>
+__global__ void __launch_bounds__(kDropThreads) mtlora_dropout_kernel(const T* in, int64_t in_sn, int64_t in_sk, T* out,
+                                                                      int N, int K, uint64_t seed, uint64_t offset,
+                                                                      float p, int accumulate) {
+  const int k = blockIdx.x * kDropThreads + threadIdx.x;
+  if (k >= K) return;
+  const float keep_scale = 1.f - p;
+  for (int n = blockIdx.y; n < N; n += gridDim.y) {
+    const bool keep = philox_keep(seed, offset + uint64_t(n) * uint64_t(K) + uint64_t(k), p);
+    const float v = Num<T>::to_f(in[n * in_sn + k * in_sk]) * (keep ? 1.f : 0.f) / keep_scale;
+    T* o = out + int64_t(n) * K + k;
+    *o = Num<T>::from_f(accumulate ? Num<T>::to_f(*o) + v : v);
+  }
+}
+
+template <class T>
+const char* launch_mtlora_dropout(const void* in, int64_t in_sn, int64_t in_sk, void* out, int64_t N, int64_t K,
+                                  int64_t seed, int64_t offset, double p, bool accumulate, void* stream) {
+  if (N == 0 || K == 0) return nullptr;
+  const dim3 grid(static_cast<unsigned>(cdiv(K, kDropThreads)), static_cast<unsigned>(N < 65535 ? N : 65535));
+  PALORA_LAUNCH(grid, dim3(kDropThreads), 0, stream, mtlora_dropout_kernel<T>)(
+      static_cast<const T*>(in), in_sn, in_sk, static_cast<T*>(out), static_cast<int>(N), static_cast<int>(K),
+      static_cast<uint64_t>(seed), static_cast<uint64_t>(offset), static_cast<float>(p), accumulate ? 1 : 0);
+  return PALORA_LAST_ERROR();
+}
 
 // What the MTLoRA kernel does after the K loop. mode 0: the plain epilogue over G = 1 group of
 // Mg = cols columns. mode 1: the T1 outputs.
@@ -150,6 +182,14 @@ const char* launch_mtlora_plain(const GemmParams& p, void* stream) {
   return launch_mtlora_gemm<T, BKMAJ>(p, e, stream);
 }
 
+inline const char* check_mtlora_dropout(const char* op, double p, int64_t seed, int64_t offset, bool work_needed,
+                                        const void* work) {
+  if (!(p >= 0.0 && p < 1.0)) return arg_error(std::string(op) + ": p: expected a probability in [0, 1), got " + std::to_string(p));
+  if (seed < 0 || offset < 0) return arg_error(std::string(op) + ": seed, offset: expected >= 0");
+  if (p > 0.0 && work_needed && !work) return arg_error(std::string(op) + ": work: expected a workspace for dropout (p > 0), got null");
+  return nullptr;
+}
+
 // Checks shared by both ops; fills offs (T1 + 1) and R.
 inline const char* check_mtlora_common(const char* op, int64_t dtype, int64_t N, int64_t K, int64_t M, int64_t G,
                                        int64_t T1, int64_t n_xs, const int64_t* ranks, int* offs, int64_t& R) {
@@ -181,6 +221,7 @@ const char* mtlora_mm_typed(const MTLoraMMArgs& a, void* stream) {
   if (const char* err = check_mtlora_common("mtlora_mm", a.dtype, a.N, a.K, a.M, a.G, a.T1, a.n_xs, a.ranks, offs, R)) return err;
   if (a.N > 0 && (!a.x || !a.weight || !a.A || !a.B || !a.scales || !a.y || !a.h || (a.n_xs && !a.xs)))
     return "mtlora_mm: x, weight, A, B, scales, y, h (and xs with task inputs) must not be null";
+  if (const char* err = check_mtlora_dropout("mtlora_mm", a.p, a.seed, a.offset, a.N > 0 && a.K > 0, a.work)) return err;
   const int Mg = static_cast<int>(a.M / a.G);
   GemmParams base{};
   base.rows = static_cast<int>(a.N);
@@ -194,15 +235,24 @@ const char* mtlora_mm_typed(const MTLoraMMArgs& a, void* stream) {
     s.z = static_cast<T*>(a.h) + col0; s.z_sn = a.stride_hn; s.z_sc = 1;
     return launch_mtlora_plain<T, true>(s, stream);
   };
-  if (a.n_xs == 0) {            // every adapter reads x: one GEMM over all of A
+  const bool drop = a.p > 0.0;
+  if (a.n_xs == 0 && !drop) {   // every adapter reads x: one GEMM over all of A
     if (const char* err = shrink(a.x, a.stride_xn, a.stride_xk, 0, a.G * R)) return err;
   } else {
-    for (int64_t g = 0; g < a.G; ++g)
-      for (int64_t t = 0; t < a.T1; ++t) {
-        const void* x = t == 0 ? a.x : a.xs[t - 1];
-        const int64_t sn = t == 0 ? a.stride_xn : a.stride_xsn, sk = t == 0 ? a.stride_xk : a.stride_xsk;
-        if (const char* err = shrink(x, sn, sk, g * R + offs[t], offs[t + 1] - offs[t])) return err;
+    for (int64_t g = 0; g < a.G; ++g) {
+      // the adapters of group g that read x: all (no task inputs) or the shared one; dropout: its own mask
+      const void* xg = a.x;
+      int64_t sn = a.stride_xn, sk = a.stride_xk;
+      if (drop) {
+        xg = static_cast<T*>(a.work) + g * a.N * a.K;
+        sn = a.K; sk = 1;
+        if (const char* err = launch_mtlora_dropout<T>(a.x, a.stride_xn, a.stride_xk, const_cast<void*>(xg), a.N, a.K,
+                                                       a.seed, a.offset + g * a.N * a.K, a.p, false, stream)) return err;
       }
+      if (const char* err = shrink(xg, sn, sk, g * R, a.n_xs ? offs[1] : R)) return err;
+      for (int64_t t = 1; t < a.T1 && a.n_xs; ++t)
+        if (const char* err = shrink(a.xs[t - 1], a.stride_xsn, a.stride_xsk, g * R + offs[t], offs[t + 1] - offs[t])) return err;
+    }
   }
   // 2. the T1 outputs: x W^T (the K loop), then base + bias + each adapter's expand (the epilogue)
   GemmParams f = base;
@@ -228,6 +278,8 @@ const char* mtlora_mm_dgrad_typed(const MTLoraDgradArgs& a, void* stream) {
     return "mtlora_mm_dgrad: dys, weight, A, B, col_scales and dg must not be null";
   if (a.N > 0 && (a.s2t || a.need_x) && !a.dbase) return "mtlora_mm_dgrad: dbase: expected sum_o dY_o (dX or s2t needs it), got null";
   if (a.N > 0 && a.need_x && (!a.dx || (a.n_xs && !a.dxs))) return "mtlora_mm_dgrad: need_x: dx (and dxs) must not be null";
+  if (const char* err = check_mtlora_dropout("mtlora_mm_dgrad", a.p, a.seed, a.offset, a.N > 0 && a.K > 0 && a.need_x, a.work))
+    return err;
   const int64_t Mg = a.M / a.G, GR = a.G * R;
   GemmParams base{};
   base.rows = static_cast<int>(a.N);
@@ -254,8 +306,22 @@ const char* mtlora_mm_dgrad_typed(const MTLoraDgradArgs& a, void* stream) {
   f.z_sn = a.stride_dxn; f.z_sc = 1;
   GemmParams d = f;
   d.a = a.dbase; d.a_sm = a.stride_dyn; d.a_sk = a.stride_dym; d.K = static_cast<int>(a.M);
-  d.R = static_cast<int>(GR); d.h = a.dg; d.up = a.A; d.pref = a.col_scales; d.z = a.dx;
+  d.R = a.p > 0.0 ? 0 : static_cast<int>(GR); d.h = a.dg; d.up = a.A; d.pref = a.col_scales; d.z = a.dx;
   if (const char* err = launch_mtlora_plain<T, false>(d, stream)) return err;
+  // 2b. dropout: dX += drop_g((dG s)_g A_g) per group, the x-reading columns of group g through the
+  //     workspace (expand phase alone, K = 0), then the mask regenerated as it is added
+  for (int64_t g = 0; g < a.G && a.p > 0.0; ++g) {
+    const int64_t c = a.n_xs ? offs[1] : R;
+    if (c == 0) continue;
+    GemmParams w = f;
+    w.K = 0;
+    w.R = static_cast<int>(c); w.h = static_cast<const T*>(a.dg) + g * R;
+    w.up = static_cast<const T*>(a.A) + g * R * a.stride_ar; w.pref = a.col_scales + g * R;
+    w.z = a.work; w.z_sn = a.K;
+    if (const char* err = launch_mtlora_plain<T, false>(w, stream)) return err;
+    if (const char* err = launch_mtlora_dropout<T>(a.work, a.K, 1, a.dx, a.N, a.K, a.seed, a.offset + g * a.N * a.K, a.p,
+                                                   true, stream)) return err;
+  }
   // 3. dX_t = (dG * col_scales[t]) A over the window of H columns from group 0's task t to group G-1's
   //    (the other columns inside it have scale 0); no phase 1 (K = 0)
   for (int64_t t = 1; t <= a.n_xs; ++t) {

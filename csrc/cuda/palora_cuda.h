@@ -147,8 +147,9 @@ namespace palora {
 // G column groups (q, k, v) of Mg = M / G columns, adapters a = 0 (shared) .. T with ranks[a], R = sum(ranks):
 //   H[:, g, a] = x_a A[g, a]^T                      (N, G*R), x_a = x, or xs[a-1] for a task input
 //   Y[o][:, g] = x W_g^T + b_g + sum_{a feeds o} s[g, a] H[:, g, a] B[g, a]^T   (T1, N, M)
-// a feeds o: a == o, and a == 0 for every o when s2t (MTLoRA's matrixv2). No dropout: the Python
-// wrappers send p > 0 to the torch backend's kernels (docs/cuda.md).
+// a feeds o: a == o, and a == 0 for every o when s2t (MTLoRA's matrixv2). LoRA dropout (p > 0): the
+// adapters that read x read x * mask_g / (1 - p), mask_g element (n, k) kept iff
+// philox_uniform(seed, offset + g*N*K + n*K + k) >= p (csrc/cuda/philox.h, palora_kernels/_rng.py).
 constexpr int64_t kMTLoraMaxAdapters = 32;
 struct MTLoraMMArgs {
   const void* x;             // (N, K)
@@ -160,15 +161,19 @@ struct MTLoraMMArgs {
   const float* scales;       // (G, T1) fp32, dense
   void* y;                   // (T1, N, M)
   void* h;                   // (N, G*R), column stride 1
+  void* work;                // p > 0: (G, N, K) dense workspace for the dropped x of each group, else unused
   int64_t dtype, N, K, M, G, T1, n_xs, s2t;
   int64_t ranks[kMTLoraMaxAdapters];
   int64_t stride_xn, stride_xk, stride_xsn, stride_xsk, stride_wm, stride_wk, stride_bias;
   int64_t stride_ar, stride_ak, stride_bm, stride_br, stride_yo, stride_yn, stride_ym, stride_hn;
+  int64_t seed, offset;      // dropout
+  double p;
 };
 
 // The data gradients of MTLoRAMMArgs' op from the T1 output gradients dY_o (all with one set of strides):
 //   dG[:, g, a] = dYsum_a[:, g] B[g, a]   (N, G*R), unscaled; dYsum_0 = dBase with s2t, else dY_0; dYsum_t = dY_t
-//   dX = dBase W + (dG * col_scales[0]) A           (need_x; dBase = sum_o dY_o is computed by the caller)
+//   dX = dBase W + sum_g drop_g((dG * col_scales[0])_g A_g)   (need_x; dBase = sum_o dY_o from the caller;
+//        drop_g: the forward's mask of group g regenerated, / (1 - p); the identity when p == 0)
 //   dXs[t-1] = (dG * col_scales[t]) A                (need_x and n_xs = T task inputs)
 // col_scales (T1, G*R) fp32: row 0 holds s[g, a] on the columns of H read from x, row t on task t's
 // columns, 0 elsewhere (the expand of lora_gemm applies it as a per-column scale).
@@ -182,10 +187,13 @@ struct MTLoraDgradArgs {
   void* dx;                  // (N, K), or nullptr without need_x
   void* dxs;                 // (n_xs, N, K), or nullptr
   void* dg;                  // (N, G*R), column stride 1
+  void* work;                // p > 0 and need_x: (N, K) dense workspace, else unused
   int64_t dtype, N, K, M, G, T1, n_xs, s2t, need_x;
   int64_t ranks[kMTLoraMaxAdapters];
   int64_t stride_dyn, stride_dym, stride_wm, stride_wk, stride_ar, stride_ak, stride_bm, stride_br;
   int64_t stride_dxn, stride_dxso, stride_dxsn, stride_gn;
+  int64_t seed, offset;      // dropout, as MTLoraMMArgs
+  double p;
 };
 
 const char* mtlora_mm_launch(const MTLoraMMArgs& args, void* stream);

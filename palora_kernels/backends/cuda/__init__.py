@@ -30,8 +30,8 @@ RECORD = Backend(
              "mtlora_mm": "palora_kernels.backends.cuda.mtlora:mtlora_mm",
              "mtlora_mm_dgrad": "palora_kernels.backends.cuda.mtlora:mtlora_mm_dgrad"},
     # no *_dropout ops: the CUDA C++ kernels draw no dropout mask, so dispatch sends a layer under
-    # LoRA dropout to triton / torch (docs/dropout.md); mtlora_mm with p > 0 runs the torch backend's
-    # kernels from inside the wrapper (backends/cuda/mtlora.py)
+    # LoRA dropout to triton / torch (docs/dropout.md); mtlora_mm and its dgrad take (p, seed, offset) and
+    # draw the MTLoRA mask in their kernels (csrc/cuda/mtlora_mm.cuh)
     dtypes=HALF_AND_FP32,            # fp64 (gradcheck) goes to the next backend: torch on cuBLAS
     devices=frozenset({"cuda"}),
     priority=20,

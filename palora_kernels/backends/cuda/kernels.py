@@ -32,11 +32,11 @@ if hasattr(torch.ops.palora, "lora_mm_cuda"):
 
     if hasattr(torch.ops.palora, "mtlora_mm_cuda"):     # an extension built before the MTLoRA kernels lacks them
         @torch.library.register_fake("palora::mtlora_mm_cuda")
-        def _(x, xs, weight, bias, A, B, ranks, scales, groups, shared_to_tasks):
+        def _(x, xs, weight, bias, A, B, ranks, scales, groups, shared_to_tasks, p, seed, offset):
             return mtlora_mm_layout(x, len(ranks) - 1, weight.shape[0], A.shape[0], "cuda")
 
         @torch.library.register_fake("palora::mtlora_mm_dgrad_cuda")
-        def _(dys, dbase, weight, A, B, ranks, col_scales, groups, shared_to_tasks, need_x, n_xs):
+        def _(dys, dbase, weight, A, B, ranks, col_scales, groups, shared_to_tasks, need_x, n_xs, p, seed, offset):
             dx, dxs, _, dg = mtlora_mm_dgrad_layout(dys[0], weight.shape[1], n_xs, need_x, False, A.shape[0])
             return dx, dxs, dg
 

@@ -1,23 +1,14 @@
 """palora::mtlora_mm and palora::mtlora_mm_dgrad on the CUDA C++ kernels (csrc/cuda/mtlora_mm.cuh): the
 ``cuda`` backend's kernels, and the host-side preparation the ``cuda_sim`` backend shares with it.
 
-Dropout: the CUDA C++ kernels draw no mask. A call with p > 0 runs the ``torch`` backend's kernels of the
-same op instead (their mask is the counter-based one of palora_kernels._rng, so the result is the
-same function of (seed, offset) as on Triton); p is never ignored.
+Dropout (p > 0) runs in the kernels: the counter-based mask of palora_kernels._rng (csrc/cuda/philox.h),
+regenerated in the backward from (seed, offset).
 """
 from __future__ import annotations
 
 import torch
 
 from ..._math import mtlora_col_scale
-
-
-def dropout_fallback(p: float):
-    """The torch backend's module when p > 0 (the CUDA C++ kernels have no dropout), else None."""
-    if p > 0.0:
-        from ..torch import mtlora as torch_mtlora
-        return torch_mtlora
-    return None
 
 
 def col_scale_rows(scales: torch.Tensor, ranks, groups: int, has_xs: bool) -> torch.Tensor:
@@ -53,24 +44,18 @@ def _require_ops() -> None:
 
 def mtlora_mm(x, xs, weight, bias, A, B, ranks, scales, groups, shared_to_tasks, p, seed, offset):
     """(Y, H); see palora_kernels._ops."""
-    fb = dropout_fallback(p)
-    if fb is not None:
-        return fb.mtlora_mm(x, xs, weight, bias, A, B, ranks, scales, groups, shared_to_tasks, p, seed, offset)
     _require_ops()
     return torch.ops.palora.mtlora_mm_cuda(x, list(xs), weight, bias, A, B, list(ranks), scales.float(), groups,
-                                           bool(shared_to_tasks))
+                                           bool(shared_to_tasks), float(p), int(seed), int(offset))
 
 
 def mtlora_mm_dgrad(dys, x, xs, weight, A, B, ranks, scales, groups, shared_to_tasks, p, seed, offset, need_x,
                     need_base):
     """(dX, dXs, dBase, dG); see palora_kernels._ops."""
-    fb = dropout_fallback(p)
-    if fb is not None:
-        return fb.mtlora_mm_dgrad(dys, x, xs, weight, A, B, ranks, scales, groups, shared_to_tasks, p, seed, offset,
-                                  need_x, need_base)
     _require_ops()
     dys, dbase, cs = dgrad_inputs(dys, ranks, scales, groups, xs, shared_to_tasks, need_x, need_base)
     dx, dxs, dg = torch.ops.palora.mtlora_mm_dgrad_cuda(dys, dbase, weight, A, B, list(ranks), cs, groups,
-                                                        bool(shared_to_tasks), bool(need_x), len(xs))
+                                                        bool(shared_to_tasks), bool(need_x), len(xs), float(p),
+                                                        int(seed), int(offset))
     return dx, dxs, (dbase if need_base else dys[0].new_empty((0, dys[0].shape[1]))), dg
 

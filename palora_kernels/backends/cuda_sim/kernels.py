@@ -93,22 +93,25 @@ _MT_MAX = 32                                  # palora::kMTLoraMaxAdapters
 
 
 class MTLoraMMArgs(ctypes.Structure):         # mirrors palora::MTLoraMMArgs
-    _fields_ = ([(n, ctypes.c_void_p) for n in ("x", "xs", "weight", "bias", "A", "B", "scales", "y", "h")]
+    _fields_ = ([(n, ctypes.c_void_p) for n in ("x", "xs", "weight", "bias", "A", "B", "scales", "y", "h", "work")]
                 + [(n, ctypes.c_int64) for n in ("dtype", "N", "K", "M", "G", "T1", "n_xs", "s2t")]
                 + [("ranks", ctypes.c_int64 * _MT_MAX)]
                 + [(n, ctypes.c_int64) for n in (
                     "stride_xn", "stride_xk", "stride_xsn", "stride_xsk", "stride_wm", "stride_wk", "stride_bias",
                     "stride_ar", "stride_ak", "stride_bm", "stride_br", "stride_yo", "stride_yn", "stride_ym",
-                    "stride_hn")])
+                    "stride_hn", "seed", "offset")]
+                + [("p", ctypes.c_double)])
 
 
 class MTLoraDgradArgs(ctypes.Structure):      # mirrors palora::MTLoraDgradArgs
-    _fields_ = ([(n, ctypes.c_void_p) for n in ("dys", "dbase", "weight", "A", "B", "col_scales", "dx", "dxs", "dg")]
+    _fields_ = ([(n, ctypes.c_void_p) for n in ("dys", "dbase", "weight", "A", "B", "col_scales", "dx", "dxs", "dg",
+                                                "work")]
                 + [(n, ctypes.c_int64) for n in ("dtype", "N", "K", "M", "G", "T1", "n_xs", "s2t", "need_x")]
                 + [("ranks", ctypes.c_int64 * _MT_MAX)]
                 + [(n, ctypes.c_int64) for n in (
                     "stride_dyn", "stride_dym", "stride_wm", "stride_wk", "stride_ar", "stride_ak", "stride_bm",
-                    "stride_br", "stride_dxn", "stride_dxso", "stride_dxsn", "stride_gn")])
+                    "stride_br", "stride_dxn", "stride_dxso", "stride_dxsn", "stride_gn", "seed", "offset")]
+                + [("p", ctypes.c_double)])
 
 
 def _compiler() -> Optional[str]:
@@ -428,8 +431,10 @@ def _pointers(ts):
     return (ctypes.c_void_p * max(len(ts), 1))(*[t.data_ptr() for t in ts])
 
 
-def mtlora_mm_sim(x, xs, weight, bias, A, B, ranks, scales, groups, shared_to_tasks, lib=None, verify=True):
-    """(Y, H) of palora::mtlora_mm with p = 0 via the emulated kernels (the layout of the cuda backend)."""
+def mtlora_mm_sim(x, xs, weight, bias, A, B, ranks, scales, groups, shared_to_tasks, p=0.0, seed=0, offset=0, lib=None,
+                  verify=True):
+    """(Y, H) of palora::mtlora_mm via the emulated kernels (the layout of the cuda backend); p > 0: LoRA
+    dropout in the kernels (the workspace of dropped x starts as NaN, so an unwritten element shows)."""
     if x.dtype not in _DTYPES:
         raise TypeError(f"x: cuda_sim supports float32, float16, bfloat16, got {x.dtype}")
     for name, t in ([("x", x), ("weight", weight), ("A", A), ("B", B)] + [(f"xs[{i}]", t) for i, t in enumerate(xs)]
@@ -443,6 +448,7 @@ def mtlora_mm_sim(x, xs, weight, bias, A, B, ranks, scales, groups, shared_to_ta
     ybuf, y = _guarded((T1, N, M), (N * M, M, 1), x.dtype)
     hbuf, h = _guarded((N, GR), (RECORD.h_row_stride(GR), 1), x.dtype)
     xp = _pointers(xs)
+    work = torch.full((groups * N * K if p > 0 else 1,), float("nan"), dtype=x.dtype)
     a = MTLoraMMArgs(
         x=_ptr(x), xs=ctypes.cast(xp, ctypes.c_void_p).value if xs else None, weight=_ptr(weight), bias=_ptr(bias),
         A=_ptr(A), B=_ptr(B), scales=_ptr(s32), y=_ptr(y), h=_ptr(h), dtype=_DTYPES[x.dtype], N=N, K=K, M=M,
@@ -451,7 +457,8 @@ def mtlora_mm_sim(x, xs, weight, bias, A, B, ranks, scales, groups, shared_to_ta
         stride_xsk=xs[0].stride(1) if xs else 0, stride_wm=weight.stride(0), stride_wk=weight.stride(1),
         stride_bias=bias.stride(0) if bias is not None else 0, stride_ar=A.stride(0), stride_ak=A.stride(1),
         stride_bm=B.stride(0), stride_br=B.stride(1), stride_yo=y.stride(0), stride_yn=y.stride(1),
-        stride_ym=y.stride(2), stride_hn=h.stride(0))
+        stride_ym=y.stride(2), stride_hn=h.stride(0), work=_ptr(work) if p > 0 else None, seed=seed, offset=offset,
+        p=float(p))
     _run(lib, "palora_emu_mtlora_mm", a)
     if verify:
         _verify_output(ybuf, y, "mtlora_mm", "Y")
@@ -459,8 +466,8 @@ def mtlora_mm_sim(x, xs, weight, bias, A, B, ranks, scales, groups, shared_to_ta
     return y, h
 
 
-def mtlora_mm_dgrad_sim(dys, dbase, weight, A, B, ranks, col_scales, groups, shared_to_tasks, need_x, n_xs, lib=None,
-                        verify=True):
+def mtlora_mm_dgrad_sim(dys, dbase, weight, A, B, ranks, col_scales, groups, shared_to_tasks, need_x, n_xs, p=0.0,
+                        seed=0, offset=0, lib=None, verify=True):
     """(dX, dXs, dG) of palora::mtlora_mm_dgrad with p = 0 via the emulated kernels, from contiguous dys, their
     sum dbase (or None when neither need_x nor shared_to_tasks) and the column scale rows (cuda/mtlora.py)."""
     d0 = dys[0]
@@ -480,6 +487,7 @@ def mtlora_mm_dgrad_sim(dys, dbase, weight, A, B, ranks, col_scales, groups, sha
     sbuf, dxs = _guarded((n_xs if need_x else 0, N, K), (N * K, K, 1), d0.dtype)
     gbuf, dg = _guarded((N, GR), (GR, 1), d0.dtype)
     dp = _pointers(dys)
+    work = torch.full((N * K if p > 0 and need_x else 1,), float("nan"), dtype=d0.dtype)
     a = MTLoraDgradArgs(
         dys=ctypes.cast(dp, ctypes.c_void_p).value, dbase=_ptr(dbase), weight=_ptr(weight), A=_ptr(A), B=_ptr(B),
         col_scales=_ptr(cs), dx=_ptr(dx) if need_x else None, dxs=_ptr(dxs) if need_x and n_xs else None,
@@ -487,7 +495,8 @@ def mtlora_mm_dgrad_sim(dys, dbase, weight, A, B, ranks, col_scales, groups, sha
         s2t=int(bool(shared_to_tasks)), need_x=int(bool(need_x)), ranks=_ranks_array(ranks),
         stride_dyn=d0.stride(0), stride_dym=d0.stride(1), stride_wm=weight.stride(0), stride_wk=weight.stride(1),
         stride_ar=A.stride(0), stride_ak=A.stride(1), stride_bm=B.stride(0), stride_br=B.stride(1),
-        stride_dxn=K, stride_dxso=N * K, stride_dxsn=K, stride_gn=dg.stride(0))
+        stride_dxn=K, stride_dxso=N * K, stride_dxsn=K, stride_gn=dg.stride(0),
+        work=_ptr(work) if p > 0 and need_x else None, seed=seed, offset=offset, p=float(p))
     _run(lib, "palora_emu_mtlora_mm_dgrad", a)
     if verify:
         _verify_output(xbuf, dx, "mtlora_mm_dgrad", "dX")
@@ -530,21 +539,13 @@ def lora_conv2d_pref_grad(h, dg, pref, rank, scale):
 
 
 def mtlora_mm(x, xs, weight, bias, A, B, ranks, scales, groups, shared_to_tasks, p, seed, offset):
-    from ..cuda.mtlora import dropout_fallback
-    fb = dropout_fallback(p)       # p > 0: the torch backend's kernels (the CUDA C++ kernels have no dropout)
-    if fb is not None:
-        return fb.mtlora_mm(x, xs, weight, bias, A, B, ranks, scales, groups, shared_to_tasks, p, seed, offset)
-    return mtlora_mm_sim(x, list(xs), weight, bias, A, B, list(ranks), scales, groups, shared_to_tasks)
+    return mtlora_mm_sim(x, list(xs), weight, bias, A, B, list(ranks), scales, groups, shared_to_tasks, p, seed, offset)
 
 
 def mtlora_mm_dgrad(dys, x, xs, weight, A, B, ranks, scales, groups, shared_to_tasks, p, seed, offset, need_x,
                     need_base):
-    from ..cuda.mtlora import dgrad_inputs, dropout_fallback
-    fb = dropout_fallback(p)
-    if fb is not None:
-        return fb.mtlora_mm_dgrad(dys, x, xs, weight, A, B, ranks, scales, groups, shared_to_tasks, p, seed, offset,
-                                  need_x, need_base)
+    from ..cuda.mtlora import dgrad_inputs
     dys, dbase, cs = dgrad_inputs(dys, ranks, scales, groups, xs, shared_to_tasks, need_x, need_base)
     dx, dxs, dg = mtlora_mm_dgrad_sim(dys, dbase, weight, A, B, list(ranks), cs, groups, shared_to_tasks, need_x,
-                                      len(xs))
+                                      len(xs), p, seed, offset)
     return dx, dxs, (dbase if need_base else dys[0].new_empty((0, dys[0].shape[1]))), dg
