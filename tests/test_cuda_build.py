@@ -42,7 +42,8 @@ def test_fatbin_holds_every_arch(rows):
         assert sorted(got) == sorted(want), arch
         pref = sorted((r["kernel"], r["config"].split()[0]) for r in rows if r["arch"] == arch and r not in _gemm(rows))
         assert pref == sorted([("pref_grad.finish", "fp32")] + [("pref_grad.partial", d) for d in ("bf16", "fp16", "fp32")]
-                              + [("lora_conv2d_wgrad.finish", d) for d in ("bf16", "fp16", "fp32")])
+                              + [("lora_conv2d_wgrad.finish", d) for d in ("bf16", "fp16", "fp32")]
+                              + [("mtlora_mm.dropout", d) for d in ("bf16", "fp16", "fp32")])
 
 
 def test_no_kernel_spills(rows):

@@ -28,6 +28,8 @@ _KERNEL = re.compile(r"lora_gemm_kernelI(f|6__half|13__nv_bfloat16)NS_(\d+)(\w+?
 _GATHER_OP = {"0": "lora_mm", "1": "lora_conv2d", "2": "lora_conv2d_dgrad"}
 # csrc/cuda/mtlora_mm.cuh: mtlora_gemm_kernel<T, BKMAJ> (lora_gemm's K loop, the T+1-output epilogue)
 _MTLORA = re.compile(r"mtlora_gemm_kernelI(f|6__half|13__nv_bfloat16)Lb([01])E")
+# and mtlora_dropout_kernel<T> (the Philox mask of LoRA dropout, elementwise)
+_MTDROP = re.compile(r"mtlora_dropout_kernelI(f|6__half|13__nv_bfloat16)E")
 _PREF = re.compile(r"pref_grad_(partial|finish)_kernel(?:I(f|6__half|13__nv_bfloat16)E)?")
 # csrc/cuda/conv_wgrad.cuh: conv_wgrad_kernel<T> (the split-K GEMM) and conv_wgrad_finish_kernel<T>
 _WGRAD = re.compile(r"conv_wgrad_(kernel|finish_kernel)I(f|6__half|13__nv_bfloat16)E")
@@ -87,6 +89,9 @@ def _name(mangled: str):
             return "lora_conv2d_wgrad.finish", f"{dtype} 128 threads simt"
         return "lora_conv2d_wgrad.splitk", (f"{dtype} tile 64x64x32 128 threads {'wmma' if dtype != 'fp32' else 'simt'} "
                                             f"A m-major B n-major")
+    md = _MTDROP.search(mangled)
+    if md:
+        return "mtlora_mm.dropout", f"{_DTYPES[md.group(1)]} 128 threads simt"
     mt = _MTLORA.search(mangled)
     if mt:
         dtype = _DTYPES[mt.group(1)]
