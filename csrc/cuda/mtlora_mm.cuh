@@ -11,6 +11,8 @@
 // Forward: 1 shrink launch (every adapter reads x) or G * (T+1) (task inputs: each task's columns from
 // its own input), then 1 output launch whose column tiles never straddle two groups (q, k, v).
 // Backward: G * (T+1) dG launches (one per group and adapter with rank > 0), 1 dX and T dX_t launches.
+// LoRA dropout (p > 0): mtlora_dropout_kernel writes each group's dropped x for that group's shrink (one
+// shrink per group), and in the backward adds drop_g((dG s)_g A_g) to dX = dBase W, mask regenerated.
 #pragma once
 #include <string>
 #include <utility>
