@@ -13,11 +13,11 @@ _why = cuda_report.unavailable_reason()
 pytestmark = pytest.mark.skipif(_why is not None, reason=f"no CUDA build to inspect: {_why}")
 
 KERNELS = ({f"{op}.{role}" for op in ("lora_mm", "lora_conv2d") for role in ("fused", "shrink")}
-           | {"lora_conv2d_dgrad.fused", "lora_conv2d_wgrad.splitk"})
+           | {"lora_conv2d_dgrad.fused", "lora_conv2d_wgrad.splitk", "mtlora_mm.gemm"})
 # B's shared-memory orientation: lora_mm has both (W^T forward, W in dX); conv weights are k-major;
-# wgrad's B is im2col(x) with its pixel rows (n-major)
+# wgrad's B is im2col(x) with its pixel rows (n-major); mtlora_mm's gemm: k-major forward, n-major dgrad
 B_LAYOUTS = {"lora_mm": ("k-major", "n-major"), "lora_conv2d": ("k-major",), "lora_conv2d_dgrad": ("k-major",),
-             "lora_conv2d_wgrad": ("n-major",)}
+             "lora_conv2d_wgrad": ("n-major",), "mtlora_mm": ("k-major", "n-major")}
 
 
 def _archs():
@@ -42,7 +42,8 @@ def test_fatbin_holds_every_arch(rows):
         assert sorted(got) == sorted(want), arch
         pref = sorted((r["kernel"], r["config"].split()[0]) for r in rows if r["arch"] == arch and r not in _gemm(rows))
         assert pref == sorted([("pref_grad.finish", "fp32")] + [("pref_grad.partial", d) for d in ("bf16", "fp16", "fp32")]
-                              + [("lora_conv2d_wgrad.finish", d) for d in ("bf16", "fp16", "fp32")])
+                              + [("lora_conv2d_wgrad.finish", d) for d in ("bf16", "fp16", "fp32")]
+                              + [("mtlora_mm.dropout", d) for d in ("bf16", "fp16", "fp32")])
 
 
 def test_no_kernel_spills(rows):

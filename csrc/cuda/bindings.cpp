@@ -282,3 +282,152 @@ TORCH_LIBRARY_IMPL(palora, CUDA, m) {
 }
 
 }  // namespace palora
+
+// ---- MTLoRA: palora::mtlora_mm_cuda and palora::mtlora_mm_dgrad_cuda (csrc/cuda/mtlora_mm.cuh). The
+// Python wrappers (palora_kernels/backends/cuda/mtlora.py) sum dBase = sum_o dY_o and build the
+// per-column scale rows; these ops run the kernels, LoRA dropout (p, seed, offset) included.
+namespace palora {
+namespace {
+
+int64_t mtlora_ranks(const char* op, at::IntArrayRef ranks, int64_t* out) {
+  TORCH_CHECK(!ranks.empty() && static_cast<int64_t>(ranks.size()) <= kMTLoraMaxAdapters, op, ": ranks: expected 1 .. ",
+              kMTLoraMaxAdapters, " adapters, got ", ranks.size());
+  int64_t R = 0;
+  for (size_t a = 0; a < ranks.size(); ++a) {
+    TORCH_CHECK(ranks[a] >= 0, op, ": ranks[", a, "]: expected >= 0, got ", ranks[a]);
+    out[a] = ranks[a];
+    R += ranks[a];
+  }
+  return R;
+}
+
+std::tuple<at::Tensor, at::Tensor> mtlora_mm_cuda(const at::Tensor& x, at::TensorList xs, const at::Tensor& weight,
+                                                  const std::optional<at::Tensor>& bias, const at::Tensor& A,
+                                                  const at::Tensor& B, at::IntArrayRef ranks, const at::Tensor& scales,
+                                                  int64_t groups, bool s2t, double p, int64_t seed, int64_t offset) {
+  const char* op = "mtlora_mm_cuda";
+  TORCH_CHECK(x.is_cuda(), op, ": x: expected a CUDA tensor, got device ", x.device());
+  TORCH_CHECK(x.dim() == 2, op, ": x: expected (N, K), got shape ", x.sizes());
+  MTLoraMMArgs a{};
+  a.dtype = dtype_code(x);
+  check_operand(op, "weight", weight, x, 2);
+  check_operand(op, "A", A, x, 2);
+  check_operand(op, "B", B, x, 2);
+  const int64_t N = x.size(0), K = x.size(1), M = weight.size(0), T1 = static_cast<int64_t>(ranks.size());
+  const int64_t R = mtlora_ranks(op, ranks, a.ranks);
+  TORCH_CHECK(groups >= 1 && M % groups == 0, op, ": groups: expected >= 1 dividing weight.shape[0] = ", M, ", got ", groups);
+  TORCH_CHECK(weight.size(1) == K, op, ": weight: expected (M, ", K, "), got ", weight.sizes());
+  TORCH_CHECK(A.size(0) == groups * R && A.size(1) == K, op, ": A: expected (", groups * R, ", ", K, "), got ", A.sizes());
+  TORCH_CHECK(B.size(0) == M && B.size(1) == R, op, ": B: expected (", M, ", ", R, "), got ", B.sizes());
+  TORCH_CHECK(xs.empty() || static_cast<int64_t>(xs.size()) == T1 - 1, op, ": xs: expected 0 or ", T1 - 1,
+              " task inputs, got ", xs.size());
+  if (bias) {
+    check_operand(op, "bias", *bias, x, 1);
+    TORCH_CHECK(bias->size(0) == M, op, ": bias: expected (", M, ",), got ", bias->sizes());
+  }
+  TORCH_CHECK(scales.device() == x.device() && scales.dim() == 2 && scales.size(0) == groups && scales.size(1) == T1, op,
+              ": scales: expected (", groups, ", ", T1, ") on ", x.device(), ", got ", scales.sizes(), " on ", scales.device());
+  c10::cuda::CUDAGuard guard(x.device());
+  std::vector<at::Tensor> xc;   // the kernels read every task input with one set of strides
+  std::vector<const void*> xp;
+  for (size_t i = 0; i < xs.size(); ++i) {
+    check_operand(op, "xs[i]", xs[i], x, 2);
+    TORCH_CHECK(xs[i].sizes() == x.sizes(), op, ": xs[", i, "]: expected ", x.sizes(), " (x's shape), got ", xs[i].sizes());
+    xc.push_back(xs[i].contiguous());
+    xp.push_back(xc.back().data_ptr());
+  }
+  const at::Tensor s = scales.to(at::kFloat).contiguous();
+  at::Tensor y = at::empty({T1, N, M}, x.options());
+  at::Tensor h = at::empty_strided({N, groups * R}, {padded_rows(groups * R), 1}, x.options());
+  at::Tensor work = at::empty({p > 0.0 ? groups * N * K : 0}, x.options());   // each group's dropped x
+  a.work = p > 0.0 ? work.data_ptr() : nullptr; a.p = p; a.seed = seed; a.offset = offset;
+  a.x = x.data_ptr(); a.xs = xp.empty() ? nullptr : xp.data(); a.weight = weight.data_ptr();
+  a.bias = bias ? bias->data_ptr() : nullptr; a.A = A.data_ptr(); a.B = B.data_ptr(); a.scales = s.data_ptr<float>();
+  a.y = y.data_ptr(); a.h = h.data_ptr();
+  a.N = N; a.K = K; a.M = M; a.G = groups; a.T1 = T1; a.n_xs = static_cast<int64_t>(xs.size()); a.s2t = s2t;
+  a.stride_xn = x.stride(0); a.stride_xk = x.stride(1);
+  a.stride_xsn = xc.empty() ? 0 : xc[0].stride(0); a.stride_xsk = xc.empty() ? 0 : xc[0].stride(1);
+  a.stride_wm = weight.stride(0); a.stride_wk = weight.stride(1); a.stride_bias = bias ? bias->stride(0) : 0;
+  a.stride_ar = A.stride(0); a.stride_ak = A.stride(1); a.stride_bm = B.stride(0); a.stride_br = B.stride(1);
+  a.stride_yo = y.stride(0); a.stride_yn = y.stride(1); a.stride_ym = y.stride(2); a.stride_hn = h.stride(0);
+  const char* err = mtlora_mm_launch(a, c10::cuda::getCurrentCUDAStream().stream());
+  TORCH_CHECK(err == nullptr, op, ": ", err ? err : "");
+  return {y, h};
+}
+
+// (dX (N, K) or (0, K), dXs (n_xs, N, K) or (0, N, K), dG (N, G*R)); dbase = sum_o dY_o (needed by
+// need_x and s2t), col_scales (T1, G*R) fp32 as MTLoraDgradArgs says
+std::tuple<at::Tensor, at::Tensor, at::Tensor> mtlora_mm_dgrad_cuda(
+    at::TensorList dys, const std::optional<at::Tensor>& dbase, const at::Tensor& weight, const at::Tensor& A,
+    const at::Tensor& B, at::IntArrayRef ranks, const at::Tensor& col_scales, int64_t groups, bool s2t, bool need_x,
+    int64_t n_xs, double p, int64_t seed, int64_t offset) {
+  const char* op = "mtlora_mm_dgrad_cuda";
+  MTLoraDgradArgs a{};
+  const int64_t T1 = static_cast<int64_t>(ranks.size());
+  const int64_t R = mtlora_ranks(op, ranks, a.ranks);
+  TORCH_CHECK(static_cast<int64_t>(dys.size()) == T1, op, ": dys: expected ", T1, " output gradients, got ", dys.size());
+  const at::Tensor& d0 = dys[0];
+  TORCH_CHECK(d0.is_cuda() && d0.dim() == 2, op, ": dys[0]: expected a CUDA (N, M) tensor, got ", d0.sizes(), " on ", d0.device());
+  a.dtype = dtype_code(d0);
+  check_operand(op, "weight", weight, d0, 2);
+  check_operand(op, "A", A, d0, 2);
+  check_operand(op, "B", B, d0, 2);
+  const int64_t N = d0.size(0), M = d0.size(1), K = weight.size(1);
+  TORCH_CHECK(groups >= 1 && M % groups == 0, op, ": groups: expected >= 1 dividing M = ", M, ", got ", groups);
+  TORCH_CHECK(weight.size(0) == M, op, ": weight: expected (", M, ", K), got ", weight.sizes());
+  TORCH_CHECK(A.size(0) == groups * R && A.size(1) == K, op, ": A: expected (", groups * R, ", ", K, "), got ", A.sizes());
+  TORCH_CHECK(B.size(0) == M && B.size(1) == R, op, ": B: expected (", M, ", ", R, "), got ", B.sizes());
+  TORCH_CHECK(n_xs == 0 || n_xs == T1 - 1, op, ": n_xs: expected 0 or ", T1 - 1, ", got ", n_xs);
+  TORCH_CHECK(col_scales.device() == d0.device() && col_scales.dim() == 2 && col_scales.size(0) == T1 &&
+              col_scales.size(1) == groups * R, op, ": col_scales: expected (", T1, ", ", groups * R, ") on ", d0.device(),
+              ", got ", col_scales.sizes(), " on ", col_scales.device());
+  TORCH_CHECK(!(need_x || s2t) || dbase.has_value(), op, ": dbase: expected sum_o dY_o (dX or s2t needs it), got None");
+  c10::cuda::CUDAGuard guard(d0.device());
+  std::vector<at::Tensor> dc;   // one set of strides for every gradient and dbase
+  std::vector<const void*> dp;
+  for (size_t i = 0; i < dys.size(); ++i) {
+    check_operand(op, "dys[i]", dys[i], d0, 2);
+    TORCH_CHECK(dys[i].sizes() == d0.sizes(), op, ": dys[", i, "]: expected ", d0.sizes(), ", got ", dys[i].sizes());
+    dc.push_back(dys[i].contiguous());
+    dp.push_back(dc.back().data_ptr());
+  }
+  at::Tensor db;
+  if (dbase) {
+    check_operand(op, "dbase", *dbase, d0, 2);
+    TORCH_CHECK(dbase->sizes() == d0.sizes(), op, ": dbase: expected ", d0.sizes(), ", got ", dbase->sizes());
+    db = dbase->contiguous();
+  }
+  const at::Tensor cs = col_scales.to(at::kFloat).contiguous();
+  at::Tensor dx = at::empty({need_x ? N : 0, K}, d0.options());
+  at::Tensor dxs = at::empty({need_x ? n_xs : 0, N, K}, d0.options());
+  at::Tensor dg = at::empty({N, groups * R}, d0.options());
+  at::Tensor work = at::empty({p > 0.0 && need_x ? N * K : 0}, d0.options());   // drop_g(dH_g A_g) before its mask
+  a.work = p > 0.0 && need_x ? work.data_ptr() : nullptr; a.p = p; a.seed = seed; a.offset = offset;
+  a.dys = dp.data(); a.dbase = db.defined() ? db.data_ptr() : nullptr; a.weight = weight.data_ptr(); a.A = A.data_ptr();
+  a.B = B.data_ptr(); a.col_scales = cs.data_ptr<float>(); a.dx = need_x ? dx.data_ptr() : nullptr;
+  a.dxs = need_x && n_xs ? dxs.data_ptr() : nullptr; a.dg = dg.data_ptr();
+  a.N = N; a.K = K; a.M = M; a.G = groups; a.T1 = T1; a.n_xs = n_xs; a.s2t = s2t; a.need_x = need_x;
+  a.stride_dyn = dc[0].stride(0); a.stride_dym = dc[0].stride(1); a.stride_wm = weight.stride(0); a.stride_wk = weight.stride(1);
+  a.stride_ar = A.stride(0); a.stride_ak = A.stride(1); a.stride_bm = B.stride(0); a.stride_br = B.stride(1);
+  a.stride_dxn = K; a.stride_dxso = N * K; a.stride_dxsn = K; a.stride_gn = dg.stride(0);
+  const char* err = mtlora_mm_dgrad_launch(a, c10::cuda::getCurrentCUDAStream().stream());
+  TORCH_CHECK(err == nullptr, op, ": ", err ? err : "");
+  return {dx, dxs, dg};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(palora, m) {
+  m.def("mtlora_mm_cuda(Tensor x, Tensor[] xs, Tensor weight, Tensor? bias, Tensor A, Tensor B, int[] ranks, "
+        "Tensor scales, int groups, bool shared_to_tasks, float p, int seed, int offset) -> (Tensor, Tensor)");
+  m.def("mtlora_mm_dgrad_cuda(Tensor[] dys, Tensor? dbase, Tensor weight, Tensor A, Tensor B, int[] ranks, "
+        "Tensor col_scales, int groups, bool shared_to_tasks, bool need_x, int n_xs, float p, int seed, int offset) "
+        "-> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(palora, CUDA, m) {
+  m.impl("mtlora_mm_cuda", &mtlora_mm_cuda);
+  m.impl("mtlora_mm_dgrad_cuda", &mtlora_mm_dgrad_cuda);
+}
+
+}  // namespace palora

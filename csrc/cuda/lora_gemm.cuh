@@ -279,35 +279,28 @@ __device__ __forceinline__ void load_frag(nvcuda::wmma::fragment<Use, 16, 16, 16
 }
 #endif
 
+// Grouped tile order (GROUP_M = 8 row tiles share their B column tiles in L2): block pid of a
+// num_m x num_n grid -> (row tile, column tile). 32-bit, once per block.
+__device__ __forceinline__ void grouped_tile(unsigned num_m, unsigned num_n, unsigned pid, unsigned& mt, unsigned& nt) {
+  const unsigned group = 8u * num_n, first_m = (pid / group) * 8u;
+  const unsigned gsize = (num_m - first_m) < 8u ? (num_m - first_m) : 8u;
+  mt = first_m + (pid % group) % gsize;
+  nt = (pid % group) / gsize;
+}
+
+// The K loop of one (BM, BN) tile at (m0, n0): phase 1 then the expand, two cp.async stages, and the
+// fp32 accumulators stored to Cs = smem as (BM, Lay::LDC) floats, followed by a barrier. smem holds
+// Tile<Cfg, T, BKMAJ>::SMEM bytes. Shared by lora_gemm_kernel and the MTLoRA kernel (mtlora_mm.cuh),
+// which differ only in their epilogues.
 template <class T, class Cfg, int G, bool BKMAJ>
-__global__ void __launch_bounds__(Cfg::THREADS, 1) lora_gemm_kernel(GemmParams p) {
+__device__ __forceinline__ void gemm_mainloop(const GemmParams& p, unsigned char* smem, int m0, int n0, int g_n,
+                                              int g_ho, int g_wo, bool g_ok) {
   using Lay = Tile<Cfg, T, BKMAJ>;
   constexpr int BM = Cfg::BM, BN = Cfg::BN, BK = Cfg::BK;
   constexpr int LDA = Lay::LDA, LDB = Lay::LDB, LDC = Lay::LDC, STAGE = Lay::STAGE;
-  PALORA_SHARED(smem, Lay::SMEM);
   T* stage0 = reinterpret_cast<T*>(smem);                // stage s: As = stage0 + s*STAGE, Bs = As + BM*LDA
   float* Cs = reinterpret_cast<float*>(smem);            // (BM, LDC), after the K loop
   const int tid = threadIdx.x;
-
-  // grouped ordering (GROUP_M = 8 row tiles share their B column tiles in L2); 32-bit, once per block
-  const unsigned num_m = static_cast<unsigned>((p.rows + BM - 1) / BM), num_n = static_cast<unsigned>((p.cols + BN - 1) / BN);
-  const unsigned pid = blockIdx.x, group = 8u * num_n, first_m = (pid / group) * 8u;
-  const unsigned gsize = (num_m - first_m) < 8u ? (num_m - first_m) : 8u;
-  const int m0 = static_cast<int>((first_m + (pid % group) % gsize) * BM);
-  const int n0 = static_cast<int>(((pid % group) / gsize) * BN);
-
-  // im2col / dgrad: this thread's gather row (a pixel of z), decomposed once
-  int g_n = 0, g_ho = 0, g_wo = 0;
-  bool g_ok = false;
-  if (G != kDense) {
-    const int m = m0 + tid % BM;
-    g_ok = m < p.rows;
-    int q = 0;
-    if (g_ok) {
-      p.div_hw.divmod(m, g_n, q);
-      p.div_Wo.divmod(q, g_ho, g_wo);
-    }
-  }
 
   constexpr bool kWmma = PALORA_WMMA_ARCH && Num<T>::is16;
   constexpr int FM = BM / (16 * Cfg::WARPS_M), FN = BN / (16 * Cfg::WARPS_N);
@@ -373,7 +366,7 @@ __global__ void __launch_bounds__(Cfg::THREADS, 1) lora_gemm_kernel(GemmParams p
   }
   cp_async_wait<0>();  // only empty groups can be pending here; nothing may land on Cs
 
-  // ---- epilogue: accumulators -> Cs (fp32) -> + bias -> z, coalesced along z's contiguous dim
+  // ---- accumulators -> Cs (fp32); the caller's epilogue reads them after the barrier
   if constexpr (kWmma) {
 #if PALORA_WMMA_ARCH
     for (int i = 0; i < FM; ++i)
@@ -386,6 +379,13 @@ __global__ void __launch_bounds__(Cfg::THREADS, 1) lora_gemm_kernel(GemmParams p
       for (int j = 0; j < TN; ++j) Cs[(ty * TM + i) * LDC + tx * TN + j] = acc[i][j];
   }
   __syncthreads();
+}
+
+// The plain epilogue: Cs (fp32) + bias -> z, coalesced along z's contiguous dim.
+template <class T, class Cfg>
+__device__ __forceinline__ void store_tile(const GemmParams& p, const float* Cs, int ldc, int m0, int n0) {
+  constexpr int BM = Cfg::BM, BN = Cfg::BN;
+  const int tid = threadIdx.x;
   T* z = static_cast<T*>(p.z);
   const T* bias = static_cast<const T*>(p.bias);
   const bool cfast = p.z_sc == 1;
@@ -394,12 +394,39 @@ __global__ void __launch_bounds__(Cfg::THREADS, 1) lora_gemm_kernel(GemmParams p
     const int nn = cfast ? idx % BN : idx / BM;
     const int m = m0 + mm, n = n0 + nn;
     if (m >= p.rows || n >= p.cols) continue;
-    float v = Cs[mm * LDC + nn];
+    float v = Cs[mm * ldc + nn];
     if (bias) v += Num<T>::to_f(bias[n * p.bias_s]);
     int img, q;
     p.div_hw.divmod(m, img, q);
     z[img * p.z_sn + q * p.z_sp + n * p.z_sc] = Num<T>::from_f(v);
   }
+}
+
+template <class T, class Cfg, int G, bool BKMAJ>
+__global__ void __launch_bounds__(Cfg::THREADS, 1) lora_gemm_kernel(GemmParams p) {
+  using Lay = Tile<Cfg, T, BKMAJ>;
+  constexpr int BM = Cfg::BM, BN = Cfg::BN;
+  PALORA_SHARED(smem, Lay::SMEM);
+  const int tid = threadIdx.x;
+  unsigned mt, nt;
+  grouped_tile(static_cast<unsigned>((p.rows + BM - 1) / BM), static_cast<unsigned>((p.cols + BN - 1) / BN),
+               blockIdx.x, mt, nt);
+  const int m0 = static_cast<int>(mt * BM), n0 = static_cast<int>(nt * BN);
+
+  // im2col / dgrad: this thread's gather row (a pixel of z), decomposed once
+  int g_n = 0, g_ho = 0, g_wo = 0;
+  bool g_ok = false;
+  if (G != kDense) {
+    const int m = m0 + tid % BM;
+    g_ok = m < p.rows;
+    int q = 0;
+    if (g_ok) {
+      p.div_hw.divmod(m, g_n, q);
+      p.div_Wo.divmod(q, g_ho, g_wo);
+    }
+  }
+  gemm_mainloop<T, Cfg, G, BKMAJ>(p, smem, m0, n0, g_n, g_ho, g_wo, g_ok);
+  store_tile<T, Cfg>(p, reinterpret_cast<const float*>(smem), Lay::LDC, m0, n0);
 }
 
 // 16-byte copies of a (rows, cols-contiguous) operand: contiguous, 16-byte aligned base and row stride
@@ -408,12 +435,18 @@ inline bool vec_ok(const void* ptr, int64_t s_row, int64_t s_col) {
   return ptr && s_col == 1 && (reinterpret_cast<uintptr_t>(ptr) % 16 == 0) && ((s_row * int64_t(sizeof(T))) % 16 == 0);
 }
 
-template <class T, class Cfg, int G, bool BKMAJ>
-const char* launch_gemm_as(GemmParams p, void* stream) {
+// which operands take the 16-byte cp.async path (GemmParams::a_vec, b_vec, up_vec)
+template <class T, int G, bool BKMAJ>
+inline void set_vec_paths(GemmParams& p) {
   p.a_vec = G == kDense && vec_ok<T>(p.a, p.a_sm, p.a_sk);
   // the B stage keeps BKMAJ's orientation; a copy runs along it only when memory does too
   p.b_vec = G != kDgrad && (BKMAJ ? vec_ok<T>(p.b, p.b_sc, p.b_sk) : vec_ok<T>(p.b, p.b_sk, p.b_sc));
   p.up_vec = G != kDgrad && p.R > 0 && (BKMAJ ? vec_ok<T>(p.up, p.up_sc, p.up_sr) : vec_ok<T>(p.up, p.up_sr, p.up_sc));
+}
+
+template <class T, class Cfg, int G, bool BKMAJ>
+const char* launch_gemm_as(GemmParams p, void* stream) {
+  set_vec_paths<T, G, BKMAJ>(p);
   const int64_t blocks = cdiv(p.rows, Cfg::BM) * cdiv(p.cols, Cfg::BN);
   if (blocks > 0x7fffffff) return "lora_gemm: more than 2^31 - 1 tiles";
   PALORA_LAUNCH(dim3(static_cast<unsigned>(blocks)), dim3(Cfg::THREADS), 0, stream,

@@ -140,3 +140,63 @@ const char* lora_conv2d_dgrad_launch(const LoraConvDgradArgs& args, void* stream
 const char* lora_conv2d_wgrad_launch(const LoraConvWgradArgs& args, void* stream);
 
 }  // namespace palora
+
+namespace palora {
+
+// ---- MTLoRA (csrc/cuda/mtlora_mm.cuh, docs/mtlora.md): T1 = T + 1 outputs on one base product,
+// G column groups (q, k, v) of Mg = M / G columns, adapters a = 0 (shared) .. T with ranks[a], R = sum(ranks):
+//   H[:, g, a] = x_a A[g, a]^T                      (N, G*R), x_a = x, or xs[a-1] for a task input
+//   Y[o][:, g] = x W_g^T + b_g + sum_{a feeds o} s[g, a] H[:, g, a] B[g, a]^T   (T1, N, M)
+// a feeds o: a == o, and a == 0 for every o when s2t (MTLoRA's matrixv2). LoRA dropout (p > 0): the
+// adapters that read x read x * mask_g / (1 - p), mask_g element (n, k) kept iff
+// philox_uniform(seed, offset + g*N*K + n*K + k) >= p (csrc/cuda/philox.h, palora_kernels/_rng.py).
+constexpr int64_t kMTLoraMaxAdapters = 32;
+struct MTLoraMMArgs {
+  const void* x;             // (N, K)
+  const void* const* xs;     // n_xs task inputs (N, K), strides stride_xs*: a HOST array of device pointers
+  const void* weight;        // (M, K) = [W_0; ..; W_{G-1}]
+  const void* bias;          // (M,) or nullptr
+  const void* A;             // (G*R, K), rows [g][a][j]
+  const void* B;             // (M, R), columns [a][j]
+  const float* scales;       // (G, T1) fp32, dense
+  void* y;                   // (T1, N, M)
+  void* h;                   // (N, G*R), column stride 1
+  void* work;                // p > 0: (G, N, K) dense workspace for the dropped x of each group, else unused
+  int64_t dtype, N, K, M, G, T1, n_xs, s2t;
+  int64_t ranks[kMTLoraMaxAdapters];
+  int64_t stride_xn, stride_xk, stride_xsn, stride_xsk, stride_wm, stride_wk, stride_bias;
+  int64_t stride_ar, stride_ak, stride_bm, stride_br, stride_yo, stride_yn, stride_ym, stride_hn;
+  int64_t seed, offset;      // dropout
+  double p;
+};
+
+// The data gradients of MTLoRAMMArgs' op from the T1 output gradients dY_o (all with one set of strides):
+//   dG[:, g, a] = dYsum_a[:, g] B[g, a]   (N, G*R), unscaled; dYsum_0 = dBase with s2t, else dY_0; dYsum_t = dY_t
+//   dX = dBase W + sum_g drop_g((dG * col_scales[0])_g A_g)   (need_x; dBase = sum_o dY_o from the caller;
+//        drop_g: the forward's mask of group g regenerated, / (1 - p); the identity when p == 0)
+//   dXs[t-1] = (dG * col_scales[t]) A                (need_x and n_xs = T task inputs)
+// col_scales (T1, G*R) fp32: row 0 holds s[g, a] on the columns of H read from x, row t on task t's
+// columns, 0 elsewhere (the expand of lora_gemm applies it as a per-column scale).
+struct MTLoraDgradArgs {
+  const void* const* dys;    // T1 gradients (N, M): a HOST array of device pointers
+  const void* dbase;         // (N, M), dys' strides, or nullptr when neither dX nor s2t's dG needs it
+  const void* weight;        // (M, K)
+  const void* A;             // (G*R, K)
+  const void* B;             // (M, R)
+  const float* col_scales;   // (T1, G*R) fp32, dense
+  void* dx;                  // (N, K), or nullptr without need_x
+  void* dxs;                 // (n_xs, N, K), or nullptr
+  void* dg;                  // (N, G*R), column stride 1
+  void* work;                // p > 0 and need_x: (N, K) dense workspace, else unused
+  int64_t dtype, N, K, M, G, T1, n_xs, s2t, need_x;
+  int64_t ranks[kMTLoraMaxAdapters];
+  int64_t stride_dyn, stride_dym, stride_wm, stride_wk, stride_ar, stride_ak, stride_bm, stride_br;
+  int64_t stride_dxn, stride_dxso, stride_dxsn, stride_gn;
+  int64_t seed, offset;      // dropout, as MTLoraMMArgs
+  double p;
+};
+
+const char* mtlora_mm_launch(const MTLoraMMArgs& args, void* stream);
+const char* mtlora_mm_dgrad_launch(const MTLoraDgradArgs& args, void* stream);
+
+}  // namespace palora

@@ -8,6 +8,7 @@
 #include "cuda/conv_wgrad.cuh"
 #include "cuda/lora_conv2d.cuh"
 #include "cuda/lora_mm.cuh"
+#include "cuda/mtlora_mm.cuh"
 #include "cuda/pref_grad.cuh"
 #include "emu/selftest.cuh"
 
@@ -32,6 +33,12 @@ long long palora_emu_lora_conv2d_wgrad_workspace(const palora::LoraConvWgradArgs
 }
 
 const char* palora_emu_pref_grad(const palora::PrefGradArgs* args) { return palora::pref_grad_dispatch(*args, nullptr); }
+
+const char* palora_emu_mtlora_mm(const palora::MTLoraMMArgs* args) { return palora::mtlora_mm_dispatch(*args, nullptr); }
+
+const char* palora_emu_mtlora_mm_dgrad(const palora::MTLoraDgradArgs* args) {
+  return palora::mtlora_mm_dgrad_dispatch(*args, nullptr);
+}
 
 long long palora_emu_pref_grad_workspace(const palora::PrefGradArgs* args) { return palora::pref_grad_workspace(*args); }
 

@@ -26,6 +26,10 @@ _DTYPES = {"f": "fp32", "6__half": "fp16", "13__nv_bfloat16": "bf16"}
 # shrink of lora_conv2d_dgrad), 2 the transposed gather of lora_conv2d_dgrad
 _KERNEL = re.compile(r"lora_gemm_kernelI(f|6__half|13__nv_bfloat16)NS_(\d+)(\w+?Cfg)ELi([012])ELb([01])E")
 _GATHER_OP = {"0": "lora_mm", "1": "lora_conv2d", "2": "lora_conv2d_dgrad"}
+# csrc/cuda/mtlora_mm.cuh: mtlora_gemm_kernel<T, BKMAJ> (lora_gemm's K loop, the T+1-output epilogue)
+_MTLORA = re.compile(r"mtlora_gemm_kernelI(f|6__half|13__nv_bfloat16)Lb([01])E")
+# and mtlora_dropout_kernel<T> (the Philox mask of LoRA dropout, elementwise)
+_MTDROP = re.compile(r"mtlora_dropout_kernelI(f|6__half|13__nv_bfloat16)E")
 _PREF = re.compile(r"pref_grad_(partial|finish)_kernel(?:I(f|6__half|13__nv_bfloat16)E)?")
 # csrc/cuda/conv_wgrad.cuh: conv_wgrad_kernel<T> (the split-K GEMM) and conv_wgrad_finish_kernel<T>
 _WGRAD = re.compile(r"conv_wgrad_(kernel|finish_kernel)I(f|6__half|13__nv_bfloat16)E")
@@ -85,6 +89,14 @@ def _name(mangled: str):
             return "lora_conv2d_wgrad.finish", f"{dtype} 128 threads simt"
         return "lora_conv2d_wgrad.splitk", (f"{dtype} tile 64x64x32 128 threads {'wmma' if dtype != 'fp32' else 'simt'} "
                                             f"A m-major B n-major")
+    md = _MTDROP.search(mangled)
+    if md:
+        return "mtlora_mm.dropout", f"{_DTYPES[md.group(1)]} 128 threads simt"
+    mt = _MTLORA.search(mangled)
+    if mt:
+        dtype = _DTYPES[mt.group(1)]
+        return "mtlora_mm.gemm", (f"{dtype} tile 64x64x32 128 threads {'wmma' if dtype != 'fp32' else 'simt'} "
+                                  f"B {'k' if mt.group(2) == '1' else 'n'}-major")
     if not m:
         pm = _PREF.search(mangled)
         if pm:   # csrc/cuda/pref_grad.cuh: the partial sums are per dtype, the finish reads fp32
@@ -123,7 +135,7 @@ def cuda_rows(path: Optional[str] = None) -> List[dict]:
             row = {"kernel": kernel, "config": config, "arch": arch, "registers": int(u.group(1)),
                    "spills": int(u.group(2)) + int(u.group(4)), "smem": int(u.group(3)), "tensor_core": 0,
                    "function": fn, **{k: 0 for k in _SASS}}
-            if _KERNEL.search(fn) or kernel == "lora_conv2d_wgrad.splitk":
+            if _KERNEL.search(fn) or kernel in ("lora_conv2d_wgrad.splitk", "mtlora_mm.gemm"):
                 # GEMM kernels have a cp.async path (not the all-gather dX of the conv: its A and B tiles
                 # are both gathered element by element; wgrad's is dY in channels_last); 16-bit ones WMMA
                 # from smem

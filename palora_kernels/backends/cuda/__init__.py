@@ -26,9 +26,12 @@ RECORD = Backend(
              "pref_grad": "palora_kernels.backends.cuda.kernels:pref_grad",
              "lora_conv2d_dgrad": "palora_kernels.backends.cuda.kernels:lora_conv2d_dgrad",
              "lora_conv2d_wgrad": "palora_kernels.backends.cuda.kernels:lora_conv2d_wgrad",
-             "lora_conv2d_pref_grad": "palora_kernels.backends.cuda.kernels:lora_conv2d_pref_grad"},
+             "lora_conv2d_pref_grad": "palora_kernels.backends.cuda.kernels:lora_conv2d_pref_grad",
+             "mtlora_mm": "palora_kernels.backends.cuda.mtlora:mtlora_mm",
+             "mtlora_mm_dgrad": "palora_kernels.backends.cuda.mtlora:mtlora_mm_dgrad"},
     # no *_dropout ops: the CUDA C++ kernels draw no dropout mask, so dispatch sends a layer under
-    # LoRA dropout to triton / torch (docs/dropout.md)
+    # LoRA dropout to triton / torch (docs/dropout.md); mtlora_mm and its dgrad take (p, seed, offset) and
+    # draw the MTLoRA mask in their kernels (csrc/cuda/mtlora_mm.cuh)
     dtypes=HALF_AND_FP32,            # fp64 (gradcheck) goes to the next backend: torch on cuBLAS
     devices=frozenset({"cuda"}),
     priority=20,

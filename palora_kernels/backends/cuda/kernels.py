@@ -7,7 +7,8 @@ import torch
 
 from ... import _ext  # noqa: F401  (loads palora_kernels._C, which registers the ops)
 from ..._ops import (check_lora_conv2d, check_lora_conv2d_dgrad, check_lora_conv2d_wgrad, lora_conv2d_dgrad_layout,
-                     lora_conv2d_layout, lora_conv2d_wgrad_layout, lora_mm_layout)
+                     lora_conv2d_layout, lora_conv2d_wgrad_layout, lora_mm_layout, mtlora_mm_dgrad_layout,
+                     mtlora_mm_layout)
 
 if hasattr(torch.ops.palora, "lora_mm_cuda"):
     @torch.library.register_fake("palora::lora_mm_cuda")
@@ -28,6 +29,16 @@ if hasattr(torch.ops.palora, "lora_mm_cuda"):
     def _(x, dy, dg, pref, kernel_hw, stride, padding, dilation, scale, need_weight):
         check_lora_conv2d_wgrad(x, dy, dg, pref, kernel_hw, stride, padding, dilation)
         return lora_conv2d_wgrad_layout(x, dy.shape[1], dg.shape[1], *kernel_hw, need_weight)
+
+    if hasattr(torch.ops.palora, "mtlora_mm_cuda"):     # an extension built before the MTLoRA kernels lacks them
+        @torch.library.register_fake("palora::mtlora_mm_cuda")
+        def _(x, xs, weight, bias, A, B, ranks, scales, groups, shared_to_tasks, p, seed, offset):
+            return mtlora_mm_layout(x, len(ranks) - 1, weight.shape[0], A.shape[0], "cuda")
+
+        @torch.library.register_fake("palora::mtlora_mm_dgrad_cuda")
+        def _(dys, dbase, weight, A, B, ranks, col_scales, groups, shared_to_tasks, need_x, n_xs, p, seed, offset):
+            dx, dxs, _, dg = mtlora_mm_dgrad_layout(dys[0], weight.shape[1], n_xs, need_x, False, A.shape[0])
+            return dx, dxs, dg
 
     @torch.library.register_fake("palora::pref_grad_cuda")
     def _(h, dg, pref, rows_per_sample, rank, scale):

@@ -30,7 +30,7 @@ from . import RECORD
 CSRC = Path(__file__).resolve().parents[3] / "csrc"
 _SOURCES = ("emu/emu.h", "emu/emu_capi.cpp", "cuda/palora_cuda.h", "cuda/common.cuh",
             "cuda/lora_gemm.cuh", "cuda/lora_mm.cuh", "cuda/lora_conv2d.cuh", "cuda/pref_grad.cuh",
-            "cuda/conv_dgrad.cuh", "cuda/conv_wgrad.cuh",
+            "cuda/conv_dgrad.cuh", "cuda/conv_wgrad.cuh", "cuda/mtlora_mm.cuh",
             "emu/selftest.cuh")
 _DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _GUARD = 64                                   # sentinel elements on each side of an output
@@ -89,6 +89,31 @@ class LoraConvWgradArgs(ctypes.Structure):    # mirrors palora::LoraConvWgradArg
                 + [("scale", ctypes.c_double)])
 
 
+_MT_MAX = 32                                  # palora::kMTLoraMaxAdapters
+
+
+class MTLoraMMArgs(ctypes.Structure):         # mirrors palora::MTLoraMMArgs
+    _fields_ = ([(n, ctypes.c_void_p) for n in ("x", "xs", "weight", "bias", "A", "B", "scales", "y", "h", "work")]
+                + [(n, ctypes.c_int64) for n in ("dtype", "N", "K", "M", "G", "T1", "n_xs", "s2t")]
+                + [("ranks", ctypes.c_int64 * _MT_MAX)]
+                + [(n, ctypes.c_int64) for n in (
+                    "stride_xn", "stride_xk", "stride_xsn", "stride_xsk", "stride_wm", "stride_wk", "stride_bias",
+                    "stride_ar", "stride_ak", "stride_bm", "stride_br", "stride_yo", "stride_yn", "stride_ym",
+                    "stride_hn", "seed", "offset")]
+                + [("p", ctypes.c_double)])
+
+
+class MTLoraDgradArgs(ctypes.Structure):      # mirrors palora::MTLoraDgradArgs
+    _fields_ = ([(n, ctypes.c_void_p) for n in ("dys", "dbase", "weight", "A", "B", "col_scales", "dx", "dxs", "dg",
+                                                "work")]
+                + [(n, ctypes.c_int64) for n in ("dtype", "N", "K", "M", "G", "T1", "n_xs", "s2t", "need_x")]
+                + [("ranks", ctypes.c_int64 * _MT_MAX)]
+                + [(n, ctypes.c_int64) for n in (
+                    "stride_dyn", "stride_dym", "stride_wm", "stride_wk", "stride_ar", "stride_ak", "stride_bm",
+                    "stride_br", "stride_dxn", "stride_dxso", "stride_dxsn", "stride_gn", "seed", "offset")]
+                + [("p", ctypes.c_double)])
+
+
 def _compiler() -> Optional[str]:
     return shutil.which(os.environ.get("CXX", "g++"))
 
@@ -131,7 +156,8 @@ def build(defines: Sequence[str] = ()) -> ctypes.CDLL:
         lib = ctypes.CDLL(str(out))
         for fn, argt in (("palora_emu_lora_mm", LoraMMArgs), ("palora_emu_lora_conv2d", LoraConvArgs),
                          ("palora_emu_pref_grad", PrefGradArgs), ("palora_emu_lora_conv2d_dgrad", LoraConvDgradArgs),
-                         ("palora_emu_lora_conv2d_wgrad", LoraConvWgradArgs)):
+                         ("palora_emu_lora_conv2d_wgrad", LoraConvWgradArgs), ("palora_emu_mtlora_mm", MTLoraMMArgs),
+                         ("palora_emu_mtlora_mm_dgrad", MTLoraDgradArgs)):
             getattr(lib, fn).argtypes = [ctypes.POINTER(argt)]
             getattr(lib, fn).restype = ctypes.c_char_p
         lib.palora_emu_pref_grad_workspace.argtypes = [ctypes.POINTER(PrefGradArgs)]
@@ -395,6 +421,90 @@ def wgrad_splits(lib, x, dy, dg, kernel_hw, need_weight, splits=0) -> int:
     return int(lib.palora_emu_lora_conv2d_wgrad_workspace(ctypes.byref(a))) // (Mz * x.shape[1] * kernel_hw[0] * kernel_hw[1])
 
 
+def _ranks_array(ranks):
+    if not 1 <= len(ranks) <= _MT_MAX:
+        raise ValueError(f"ranks: cuda_sim runs 1 .. {_MT_MAX} adapters, got {len(ranks)}")
+    return (ctypes.c_int64 * _MT_MAX)(*ranks)
+
+
+def _pointers(ts):
+    return (ctypes.c_void_p * max(len(ts), 1))(*[t.data_ptr() for t in ts])
+
+
+def mtlora_mm_sim(x, xs, weight, bias, A, B, ranks, scales, groups, shared_to_tasks, p=0.0, seed=0, offset=0, lib=None,
+                  verify=True):
+    """(Y, H) of palora::mtlora_mm via the emulated kernels (the layout of the cuda backend); p > 0: LoRA
+    dropout in the kernels (the workspace of dropped x starts as NaN, so an unwritten element shows)."""
+    if x.dtype not in _DTYPES:
+        raise TypeError(f"x: cuda_sim supports float32, float16, bfloat16, got {x.dtype}")
+    for name, t in ([("x", x), ("weight", weight), ("A", A), ("B", B)] + [(f"xs[{i}]", t) for i, t in enumerate(xs)]
+                    + ([("bias", bias)] if bias is not None else [])):
+        _check(name, t, x.dtype)
+    lib = lib or build()
+    xs = [t.contiguous() for t in xs]            # one set of strides for every task input
+    N, K = x.shape
+    M, T1, GR = weight.shape[0], len(ranks), A.shape[0]
+    s32 = scales.float().contiguous()
+    ybuf, y = _guarded((T1, N, M), (N * M, M, 1), x.dtype)
+    hbuf, h = _guarded((N, GR), (RECORD.h_row_stride(GR), 1), x.dtype)
+    xp = _pointers(xs)
+    work = torch.full((groups * N * K if p > 0 else 1,), float("nan"), dtype=x.dtype)
+    a = MTLoraMMArgs(
+        x=_ptr(x), xs=ctypes.cast(xp, ctypes.c_void_p).value if xs else None, weight=_ptr(weight), bias=_ptr(bias),
+        A=_ptr(A), B=_ptr(B), scales=_ptr(s32), y=_ptr(y), h=_ptr(h), dtype=_DTYPES[x.dtype], N=N, K=K, M=M,
+        G=groups, T1=T1, n_xs=len(xs), s2t=int(bool(shared_to_tasks)), ranks=_ranks_array(ranks),
+        stride_xn=x.stride(0), stride_xk=x.stride(1), stride_xsn=xs[0].stride(0) if xs else 0,
+        stride_xsk=xs[0].stride(1) if xs else 0, stride_wm=weight.stride(0), stride_wk=weight.stride(1),
+        stride_bias=bias.stride(0) if bias is not None else 0, stride_ar=A.stride(0), stride_ak=A.stride(1),
+        stride_bm=B.stride(0), stride_br=B.stride(1), stride_yo=y.stride(0), stride_yn=y.stride(1),
+        stride_ym=y.stride(2), stride_hn=h.stride(0), work=_ptr(work) if p > 0 else None, seed=seed, offset=offset,
+        p=float(p))
+    _run(lib, "palora_emu_mtlora_mm", a)
+    if verify:
+        _verify_output(ybuf, y, "mtlora_mm", "Y")
+        _verify_output(hbuf, h, "mtlora_mm", "H")
+    return y, h
+
+
+def mtlora_mm_dgrad_sim(dys, dbase, weight, A, B, ranks, col_scales, groups, shared_to_tasks, need_x, n_xs, p=0.0,
+                        seed=0, offset=0, lib=None, verify=True):
+    """(dX, dXs, dG) of palora::mtlora_mm_dgrad with p = 0 via the emulated kernels, from contiguous dys, their
+    sum dbase (or None when neither need_x nor shared_to_tasks) and the column scale rows (cuda/mtlora.py)."""
+    d0 = dys[0]
+    if d0.dtype not in _DTYPES:
+        raise TypeError(f"dys[0]: cuda_sim supports float32, float16, bfloat16, got {d0.dtype}")
+    for name, t in ([(f"dys[{i}]", t) for i, t in enumerate(dys)] + [("weight", weight), ("A", A), ("B", B)]
+                    + ([("dbase", dbase)] if dbase is not None else [])):
+        _check(name, t, d0.dtype)
+        if name.startswith("d") and t.stride() != d0.stride():
+            raise ValueError(f"{name}: expected the strides of dys[0] {d0.stride()}, got {t.stride()}")
+    lib = lib or build()
+    N, M = d0.shape
+    K, T1, GR = weight.shape[1], len(ranks), A.shape[0]
+    cs = col_scales.float().contiguous()
+    nx = N if need_x else 0
+    xbuf, dx = _guarded((nx, K), (K, 1), d0.dtype)
+    sbuf, dxs = _guarded((n_xs if need_x else 0, N, K), (N * K, K, 1), d0.dtype)
+    gbuf, dg = _guarded((N, GR), (GR, 1), d0.dtype)
+    dp = _pointers(dys)
+    work = torch.full((N * K if p > 0 and need_x else 1,), float("nan"), dtype=d0.dtype)
+    a = MTLoraDgradArgs(
+        dys=ctypes.cast(dp, ctypes.c_void_p).value, dbase=_ptr(dbase), weight=_ptr(weight), A=_ptr(A), B=_ptr(B),
+        col_scales=_ptr(cs), dx=_ptr(dx) if need_x else None, dxs=_ptr(dxs) if need_x and n_xs else None,
+        dg=_ptr(dg), dtype=_DTYPES[d0.dtype], N=N, K=K, M=M, G=groups, T1=T1, n_xs=n_xs,
+        s2t=int(bool(shared_to_tasks)), need_x=int(bool(need_x)), ranks=_ranks_array(ranks),
+        stride_dyn=d0.stride(0), stride_dym=d0.stride(1), stride_wm=weight.stride(0), stride_wk=weight.stride(1),
+        stride_ar=A.stride(0), stride_ak=A.stride(1), stride_bm=B.stride(0), stride_br=B.stride(1),
+        stride_dxn=K, stride_dxso=N * K, stride_dxsn=K, stride_gn=dg.stride(0),
+        work=_ptr(work) if p > 0 and need_x else None, seed=seed, offset=offset, p=float(p))
+    _run(lib, "palora_emu_mtlora_mm_dgrad", a)
+    if verify:
+        _verify_output(xbuf, dx, "mtlora_mm_dgrad", "dX")
+        _verify_output(sbuf, dxs, "mtlora_mm_dgrad", "dXs")
+        _verify_output(gbuf, dg, "mtlora_mm_dgrad", "dG")
+    return dx, dxs, dg
+
+
 def unavailable_reason() -> Optional[str]:
     if _compiler() is None:
         return "no C++ compiler (g++ or $CXX) on PATH"
@@ -426,3 +536,16 @@ def pref_grad(h, dg, pref, rows_per_sample, rank, scale):
 def lora_conv2d_pref_grad(h, dg, pref, rank, scale):
     """dp (P, T) of the conv: h, dg (N, R, Ho, Wo), P == 1 or N."""
     return pref_grad_sim(h, dg, pref, h.shape[2] * h.shape[3], rank, scale)
+
+
+def mtlora_mm(x, xs, weight, bias, A, B, ranks, scales, groups, shared_to_tasks, p, seed, offset):
+    return mtlora_mm_sim(x, list(xs), weight, bias, A, B, list(ranks), scales, groups, shared_to_tasks, p, seed, offset)
+
+
+def mtlora_mm_dgrad(dys, x, xs, weight, A, B, ranks, scales, groups, shared_to_tasks, p, seed, offset, need_x,
+                    need_base):
+    from ..cuda.mtlora import dgrad_inputs
+    dys, dbase, cs = dgrad_inputs(dys, ranks, scales, groups, xs, shared_to_tasks, need_x, need_base)
+    dx, dxs, dg = mtlora_mm_dgrad_sim(dys, dbase, weight, A, B, list(ranks), cs, groups, shared_to_tasks, need_x,
+                                      len(xs), p, seed, offset)
+    return dx, dxs, (dbase if need_base else dys[0].new_empty((0, dys[0].shape[1]))), dg
