@@ -85,15 +85,16 @@ MODES = ["matrix", "matrixv2", "addition", "lora_only"]
 BACKENDS = ["torch", "triton"]
 
 
-def run_with_grads(m, x, xt, fn, seed=5):
+def run_with_grads(m, x, xt, fn, seed=5, grad_dtype=None):
     """fn(m, x, xt) -> (y, {task: y_t}); the outputs and the gradients of x, the task inputs and every
-    trainable parameter of m (by name) for a random upstream gradient on every output."""
+    trainable parameter of m (by name) for a random upstream gradient on every output (rounded to
+    grad_dtype first, so an fp64 oracle sees the same upstream gradient as a low-precision run)."""
     x = x.clone().requires_grad_()
     xt = {k: v.clone().requires_grad_() for k, v in xt.items()} if xt else None
     y, lt = fn(m, x, xt)
     outs = _flat(y, lt)
     g = torch.Generator().manual_seed(seed)
-    loss = sum((o * torch.randn(o.shape, generator=g).to(o.dtype)).sum() for o in outs)
+    loss = sum((o * torch.randn(o.shape, generator=g).to(grad_dtype or o.dtype).to(o.dtype)).sum() for o in outs)
     names = [n for n, p in m.named_parameters() if p.requires_grad]
     wrt = [x] + (list(xt.values()) if xt else []) + [p for n, p in m.named_parameters() if p.requires_grad]
     got = torch.autograd.grad(loss, wrt, allow_unused=True)
@@ -428,13 +429,15 @@ def test_low_precision_within_twice_the_same_dtype_reference(dt, backend):
     if backend == "triton":     # interpreter time: one layer per dtype (both paths over the two dtypes)
         cases = cases[:1] if dt == torch.float16 else cases[1:]
     for i, (cls, mode, with_tasks) in enumerate(cases):
-        m = make(mode, cls=cls, in_f=24, out_f=20, dtype=torch.float32, seed=i).to(dt)
+        # trainable scales: ds sums N*r cancelling products (recomputed in fp32; ops/mtlora.py _scale_grad)
+        m = make(mode, cls=cls, in_f=24, out_f=20, dtype=torch.float32, seed=i, trainable=True).to(dt)
         x, xt = inputs(24, m.tasks, with_tasks, shape=(3, 10), dtype=torch.float32, seed=i)
         x, xt = x.to(dt), ({k: v.to(dt) for k, v in xt.items()} if xt else None)
         outs, grads = run_with_grads(m, x, xt, lambda m, x, xt: m(x, xt, backend=backend))
         outs_lo, grads_lo = run_with_grads(copy.deepcopy(m), x, xt, oracle_fn(m))
         up = lambda d: {k: v.double() for k, v in d.items()} if d else None  # noqa: E731
-        outs64, grads64 = run_with_grads(copy.deepcopy(m).double(), x.double(), up(xt), oracle_fn(m))
+        # the oracle gets the same (rounded) upstream gradient: exact math on the same inputs
+        outs64, grads64 = run_with_grads(copy.deepcopy(m).double(), x.double(), up(xt), oracle_fn(m), grad_dtype=dt)
         pairs = list(zip(outs, outs_lo, outs64)) + [(grads[k], grads_lo[k], grads64[k]) for k in grads]
         names = [f"output {j}" for j in range(len(outs))] + list(grads)
         for name, (got, loop, exact) in zip(names, pairs):
