@@ -1,8 +1,11 @@
 // palora::philox_uniform: csrc/cuda/philox.h compiled for the host, as a CPU op. The proof that the
 // header (which the CUDA kernels include) draws the same numbers as palora_kernels._rng and
 // Triton's tl.rand (tests/test_dropout.py).
-#include <ATen/ATen.h>
+// Build time (docs/cuda.md, Build): the core Tensor and the one operator header used, not <ATen/ATen.h>
+#define TORCH_ASSERT_ONLY_METHOD_OPERATORS
+#include <ATen/core/Tensor.h>
 #include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include "../cuda/philox.h"
