@@ -107,6 +107,23 @@ def _cuda_home():
     return home
 
 
+# The one translation unit of every source that includes torch headers (its #include "...cpp" lines):
+# <torch/library.h> alone costs ~10 s of CPU per unit, once here instead of once per file (docs/cuda.md).
+# distutils sorts the sources by path and ninja starts them in that order: the name sorts first, so the
+# longest unit starts at once and the nvcc units share the other core.
+TORCH_UNIT = "csrc/cpu/all_torch_ops.cpp"
+
+
+def _sources():
+    """(C++ sources, CUDA sources): TORCH_UNIT instead of the files it includes, then every other .cpp
+    and .cu by glob (a new file is compiled on its own until it is added to TORCH_UNIT)."""
+    with open(os.path.join(HERE, TORCH_UNIT), encoding="utf-8") as f:
+        members = {os.path.normpath(os.path.join(os.path.dirname(TORCH_UNIT), m))
+                   for m in re.findall(r'^#include "([^"]+\.cpp)"', f.read(), re.M)} | {TORCH_UNIT}
+    rest = lambda pattern: [p for p in sorted(glob.glob(pattern)) if os.path.normpath(p) not in members]
+    return ([TORCH_UNIT] + rest("csrc/cpu/*.cpp"), rest("csrc/cuda/*.cu") + rest("csrc/cuda/*.cpp"))
+
+
 def _extensions():
     _check_torch_match()
     cuda_home = _cuda_home()
@@ -115,8 +132,7 @@ def _extensions():
 
     debug = os.environ.get("DEBUG", "0") == "1"
     opt = ["-O0", "-g"] if debug else ["-O3"]
-    cpp_sources = sorted(glob.glob("csrc/cpu/*.cpp"))
-    cuda_sources = sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
+    cpp_sources, cuda_sources = _sources()
     why_not = None
     if os.environ.get("PALORA_SKIP_CUDA_BUILD", "0") == "1":
         why_not = "PALORA_SKIP_CUDA_BUILD=1"
@@ -126,7 +142,9 @@ def _extensions():
         why_not = "no CUDA toolkit found (set CUDA_HOME)"
     elif not cuda_sources:
         why_not = "no CUDA sources under csrc/cuda"
-    cxx = opt  # the C++ standard comes from cpp_extension (torch 2.14 headers need C++20)
+    # the C++ standard comes from cpp_extension (torch 2.14 headers need C++20). -g0: Python's CFLAGS
+    # carry -g, and debug info for the torch headers was ~30 % of the torch unit's CPU time (docs/cuda.md)
+    cxx = opt + ([] if debug else ["-g0"])
     if why_not is not None:
         _say(f"palora-kernels: building palora_kernels._C against torch {torch.__version__}: the C++ "
              f"(CPU) ops; NOT the CUDA kernels ({why_not}). The emulator backend cuda_sim is built "
@@ -144,9 +162,10 @@ def _extensions():
              f"(CPU) ops and the CUDA kernels for sm {archs} with {cuda_home}/bin/nvcc "
              "(PALORA_SKIP_CUDA_BUILD=1 skips them). The emulator backend cuda_sim is built on "
              "first use from csrc/ (source checkouts only).")
+        # TORCH_UNIT includes the CUDA bindings too (PALORA_WITH_CUDA)
         ext = CUDAExtension("palora_kernels._C", cpp_sources + cuda_sources,
                             include_dirs=[os.path.join(HERE, "csrc")],
-                            extra_compile_args={"cxx": cxx, "nvcc": nvcc})
+                            extra_compile_args={"cxx": cxx + ["-DPALORA_WITH_CUDA"], "nvcc": nvcc})
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 

@@ -87,6 +87,27 @@ def test_bindings_registered_for_cuda_only():
                                       torch.ones(1, 1), 4, 1.0)
 
 
+def test_torch_headers_are_parsed_by_one_unit():
+    """Build time (docs/cuda.md, Build): every .cpp that includes a torch header is compiled through
+    csrc/cpu/all_torch_ops.cpp (setup.py's TORCH_UNIT), none includes the umbrella headers (ATen/ATen.h,
+    torch/torch.h, torch/extension.h), and no CUDA kernel source includes a torch header at all."""
+    import re
+    from pathlib import Path
+    csrc = Path(__file__).resolve().parents[1] / "csrc"
+    if not csrc.is_dir():
+        pytest.skip("needs a source checkout (csrc/)")
+    unit = csrc / "cpu" / "all_torch_ops.cpp"
+    members = {(unit.parent / m).resolve() for m in re.findall(r'^#include "([^"]+\.cpp)"', unit.read_text(), re.M)}
+    torch_inc = re.compile(r"^#include <(torch|ATen|c10)/", re.M)
+    for f in sorted(csrc.glob("cuda/*.cu*")) + sorted(csrc.glob("cuda/*.h")):
+        assert not torch_inc.search(f.read_text()), f"{f.name} includes a torch header"
+    for f in sorted(csrc.glob("cpu/*.cpp")) + sorted(csrc.glob("cuda/*.cpp")):
+        text = f.read_text()
+        assert not re.search(r"^#include <(ATen/ATen|torch/torch|torch/extension)\.h>", text, re.M), f.name
+        if torch_inc.search(text):
+            assert f.resolve() in members, f"{f.name} includes torch headers but is not in {unit.name}"
+
+
 @pytest.mark.requires_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 def test_cuda_backend_matches_reference_on_gpu(dtype):

@@ -3,9 +3,13 @@
 // pref_grad: dp[p, t] = scale * sum_{n in sample p} sum_j H[n, t*r+j] * dG[n, t*r+j]
 // One pass over H and dG, no (N, R) product temporary, parallel over samples (per-sample
 // preference) or over row blocks with a per-thread partial (per-batch preference).
+// Build time (docs/cuda.md, Build): the core Tensor and the one operator header used, not <ATen/ATen.h>
+#define TORCH_ASSERT_ONLY_METHOD_OPERATORS
+#include <ATen/core/Tensor.h>
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
-#include <ATen/ATen.h>
 
 #include <vector>
 

@@ -2,9 +2,14 @@
 // header (which the CUDA kernels include) draws the same numbers as palora_kernels._rng and
 // Triton's tl.rand (tests/test_dropout.py). philox_keep / philox_dropout: the CPU fast path of _rng's
 // keep_mask / dropout_input (~0.2 s for a 3136 x 96 mask in int64 torch ops), tested bitwise against them.
-#include <ATen/ATen.h>
+// Build time (docs/cuda.md, Build): the core Tensor and the operator headers used, not <ATen/ATen.h>
+#define TORCH_ASSERT_ONLY_METHOD_OPERATORS
+#include <ATen/core/Tensor.h>
 #include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
 #include <torch/library.h>
+
+#include <algorithm>
 
 #include "../cuda/philox.h"
 

@@ -7,7 +7,11 @@
 // names would fight the Python implementation for the CUDA dispatch key. So the CUDA kernels
 // get their own op names, and palora_kernels/ops/cuda_kernels.py registers them as the
 // "cuda" backend's kernels (docs/cuda.md).
-#include <ATen/ATen.h>
+// Build time (docs/cuda.md, Build): the core Tensor and the operator headers used, not <ATen/ATen.h>
+#define TORCH_ASSERT_ONLY_METHOD_OPERATORS
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_strided.h>
 #include <c10/cuda/CUDAStream.h>  // not ATen/cuda/CUDAContext.h: it needs cusparse.h, absent from slim toolkits
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>

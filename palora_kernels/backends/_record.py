@@ -45,6 +45,9 @@ class Backend:
     # row stride of the 2-D H buffer a kernel returns, as a multiple of this many elements (a GEMM
     # reads H again in the backward; 16 elements = one 64-byte line in fp32, one 32-byte sector in bf16)
     h_row_align: int = 16
+    # the linear backward takes dW and dA_cat in one pass over x from this backend's lora_conv2d_wgrad
+    # (ops/linear.py); off where dW is better left to a GEMM library (triton on a GPU: cuBLAS, docs/cuda.md)
+    linear_wgrad: bool = False
     # "module:function"(device) -> None if it can run there, else the reason; may import heavy things
     check: Optional[str] = None
     summary: str = ""

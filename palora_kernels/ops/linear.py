@@ -9,6 +9,12 @@ Backward (dY: (N, out)), the chain rule written once:
     dp[p, t] = s * sum_{n in p} sum_j H[n, t*r+j] dG[n, t*r+j]
 Saved for backward: x, the parameters, and H (N, R) -- never an (N, out) tensor.
 
+dW and dA_cat in one pass over x (backends whose record sets ``linear_wgrad``: cuda, cuda_sim): a linear
+layer is a 1x1 convolution, so [dW; dA_cat] = [dY | dG S]^T x is the conv's lora_conv2d_wgrad on x viewed
+as (images, in, rows, 1) channels_last (no copy), one image per preference row; S is applied in registers
+and both sums run in fp32 with one rounding. Not under dropout (dA then reads the dropped x, dW the plain
+one) and not past the kernel's 32-bit sizes: the two GEMMs below then. db and dB_cat stay torch ops.
+
 Per-batch preference with N >= 2*in*out/(in+out) (fp32/fp64): the layer is x W_eff^T + b with
 W_eff = W + B_cat diag(S) A_cat. Forming W_eff costs 2*in*out*R flops, less than the shrink and
 expand's 2*N*R*(in+out) there, so the forward is the plain GEMM with W_eff and the backward the
@@ -39,6 +45,33 @@ from .. import _ops, dispatch
 from .._math import (acc_dtype, apply_row_scale, composite_grads, linear_composite, merged_delta, row_scale,
                      row_scaled_tmm, stack_A, stack_B, unstack_B, use_weight_space, weight_space_grads)
 from .._rng import dropout_input
+
+
+def one_pass_wgrad(backend: str, drop, N: int, in_f: int, out_f: int, R: int) -> bool:
+    """Whether the backward takes dW and dA_cat from the backend's lora_conv2d_wgrad (module docstring).
+    The sizes: the kernel's pixels (N) and spatial extent (rows per sample) stay below 2^30 and its output
+    (out + R) * in below 2^31 (check_lora_conv2d_wgrad in csrc/cuda/conv_wgrad.cuh refuses more)."""
+    rec = dispatch.record(backend)
+    return (drop is None and rec.linear_wgrad and "lora_conv2d_wgrad" in rec.kernels
+            and N < 2**30 and (out_f + R) * in_f < 2**31)
+
+
+def _conv_rows(t: torch.Tensor, images: int, rows: int) -> torch.Tensor:
+    """(N, C) -> the (images, C, rows, 1) channels_last view a 1x1 convolution sees, N = images * rows, no
+    copy. Both pixel strides are t.stride(0): W = 1, so the w stride is never stepped, and a 16-byte aligned
+    one keeps the kernel's cp.async path for dY (it checks every pixel stride)."""
+    s0, s1 = t.stride()
+    return t.as_strided((images, t.shape[1], rows, 1), (rows * s0, s1, s0, s0))
+
+
+def _wgrad_1x1(x, dy, dg, pref, rows_per_sample, scale, need_w, backend):
+    """(dW (out, in) or None, dA_cat (R, in)) from one pass over x. Per-sample: one image of rows_per_sample
+    pixels per preference row; per-batch: one image per row (the kernel's images are unbounded, its
+    spatial extent is not)."""
+    images, rows = (x.shape[0], 1) if pref.shape[0] == 1 else (pref.shape[0], rows_per_sample)
+    dw, da = _ops.lora_conv2d_wgrad(*(_conv_rows(t, images, rows) for t in (x, dy, dg)), pref, [1, 1], [1, 1],
+                                    [0, 0], [1, 1], scale, need_w, backend)
+    return (dw.view(dw.shape[0], -1) if need_w else None), da.view(da.shape[0], -1)
 
 
 class PaLoRALinearFunction(torch.autograd.Function):
@@ -88,15 +121,19 @@ class PaLoRALinearFunction(torch.autograd.Function):
                                   *((*drop, True) if drop else ()))
         else:
             dg = dy @ B_cat
-        if need_w:
-            dW = dy.t() @ x
-        if need_A:
-            if drop is None:
-                dA = row_scaled_tmm(dg, x, pref, rows_per_sample, rank, scale).view(T, rank, in_f)
-            else:   # the mask regenerated: in-kernel (triton) or as an (N, in) temporary (torch)
-                dh = apply_row_scale(dg, pref, rows_per_sample, rank, scale)
-                name = dispatch.select_backend(x.device, "lora_dropout_dA", x.dtype, backend, fallback=True)
-                dA = dispatch.kernel(name, "lora_dropout_dA")(dh, x, *drop).view(T, rank, in_f)
+        if (need_w or need_A) and one_pass_wgrad(backend, drop, x.shape[0], in_f, weight.shape[0], T * rank):
+            dW, dA = _wgrad_1x1(x, dy, dg, pref, rows_per_sample, scale, need_w, backend)
+            dW, dA = (dW if need_w else None), (dA.view(T, rank, in_f) if need_A else None)
+        else:
+            if need_w:
+                dW = dy.t() @ x
+            if need_A:
+                if drop is None:
+                    dA = row_scaled_tmm(dg, x, pref, rows_per_sample, rank, scale).view(T, rank, in_f)
+                else:   # the mask regenerated: in-kernel (triton) or as an (N, in) temporary (torch)
+                    dh = apply_row_scale(dg, pref, rows_per_sample, rank, scale)
+                    name = dispatch.select_backend(x.device, "lora_dropout_dA", x.dtype, backend, fallback=True)
+                    dA = dispatch.kernel(name, "lora_dropout_dA")(dh, x, *drop).view(T, rank, in_f)
         if need_B:
             dB = unstack_B(row_scaled_tmm(h, dy, pref, rows_per_sample, rank, scale).t(), T)
         if need_p:

@@ -33,6 +33,7 @@ RECORD = Backend(
     # LoRA dropout to triton / torch (docs/dropout.md); mtlora_mm and its dgrad take (p, seed, offset) and
     # draw the MTLoRA mask in their kernels (csrc/cuda/mtlora_mm.cuh)
     dtypes=HALF_AND_FP32,            # fp64 (gradcheck) goes to the next backend: torch on cuBLAS
+    linear_wgrad=True,               # ops/linear.py: dW and dA_cat from one pass over x
     devices=frozenset({"cuda"}),
     priority=20,
     check="palora_kernels.backends.cuda:check",

@@ -27,6 +27,7 @@ RECORD = Backend(
     # LoRA dropout to triton / torch (docs/dropout.md); mtlora_mm and its dgrad take (p, seed, offset) and
     # draw the MTLoRA mask in their kernels (csrc/cuda/mtlora_mm.cuh)
     dtypes=HALF_AND_FP32,            # as on the GPU
+    linear_wgrad=True,               # ops/linear.py: dW and dA_cat from one pass over x
     devices=frozenset({"cpu"}),
     check="palora_kernels.backends.cuda_sim:check",
     summary="the CUDA C++ kernels under a host SIMT emulator (tests)",
