@@ -54,10 +54,10 @@ from multidigits.training import (Dist, WeightEnsemble, ensemble_loss, evaluate,
 PRESETS = {
     "tuned": dict(epochs=20, batch_size=128, lr=2e-3, rank=2, lora_alpha=2.0, conv_layout="factorized",
                   adapter_lr_mult=None, rays=1, sampler="dirichlet", dirichlet_floor=0.001, dirichlet_power=1.0,
-                  end_grid=0.0),
+                  end_grid=0.0, adapter_lr_decay=0.0),
     "reference": dict(epochs=4, batch_size=256, lr=1e-3, rank=1, lora_alpha=1.0, conv_layout="loralib",
                       adapter_lr_mult=None, rays=5, sampler="annealed", dirichlet_floor=0.001, dirichlet_power=1.0,
-                      end_grid=0.0),
+                      end_grid=0.0, adapter_lr_decay=0.0),
 }
 PRESET_ADAPTER_LR_X_T = {"tuned": True, "reference": True}
 
@@ -76,6 +76,8 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--adapter-lr-mult", type=float, default=None,
                    help="adapters' lr = lr x this (both presets: T, the reference's reweight_lr)")
+    p.add_argument("--adapter-lr-decay", type=float, default=None,
+                   help="the adapters' lr falls linearly to 0 over this final fraction of the PaLoRA steps (0: off)")
     p.add_argument("--rank", type=int, default=None, help="LoRA rank per task")
     p.add_argument("--lora-alpha", type=float, default=None, help="adapter scale = lora_alpha / rank")
     p.add_argument("--conv-layout", choices=("factorized", "loralib"), default=None,
@@ -142,6 +144,8 @@ def parse_args(argv=None):
     if args.sampler == "annealed" and args.rays < 2:
         p.error(f"--rays: expected >= 2 with --sampler annealed (use dirichlet or random for one ray per "
                 f"step), got {args.rays}")
+    if not 0.0 <= args.adapter_lr_decay <= 1.0:
+        p.error(f"--adapter-lr-decay: expected 0 <= fraction <= 1, got {args.adapter_lr_decay}")
     if not 0.0 <= args.end_grid < 1.0:
         p.error(f"--end-grid: expected 0 <= fraction < 1, got {args.end_grid}")
     if args.dirichlet_floor <= 0 or args.dirichlet_power <= 0:
@@ -222,6 +226,14 @@ def build_sampler(args, kind: str, steps: int, seed: int):
     return sampler
 
 
+def adapter_lr_schedule(fraction: float, steps: int):
+    """--adapter-lr-decay: 1 until the last ``fraction`` of the steps, then linear to 0 (None: off)."""
+    if fraction <= 0:
+        return None
+    n = max(1, round(fraction * steps))
+    return lambda step: min(1.0, (steps - step) / n)
+
+
 def _train_palora(args, seed, data, dist, sampler_kind, backend, common, steps, per_epoch_hv):
     T, classes = args.tasks, num_classes(args.tasks)
     torch.manual_seed(seed)
@@ -242,6 +254,7 @@ def _train_palora(args, seed, data, dist, sampler_kind, backend, common, steps, 
     res = train(net, tr.images, tr.labels,
                 palora_loss(sampler, stacked=args.passes == "stacked", balance=args.balance, num_tasks=T),
                 max_steps=steps, backend=backend, adapter_lr_mult=args.adapter_lr_mult,
+                adapter_lr_scale=adapter_lr_schedule(args.adapter_lr_decay, steps),
                 on_epoch_end=on_epoch_end,
                 desc=f"seed {seed} PaLoRA {sampler_kind} M={sampler.num_rays}", **common)
     return unwrap(net), sampler, res, curve

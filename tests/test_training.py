@@ -251,6 +251,26 @@ def test_sampler_flags_and_monotone_check():
     assert m["end_steps"][0] == pytest.approx(-0.02)
 
 
+def test_adapter_lr_schedule():
+    import train_multidigits as tm
+    from multidigits.training import palora_loss, train
+    from palora_kernels.samplers import make_sampler
+    assert tm.adapter_lr_schedule(0.0, 100) is None and tm.parse_args([]).adapter_lr_decay == 0.0
+    f = tm.adapter_lr_schedule(0.5, 100)                       # 1 until step 50, then linear to 0
+    assert f(0) == f(50) == 1.0 and f(75) == pytest.approx(0.5) and f(99) == pytest.approx(0.02)
+    with pytest.raises(SystemExit):
+        tm.parse_args(["--adapter-lr-decay", "1.5"])
+    # a zero scale freezes the adapters (and only them), at either adapter lr multiplier
+    x, y = _batch(2, B=8)
+    for mult in (1.0, 2.0):
+        m = _model(2, False)
+        before = {n: p.detach().clone() for n, p in m.named_parameters()}
+        train(m, x, y, palora_loss(make_sampler("dirichlet", 2, 1, 3)), epochs=1, batch_size=4, lr=1e-2, seed=0,
+              max_steps=3, progress=False, adapter_lr_mult=mult, adapter_lr_scale=lambda step: 0.0)
+        for n, p in m.named_parameters():
+            assert torch.equal(p, before[n]) == ("lora_" in n), n
+
+
 def test_script_reference_preset_no_baselines_with_eval(tmp_path):
     # --no-baselines without --no-eval used to crash (KeyError 'equal_weight') and lose the JSON
     res, _ = _script(tmp_path, "--preset", "reference", "--no-baselines", "--no-bench", "--seeds", "1",
