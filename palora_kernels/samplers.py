@@ -9,7 +9,9 @@ training schedules follow the PaLoRA reference code's behaviour (github.com/nik-
   reference rounds M up the same way: M=5 gives the 6-point grid), pulled inside by eps.
 * :class:`AnnealedDirichletSampler` - random, Dirichlet(alpha(t) * 1) with the reference's
   alpha(t) = p (1 - t) + 0.001: uniform on the simplex at the start (p=1), near the corners at
-  the end.
+  the end. ``power`` k generalises the decay to p (1 - t)^k + floor (k = 1: the reference).
+* :class:`EndGridSampler` - wraps another sampler and, from a given step on, draws the rays of a
+  fixed grid (the evaluation rays) in a seeded random order, each once per pass over the grid.
 * :class:`DirichletSampler` - random, fixed alpha (1: uniform on the simplex).
 """
 from __future__ import annotations
@@ -118,27 +120,29 @@ def _dirichlet(alpha: float, shape, generator) -> torch.Tensor:
 
 class AnnealedDirichletSampler:
     """Random rays from Dirichlet(alpha(t) * 1), the reference's annealed Dirichlet:
-    alpha(t) = p (1 - t) + floor, t = min(1, (step+1)/total_steps). With p = 1 the rays start
-    uniform on the simplex and end near its corners (alpha = 0.001). ``num_rays`` = 1 draws one
-    ray per step."""
+    alpha(t) = p (1 - t)^power + floor, t = min(1, (step+1)/total_steps); the reference has
+    power = 1. With p = 1 the rays start uniform on the simplex and end near its corners
+    (alpha = 0.001). ``power`` > 1 reaches small alpha (rays near the corners) earlier in the run,
+    < 1 later. ``num_rays`` = 1 draws one ray per step."""
 
     def __init__(self, num_tasks: int, num_rays: int, total_steps: int, p: float = 1.0, floor: float = 0.001,
-                 seed: Optional[int] = 0):
+                 seed: Optional[int] = 0, power: float = 1.0):
         _check_int("num_tasks", num_tasks, 2)
         _check_int("num_rays", num_rays, 1)
         _check_int("total_steps", total_steps, 1)
         if not isinstance(p, (int, float)) or isinstance(p, bool) or not math.isfinite(p) or p < 0:
             raise ValueError(f"p: expected a finite number >= 0, got {p!r}")
         _check_positive("floor", floor)
+        _check_positive("power", power)
         self.num_tasks, self.num_rays, self.total_steps = num_tasks, num_rays, total_steps
-        self.p, self.floor = float(p), float(floor)
+        self.p, self.floor, self.power = float(p), float(floor), float(power)
         self.generator = torch.Generator().manual_seed(seed) if seed is not None else None
 
     def progress(self, step: int) -> float:
         return min(1.0, (step + 1) / self.total_steps)
 
     def alpha(self, step: int) -> float:
-        return self.p * (1 - self.progress(step)) + self.floor
+        return self.p * (1 - self.progress(step)) ** self.power + self.floor
 
     def __call__(self, step: int, dtype=torch.float32, device=None) -> torch.Tensor:
         rays = _dirichlet(self.alpha(step), (self.num_rays, self.num_tasks), self.generator)
@@ -159,6 +163,36 @@ class DirichletSampler:
     def __call__(self, step: int, dtype=torch.float32, device=None) -> torch.Tensor:
         return _dirichlet(self.alpha_value, (self.num_rays, self.num_tasks), self.generator).to(dtype=dtype,
                                                                                                   device=device)
+
+
+class EndGridSampler:
+    """``base`` for the steps before ``start_step``; from ``start_step`` on, the rows of ``grid``
+    (K, T) (e.g. the evaluation rays), drawn in passes: each pass is a seeded random permutation
+    of the K rows, so every grid ray is trained equally often (within one) in the final phase.
+    A step takes the next ``num_rays`` (= base.num_rays) rays of that stream."""
+
+    def __init__(self, base, grid: torch.Tensor, start_step: int, seed: Optional[int] = 0):
+        _check_int("start_step", start_step, 0)
+        if not (isinstance(grid, torch.Tensor) and grid.dim() == 2 and grid.shape[0] >= 1
+                and grid.shape[1] == base.num_tasks):
+            raise ValueError(f"grid: expected a (K, {base.num_tasks}) tensor of rays, got "
+                             f"{tuple(grid.shape) if isinstance(grid, torch.Tensor) else type(grid).__name__}")
+        self.base, self.grid, self.start_step = base, grid.to(torch.float64), start_step
+        self.num_tasks, self.num_rays = base.num_tasks, base.num_rays
+        self.seed = 0 if seed is None else seed
+
+    def _stream(self, i: int) -> int:
+        """Grid row of the i-th ray of the final phase."""
+        K = self.grid.shape[0]
+        perm = torch.randperm(K, generator=torch.Generator().manual_seed(self.seed * 1000003 + i // K))
+        return int(perm[i % K])
+
+    def __call__(self, step: int, dtype=torch.float32, device=None) -> torch.Tensor:
+        if step < self.start_step:
+            return self.base(step, dtype=dtype, device=device)
+        i0 = (step - self.start_step) * self.num_rays
+        rows = [self._stream(i0 + m) for m in range(self.num_rays)]
+        return self.grid[rows].to(dtype=dtype, device=device)
 
 
 SAMPLERS = ("annealed", "dirichlet", "random")

@@ -37,7 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))                  
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))      # repo root
 
 import palora_kernels  # noqa: E402
-from palora_kernels.samplers import SAMPLERS, make_sampler, ray_grid  # noqa: E402
+from palora_kernels.samplers import SAMPLERS, EndGridSampler, make_sampler, ray_grid  # noqa: E402
 from multidigits.data import LAYOUTS, make_multidigits, num_classes, source_indices  # noqa: E402
 from multidigits.nets import MultiLeNet  # noqa: E402
 from multidigits.pareto import hypervolume  # noqa: E402
@@ -53,9 +53,11 @@ from multidigits.training import (Dist, WeightEnsemble, ensemble_loss, evaluate,
 # (the 3-task grid rounds 5 up to 6).
 PRESETS = {
     "tuned": dict(epochs=20, batch_size=128, lr=2e-3, rank=2, lora_alpha=2.0, conv_layout="factorized",
-                  adapter_lr_mult=None, rays=1, sampler="dirichlet"),
+                  adapter_lr_mult=None, rays=1, sampler="dirichlet", dirichlet_floor=0.001, dirichlet_power=1.0,
+                  end_grid=0.0, adapter_lr_decay=0.0),
     "reference": dict(epochs=4, batch_size=256, lr=1e-3, rank=1, lora_alpha=1.0, conv_layout="loralib",
-                      adapter_lr_mult=None, rays=5, sampler="annealed"),
+                      adapter_lr_mult=None, rays=5, sampler="annealed", dirichlet_floor=0.001, dirichlet_power=1.0,
+                      end_grid=0.0, adapter_lr_decay=0.0),
 }
 PRESET_ADAPTER_LR_X_T = {"tuned": True, "reference": True}
 
@@ -74,6 +76,8 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--adapter-lr-mult", type=float, default=None,
                    help="adapters' lr = lr x this (both presets: T, the reference's reweight_lr)")
+    p.add_argument("--adapter-lr-decay", type=float, default=None,
+                   help="the adapters' lr falls linearly to 0 over this final fraction of the PaLoRA steps (0: off)")
     p.add_argument("--rank", type=int, default=None, help="LoRA rank per task")
     p.add_argument("--lora-alpha", type=float, default=None, help="adapter scale = lora_alpha / rank")
     p.add_argument("--conv-layout", choices=("factorized", "loralib"), default=None,
@@ -82,6 +86,13 @@ def parse_args(argv=None):
     p.add_argument("--sampler", choices=SAMPLERS, default=None,
                    help="annealed: the paper's deterministic schedule (reference preset); dirichlet: annealed "
                         "Dirichlet alpha = 1 - t + 0.001 (tuned preset); random: Dirichlet(1), uniform on the simplex")
+    p.add_argument("--dirichlet-floor", type=float, default=None,
+                   help="--sampler dirichlet: alpha(t) = (1 - t)^power + floor (the reference: floor 0.001)")
+    p.add_argument("--dirichlet-power", type=float, default=None,
+                   help="--sampler dirichlet: the power of (1 - t) in alpha(t) (the reference: 1)")
+    p.add_argument("--end-grid", type=float, default=None,
+                   help="fraction of the PaLoRA (and PaMaL) steps at the end that train the evaluation rays "
+                        "in turn instead of the sampler's rays (0: off)")
     p.add_argument("--balance", choices=("none", "lb", "gb"), default="none",
                    help="PaLoRA's loss (lb) or gradient (gb, one pass per ray) balancing")
     p.add_argument("--seeds", type=int, default=3, help="run everything this many times (seeds seed..seed+N-1)")
@@ -133,6 +144,12 @@ def parse_args(argv=None):
     if args.sampler == "annealed" and args.rays < 2:
         p.error(f"--rays: expected >= 2 with --sampler annealed (use dirichlet or random for one ray per "
                 f"step), got {args.rays}")
+    if not 0.0 <= args.adapter_lr_decay <= 1.0:
+        p.error(f"--adapter-lr-decay: expected 0 <= fraction <= 1, got {args.adapter_lr_decay}")
+    if not 0.0 <= args.end_grid < 1.0:
+        p.error(f"--end-grid: expected 0 <= fraction < 1, got {args.end_grid}")
+    if args.dirichlet_floor <= 0 or args.dirichlet_power <= 0:
+        p.error(f"--dirichlet-floor/--dirichlet-power: expected > 0, got {args.dirichlet_floor}/{args.dirichlet_power}")
     if args.ls_rays is None:
         args.ls_rays = args.eval_rays if args.tasks == 2 else 4
     return args
@@ -197,6 +214,26 @@ def _sweep(model, data, rays, dev, backend=None, splits=("val", "test")):
     return out
 
 
+def build_sampler(args, kind: str, steps: int, seed: int):
+    """The training sampler of PaLoRA and PaMaL: ``kind`` with the preset's Dirichlet floor/power, and
+    with --end-grid the last fraction of the steps on the evaluation rays in turn."""
+    T = args.tasks
+    kw = dict(floor=args.dirichlet_floor, power=args.dirichlet_power) if kind == "dirichlet" else {}
+    sampler = make_sampler(kind, T, args.rays, steps, seed=seed, **kw)
+    if args.end_grid > 0:
+        start = steps - int(round(args.end_grid * steps))
+        sampler = EndGridSampler(sampler, ray_grid(T, args.eval_rays, torch.float64), start, seed=seed)
+    return sampler
+
+
+def adapter_lr_schedule(fraction: float, steps: int):
+    """--adapter-lr-decay: 1 until the last ``fraction`` of the steps, then linear to 0 (None: off)."""
+    if fraction <= 0:
+        return None
+    n = max(1, round(fraction * steps))
+    return lambda step: min(1.0, (steps - step) / n)
+
+
 def _train_palora(args, seed, data, dist, sampler_kind, backend, common, steps, per_epoch_hv):
     T, classes = args.tasks, num_classes(args.tasks)
     torch.manual_seed(seed)
@@ -204,7 +241,7 @@ def _train_palora(args, seed, data, dist, sampler_kind, backend, common, steps, 
     palora_kernels.convert(net, num_tasks=T, rank=args.rank, lora_alpha=args.lora_alpha,
                            parameterization=args.conv_layout)
     net = wrap(net.to(dist.device), dist)
-    sampler = make_sampler(sampler_kind, T, args.rays, steps, seed=seed)
+    sampler = build_sampler(args, sampler_kind, steps, seed)
     curve = []
     eval_rays = ray_grid(T, args.eval_rays)
 
@@ -217,6 +254,7 @@ def _train_palora(args, seed, data, dist, sampler_kind, backend, common, steps, 
     res = train(net, tr.images, tr.labels,
                 palora_loss(sampler, stacked=args.passes == "stacked", balance=args.balance, num_tasks=T),
                 max_steps=steps, backend=backend, adapter_lr_mult=args.adapter_lr_mult,
+                adapter_lr_scale=adapter_lr_schedule(args.adapter_lr_decay, steps),
                 on_epoch_end=on_epoch_end,
                 desc=f"seed {seed} PaLoRA {sampler_kind} M={sampler.num_rays}", **common)
     return unwrap(net), sampler, res, curve
@@ -263,7 +301,7 @@ def run_seed(args, seed, data, dist, backend, progress) -> dict:
         # PaMaL-style weight ensemble: same sampler, same steps, M rays per step -> same passes
         torch.manual_seed(seed + 1)
         ens = WeightEnsemble(lambda: MultiLeNet(classes, batchnorm=args.batchnorm, image_size=side), T).to(dev)
-        r = train(ens, tr.images, tr.labels, ensemble_loss(make_sampler(args.sampler, T, args.rays, steps, seed=seed)),
+        r = train(ens, tr.images, tr.labels, ensemble_loss(build_sampler(args, args.sampler, steps, seed)),
                   max_steps=steps, desc=f"seed {seed} PaMaL ensemble", **common)
         base["pamal"] = {"steps": r.steps, "seconds": r.seconds}
         if dist.main and not args.no_eval:
@@ -326,6 +364,26 @@ def _ms(xs) -> dict:
     return {"mean": statistics.fmean(xs), "sd": statistics.stdev(xs) if len(xs) > 1 else 0.0, "values": xs}
 
 
+def monotone_check(seeds: list, split: str) -> dict:
+    """Monotonicity of the 2-task front on ``split``: of the mean front over seeds (violations, the
+    largest, and the end steps: each task's accuracy at its corner minus at the next ray, the
+    steps a flat end makes small) and of every seed's own front (violations summed over seeds)."""
+    def steps(acc):          # acc: per ray (task 1 weight rising) [a1, a2]; > 0 = the right direction
+        return ([acc[i][0] - acc[i - 1][0] for i in range(1, len(acc))],
+                [acc[i - 1][1] - acc[i][1] for i in range(1, len(acc))])
+    n = len(seeds[0]["palora"]["rays"])
+    mean = [[statistics.fmean(s["palora"]["rays"][i][split]["accuracy"][t] for s in seeds) for t in range(2)]
+            for i in range(n)]
+    s1, s2 = steps(mean)
+    viol = [max(0.0, -d) for d in s1 + s2]
+    per_seed = 0
+    for s in seeds:
+        a1, a2 = steps([s["palora"]["rays"][i][split]["accuracy"] for i in range(n)])
+        per_seed += sum(d < 0 for d in a1 + a2)
+    return {"max_violation": max(viol), "violations": sum(v > 0 for v in viol), "checked_pairs": len(viol),
+            "end_steps": [s1[-1], s2[0]], "per_seed_violations": per_seed}
+
+
 def summarise(seeds: list, T: int) -> dict:
     """Mean and sd over seeds; paired comparison at the corner rays; the acceptance checks."""
     if not seeds or "hypervolume" not in seeds[0]:
@@ -344,15 +402,11 @@ def summarise(seeds: list, T: int) -> dict:
                                                                        for s in seeds) for t in range(T)]}
                   for i, r in enumerate(rays)]
     summ["palora_mean_front"] = mean_front
-    # monotone in the preference: along the ray grid's edge from task b's corner to task a's corner
-    # (2 tasks: the 11 rays in order), task a's mean accuracy must not fall and task b's must not rise
-    viol = []
+    # monotone in the preference (2 tasks: the 11 rays in order, task 1's weight rising): task 1's mean
+    # accuracy must not fall and task 2's must not rise; test (the acceptance) and val (for choices)
     if T == 2:
-        acc = [r["test_accuracy"] for r in mean_front]           # ray weight of task 1 rises along the list
-        for i in range(1, len(acc)):
-            viol += [max(0.0, acc[i - 1][0] - acc[i][0]), max(0.0, acc[i][1] - acc[i - 1][1])]
-        summ["monotone"] = {"max_violation": max(viol), "violations": sum(v > 0 for v in viol),
-                            "checked_pairs": len(viol)}
+        summ["monotone"] = monotone_check(seeds, "test")
+        summ["monotone_val"] = monotone_check(seeds, "val")
     corners = []
     if "baselines" in seeds[0]:
         grid = torch.tensor([r["ray"] for r in rays])

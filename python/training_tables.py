@@ -1,6 +1,11 @@
 """Markdown tables for docs/training.md from the JSON that train_multidigits.py writes.
 
     python python/training_tables.py docs/multidigits/multidigits.json
+    python python/training_tables.py --explore LABEL=run1/multidigits.json LABEL2=run2/multidigits.json
+
+``--explore``: one row per run and split (val, then test) of the PaLoRA front only (works on
+``--no-baselines`` runs): monotonicity of the mean front and of each seed's front, the end steps,
+the corner rays' accuracy and the front hypervolume, all recomputed from the per-seed ray metrics.
 """
 from __future__ import annotations
 
@@ -100,7 +105,42 @@ def tables(path: str) -> str:
     return "\n".join(out)
 
 
+def front_stats(r: dict, split: str) -> dict:
+    """PaLoRA front of a 2-task run on ``split``, from the per-seed ray metrics (mean over seeds)."""
+    from multidigits.pareto import hypervolume
+    seeds = r["seeds"]
+    n = len(seeds[0]["palora"]["rays"])
+    acc = [[[s["palora"]["rays"][i][split]["accuracy"][t] for i in range(n)] for t in range(2)] for s in seeds]
+    mean = [[statistics.fmean(a[t][i] for a in acc) for t in range(2)] for i in range(n)]
+
+    def steps(front):        # > 0: the right direction (task 1's weight rises along the rays)
+        return ([front[i][0] - front[i - 1][0] for i in range(1, n)], [front[i - 1][1] - front[i][1] for i in range(1, n)])
+    s1, s2 = steps(mean)
+    bad = [-d for d in s1 + s2 if d < 0]
+    per_seed = sum(d < 0 for a in acc for d in sum(steps([[a[0][i], a[1][i]] for i in range(n)]), []))
+    hv = [hypervolume([[1 - a[0][i], 1 - a[1][i]] for i in range(n)], [1.0, 1.0])[0] for a in acc]
+    return {"violations": len(bad), "largest": max(bad, default=0.0), "per_seed": per_seed,
+            "end_steps": (s1[-1], s2[0]), "corners": ([a[0][-1] for a in acc], [a[1][0] for a in acc]), "hv": hv}
+
+
+def explore(labelled: list) -> str:
+    out = ["| run | split | mean-front violations (largest, points) | per-seed violations (of 60) | end steps left / right "
+           "(points) | left at (1, 0) | right at (0, 1) | front HV x 100 |",
+           "|---|---|---|---|---|---|---|---|"]
+    for label, path in labelled:
+        r = json.load(open(path))
+        for split in ("val", "test"):
+            f = front_stats(r, split)
+            out.append(f"| {label} | {split} | {f['violations']} ({f['largest'] * 100:.2f}) | {f['per_seed']} | "
+                       f"{f['end_steps'][0] * 100:+.2f} / {f['end_steps'][1] * 100:+.2f} | {_ms(f['corners'][0])} | "
+                       f"{_ms(f['corners'][1])} | {_ms(f['hv'])} |")
+    return "\n".join(out)
+
+
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--explore"]:
+        print(explore([a.split("=", 1) if "=" in a else (a, a) for a in sys.argv[2:]]))
+        sys.exit()
     for p in sys.argv[1:]:
         print(tables(p))
         print()

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from palora_kernels.samplers import (AnnealedDirichletSampler, AnnealedRaySampler, DirichletSampler,
+from palora_kernels.samplers import (AnnealedDirichletSampler, AnnealedRaySampler, DirichletSampler, EndGridSampler,
                                      base_points, grid_divisions, make_sampler, ray_grid, simplex_grid)
 
 
@@ -149,6 +149,39 @@ def test_dirichlet_reference_schedule():
     assert (late.max(1).values > 0.999).double().mean().item() > 0.97       # measured 0.986
     mid = s(4, dtype=torch.float64)
     assert (mid.max(1).values > 0.999).double().mean().item() < 0.2
+
+
+def test_dirichlet_power_and_floor():
+    # alpha(t) = p (1 - t)^power + floor; power 1 is the reference schedule, draw for draw
+    s = AnnealedDirichletSampler(2, 1, 10, p=1.0, power=2.0, floor=0.05, seed=3)
+    assert math.isclose(s.alpha(4), 0.5 ** 2 + 0.05) and math.isclose(s.alpha(0), 0.9 ** 2 + 0.05)
+    assert math.isclose(s.alpha(9), 0.05)
+    ref, one = AnnealedDirichletSampler(2, 1, 50, seed=7), AnnealedDirichletSampler(2, 1, 50, seed=7, power=1.0)
+    assert all(torch.equal(ref(k), one(k)) for k in range(50))
+    with pytest.raises(ValueError, match=r"power: expected a finite number > 0, got 0"):
+        AnnealedDirichletSampler(2, 1, 10, power=0)
+
+
+def test_end_grid_sampler():
+    base = AnnealedDirichletSampler(2, 1, 40, seed=0)
+    grid = ray_grid(2, 11, torch.float64)
+    s = EndGridSampler(base, grid, start_step=18, seed=0)
+    ref = AnnealedDirichletSampler(2, 1, 40, seed=0)
+    assert all(torch.equal(s(k), ref(k)) for k in range(18))             # the base sampler before the start
+    tail = torch.cat([s(k, dtype=torch.float64) for k in range(18, 18 + 22)])
+    for p in range(2):                                                    # each pass: every grid ray once
+        got = sorted(tuple(r) for r in tail[11 * p:11 * (p + 1)].tolist())
+        assert got == sorted(tuple(r) for r in grid.tolist())
+    assert not torch.equal(tail[:11], tail[11:])                          # a fresh order per pass
+    assert torch.equal(s(25), s(25)) and s(25).dtype == torch.float32    # deterministic in the step
+    m2 = EndGridSampler(AnnealedDirichletSampler(2, 2, 40, seed=0), grid, start_step=0, seed=1)
+    rows = torch.cat([m2(k, dtype=torch.float64) for k in range(11)])     # M = 2: the next two of the stream
+    assert m2(0).shape == (2, 2)
+    assert sorted(tuple(r) for r in rows[:11].tolist()) == sorted(tuple(r) for r in grid.tolist())
+    with pytest.raises(ValueError, match=r"grid: expected a \(K, 2\) tensor of rays, got \(10, 3\)"):
+        EndGridSampler(base, ray_grid(3, 4), start_step=0)
+    with pytest.raises(ValueError, match=r"start_step: expected an int >= 0, got -1"):
+        EndGridSampler(base, grid, start_step=-1)
 
 
 def test_dirichlet_one_ray_per_step_and_bad_arguments():

@@ -227,6 +227,50 @@ def test_presets_spend_the_same_image_pass_budget():
         tm.parse_args(["--sampler", "annealed"])           # the tuned preset's one ray: annealed needs >= 2
 
 
+def test_sampler_flags_and_monotone_check():
+    import train_multidigits as tm
+    a = tm.parse_args([])
+    assert (a.dirichlet_floor, a.dirichlet_power) == (0.001, 1.0)
+    for bad in (["--end-grid", "1.0"], ["--end-grid", "-0.1"], ["--dirichlet-floor", "0"], ["--dirichlet-power", "-1"]):
+        with pytest.raises(SystemExit):
+            tm.parse_args(bad)
+    s = tm.build_sampler(tm.parse_args(["--end-grid", "0.25", "--dirichlet-power", "2"]), "dirichlet", 100, seed=0)
+    assert s.start_step == 75 and s.base.power == 2.0 and s.grid.shape == (11, 2)
+    # two seeds, 4 rays (task 1's weight rising): seed 0 has one wrong step for each task
+    fronts = [[(0.60, 0.90), (0.70, 0.91), (0.80, 0.85), (0.78, 0.70)],
+              [(0.62, 0.88), (0.72, 0.86), (0.82, 0.84), (0.86, 0.72)]]
+    seeds = [{"palora": {"rays": [{"val": {"accuracy": list(r)}} for r in f]}} for f in fronts]
+    m = tm.monotone_check(seeds, "val")
+    # mean front: (0.61, 0.89), (0.71, 0.885), (0.81, 0.845), (0.82, 0.71): monotone
+    assert m["violations"] == 0 and m["max_violation"] == 0.0 and m["checked_pairs"] == 6
+    assert m["per_seed_violations"] == 2
+    assert m["end_steps"] == pytest.approx([0.01, 0.005])          # task 1 at its corner, task 2 at its corner
+    seeds[1]["palora"]["rays"][3]["val"]["accuracy"][0] = 0.80     # mean task 1: 0.81 -> 0.79 at the end
+    m = tm.monotone_check(seeds, "val")
+    assert m["violations"] == 1 and m["max_violation"] == pytest.approx(0.02) and m["per_seed_violations"] == 3
+    assert m["end_steps"][0] == pytest.approx(-0.02)
+
+
+def test_adapter_lr_schedule():
+    import train_multidigits as tm
+    from multidigits.training import palora_loss, train
+    from palora_kernels.samplers import make_sampler
+    assert tm.adapter_lr_schedule(0.0, 100) is None and tm.parse_args([]).adapter_lr_decay == 0.0
+    f = tm.adapter_lr_schedule(0.5, 100)                       # 1 until step 50, then linear to 0
+    assert f(0) == f(50) == 1.0 and f(75) == pytest.approx(0.5) and f(99) == pytest.approx(0.02)
+    with pytest.raises(SystemExit):
+        tm.parse_args(["--adapter-lr-decay", "1.5"])
+    # a zero scale freezes the adapters (and only them), at either adapter lr multiplier
+    x, y = _batch(2, B=8)
+    for mult in (1.0, 2.0):
+        m = _model(2, False)
+        before = {n: p.detach().clone() for n, p in m.named_parameters()}
+        train(m, x, y, palora_loss(make_sampler("dirichlet", 2, 1, 3)), epochs=1, batch_size=4, lr=1e-2, seed=0,
+              max_steps=3, progress=False, adapter_lr_mult=mult, adapter_lr_scale=lambda step: 0.0)
+        for n, p in m.named_parameters():
+            assert torch.equal(p, before[n]) == ("lora_" in n), n
+
+
 def test_script_reference_preset_no_baselines_with_eval(tmp_path):
     # --no-baselines without --no-eval used to crash (KeyError 'equal_weight') and lose the JSON
     res, _ = _script(tmp_path, "--preset", "reference", "--no-baselines", "--no-bench", "--seeds", "1",

@@ -217,10 +217,11 @@ class TrainResult:
     history: list
 
 
-def param_groups(model: nn.Module, lr: float, adapter_lr_mult: float = 1.0):
+def param_groups(model: nn.Module, lr: float, adapter_lr_mult: float = 1.0, split: bool = False):
     """Adam parameter groups: the adapters (lora_A, lora_B) at lr * adapter_lr_mult, the rest at lr
-    (the reference's ``reweight_lr`` gives adapters lr * T)."""
-    if adapter_lr_mult == 1.0:
+    (the reference's ``reweight_lr`` gives adapters lr * T). One group when the multiplier is 1 and
+    ``split`` is False."""
+    if adapter_lr_mult == 1.0 and not split:
         return [{"params": list(model.parameters())}]
     lora = [p for n, p in model.named_parameters() if "lora_" in n]
     rest = [p for n, p in model.named_parameters() if "lora_" not in n]
@@ -231,6 +232,7 @@ def train(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, loss_fn:
           epochs: int, batch_size: int, lr: float, seed: int, dist: Dist = Dist(),
           max_steps: Optional[int] = None, progress: bool = True, desc: str = "train",
           backend: Optional[str] = None, log_every: int = 10, adapter_lr_mult: float = 1.0,
+          adapter_lr_scale: Optional[Callable[[int], float]] = None,
           on_epoch_end: Optional[Callable[[int, int], None]] = None) -> TrainResult:
     """Adam on ``loss_fn(model, x, labels, step) -> (loss, per-ray task losses)``.
 
@@ -239,6 +241,8 @@ def train(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, loss_fn:
     a permutation drawn from (seed, epoch), identical on every rank, so 1 process and N
     processes see the same global batches. ``model`` may be wrapped in DDP.
     ``on_epoch_end(epoch, step)`` is called after every full epoch (and after the last step).
+    ``adapter_lr_scale(step)``, when given, multiplies the adapters' lr (lr * adapter_lr_mult) at
+    each step (the other parameters keep lr).
     """
     if batch_size % dist.world:
         raise ValueError(f"batch_size: expected a multiple of the world size {dist.world}, got {batch_size}")
@@ -248,7 +252,7 @@ def train(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, loss_fn:
         raise ValueError(f"batch_size: expected <= the training set size {n}, got {batch_size}")
     total = epochs * spe if max_steps is None else max_steps
     epochs = -(-total // spe)
-    opt = torch.optim.Adam(param_groups(model, lr, adapter_lr_mult), lr=lr)
+    opt = torch.optim.Adam(param_groups(model, lr, adapter_lr_mult, split=adapter_lr_scale is not None), lr=lr)
     model.train()
     bar = None
     if progress and dist.main:
@@ -264,6 +268,8 @@ def train(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, loss_fn:
                     break
                 idx = shard(order[s * batch_size:(s + 1) * batch_size], dist)
                 x, y = images[idx].to(dist.device), labels[idx].to(dist.device)
+                if adapter_lr_scale is not None:
+                    opt.param_groups[1]["lr"] = lr * adapter_lr_mult * adapter_lr_scale(step)
                 loss, task = loss_fn(model, x, y, step)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
