@@ -257,6 +257,14 @@ def test_tma_choice_on_sm90_only(monkeypatch):
     assert choice(x2.float(), wm.float(), up.float(), "tf32", None) == (True, True, True)
     with triton_linear.use_tma(False):
         assert choice(x2, wm, up, "ieee", None) == (False,) * 3
+    # the TMA-only tiles (128x256: they spill with pointer loads) reach the autotuner of TMA launches only
+    named = dict(x_ptr=x2, INPUT_PRECISION="ieee", M=4096, N=4096)
+    ptr = triton_linear._prune(triton_linear._ALL_CONFIGS, dict(named, TMA=False))
+    tma = triton_linear._prune(triton_linear._ALL_CONFIGS, dict(named, TMA=True))
+    assert ptr and all(c.loads == "any" and c.family == "sm_90" and c.mma == "tc" for c in ptr)
+    assert {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in tma} - {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"])
+                                                                       for c in ptr} == {(128, 256)}
+    assert cost_model.triton_tile(4096, 4096, "sm_90") == (128, 128)   # the cost model leaves 128x256 out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -434,6 +442,11 @@ def test_kernel_report_all_configs_compile_without_spills():
     assert any("lora_conv2d triton[dX" in l and "sm_90" in l and "wgmma/HGMMA" in l for l in lines)
     assert any("lora_conv2d triton[dW+dA" in l and "sm_80" in l and "mma/HMMA" in l for l in lines)
     assert any("lora_conv2d triton[fwd inloop, no-bias" in l and "sm_90" in l for l in lines)
+    # the TMA variant: sm_90 only, a TMA load in its SASS, the TMA-only 128x256 tiles on it alone
+    tma = [l for l in lines if l.startswith("| lora_mm[tma, ")]
+    assert tma and all("| sm_90 " in l and "UTMALDG" in l and "wgmma/HGMMA" in l for l in tma)
+    assert any("BM=128 BN=256" in l and "split, fwd, per-sample" in l for l in tma)
+    assert not any("BN=256" in l for l in lines if l.startswith("| lora_mm[") and l not in tma)
 
 
 def test_fp32_follows_torch_matmul_precision():

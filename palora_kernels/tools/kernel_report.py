@@ -8,6 +8,9 @@ shared memory from the compiled kernel's metadata, and looks for tensor-core ins
 wheel). Prints one table and exits 1 if any config fails to compile, spills, exceeds the shared
 memory of its arch, or (a bf16 or TF32 kernel) runs without tensor cores. IEEE fp32 and fp64 run on
 FMA units by design: their rows say so and are not failures for it.
+The TMA variant of lora_mm (rows "lora_mm[tma, ...]": every bf16 / TF32 lora_mm launch set with
+TMA=True, sm_90 only, with the sm_90 configs including the TMA-only ones) must also show a TMA tile
+load: cp.async.bulk.tensor in the PTX and UTMALDG in the SASS.
 Rows of palora_kernels.tools.cuda_report.cuda_rows() (the CUDA C++ kernels), if that module
 exists, are checked and printed the same way, and must also show LDGSTS (cp.async), LDSM (ldmatrix,
 16-bit kernels) and no 64-bit integer division in their SASS.

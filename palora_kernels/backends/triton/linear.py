@@ -60,7 +60,11 @@ def _tf32_configs(family):
     # fp32 tiles on tensor cores (TF32): 4-byte tiles, so BLOCK_K 32 where bf16 takes 64 (same smem).
     # 64x64 needs 8 warps: with 4, ptxas capped it at 128 registers and spilled 28 bytes (sm_80, split).
     if family == "sm_90":
-        return [_cfg(128, 128, 32, 8, 3, family, "tf32"), _cfg(64, 128, 32, 4, 4, family, "tf32")]
+        # 128x256 through TMA (x, W, up): 0 spills in all 14 TF32 launch sets with w8 s3 (164-235
+        # registers, smem <= 163864) and w16 s3 (90-128); never tried on the pointer path (bf16 spills there)
+        return [_cfg(128, 128, 32, 8, 3, family, "tf32"), _cfg(64, 128, 32, 4, 4, family, "tf32"),
+                _cfg(128, 256, 32, 8, 3, family, "tf32", loads="tma"),
+                _cfg(128, 256, 32, 16, 3, family, "tf32", loads="tma")]
     if family == "sm_80":
         return [_cfg(128, 128, 32, 8, 3, family, "tf32"), _cfg(64, 64, 32, 8, 4, family, "tf32")]
     return [_cfg(64, 64, 32, 8, 3, family, "tf32")]
@@ -75,17 +79,25 @@ def _fma_configs(family):
 
 def configs_sm80():
     # A100: 164 KB smem. 128x128 needs 8 warps: with 4, acc (128 fp32/thread) + the in-loop
-    # H accumulator spilled 168 bytes (kernel_report, ptxas 13).
+    # H accumulator spilled 168 bytes (kernel_report, ptxas 13). No TMA on sm_80, and the wider tiles
+    # spill with pointer loads (bf16, w8 s3, BLOCK_K 32): 128x256 28 bytes (split dX, per-sample) and 704
+    # (in-loop R=64), 256x128 48-64 (split) and 1220 (in-loop R=64): not shipped.
     return ([_cfg(128, 128, 32, 8, 4, "sm_80"), _cfg(64, 64, 64, 4, 4, "sm_80")] + _tf32_configs("sm_80")
             + _fma_configs("sm_80"))
 
 
 def configs_sm90():
     # H100: 228 KB smem; BLOCK_M 128 with 8 warps = two warpgroups for wgmma. 64x128 with 4 warps
-    # spilled 12 bytes (split, per-sample, no bias); with 8 warps it does not. 128x256 spilled 388
-    # bytes with 8 warps and 188 with 16 (split, per-sample): not shipped.
-    return ([_cfg(128, 128, 64, 8, 3, "sm_90"), _cfg(64, 128, 64, 8, 4, "sm_90")] + _tf32_configs("sm_90")
-            + _fma_configs("sm_90"))
+    # spilled 12 bytes (split, per-sample, no bias); with 8 warps it does not.
+    # 128x256 (kernel_report, bf16, the 13 launched stride sets): with pointer loads it spilled 388 bytes
+    # with 8 warps and 188 with 16 (split, per-sample): never launched on that path. Through TMA with x
+    # and W only, the split forward still spilled 16-400 bytes (w8 s3/s4) and 144-324 (w16), the R=64
+    # in-loop 352-456: its column-major up tile (B_cat^T, R=24) loaded element by element. With up
+    # through TMA too: 0 spills in all 13 with w8 s3 (182-242 registers, smem <= 172056), w8 s4 (smem
+    # up to 229408 of 232448: not shipped, 3 KB from the limit) and w16 s3 (106-128 registers).
+    return ([_cfg(128, 128, 64, 8, 3, "sm_90"), _cfg(64, 128, 64, 8, 4, "sm_90"),
+             _cfg(128, 256, 64, 8, 3, "sm_90", loads="tma"), _cfg(128, 256, 64, 16, 3, "sm_90", loads="tma")]
+            + _tf32_configs("sm_90") + _fma_configs("sm_90"))
 
 
 def configs_default():
@@ -133,7 +145,8 @@ def _keep(cfg, M, N):
 
 
 def largest_kept_tile(M, N, family: str, mma: str = "tc") -> tuple:
-    """(BLOCK_M, BLOCK_N) of the largest config _keep leaves for an (M, N) output (the cost model's tile)."""
+    """(BLOCK_M, BLOCK_N) of the largest config _keep leaves for an (M, N) output (the cost model's tile;
+    the TMA-only ones are not counted, see cost_model)."""
     cfgs = configs_for(family, mma)
     kept = [c for c in cfgs if _keep(c, M, N)] or cfgs[-1:]
     c = max(kept, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])
