@@ -48,8 +48,8 @@ _TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float
 # the 128x128 tc tiles in fp32 at 128-255 registers + 8-11 KB spills, in fp64 over the smem limit).
 # ----------------------------------------------------------------------------------------------
 def _cfg(bm, bn, bk, warps, stages, family, mma="tc", group_m=8, loads="any"):
-    # loads: "any" (pointer loads or TMA), "tma" (a tile that compiles without spills only when the x and
-    # W tiles come through TMA descriptors: launched only where the launcher takes the TMA variant)
+    # loads: "any" (pointer loads or TMA), "tma" (a tile that compiles without spills only when the x, W
+    # and up tiles come through TMA descriptors: launched only where the launcher takes the TMA variant)
     c = triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m},
                       num_warps=warps, num_stages=stages)
     c.family, c.mma, c.loads = family, mma, loads
