@@ -28,11 +28,15 @@ max(FLOPs / (peak * compute efficiency * wave efficiency), bytes / (bandwidth * 
 ASSUMED, not measured (the constants below, each with its reason):
 - cuBLAS reaches CUBLAS_EFF of the dense peak on large GEMMs and, choosing among many tiles and
   split-K, loses nothing to wave quantization;
-- the Triton GEMM reaches TRITON_VS_CUBLAS of cuBLAS per family: a pointer-load GEMM with no TMA
-  and no warp specialisation, two tensor-core configs per architecture;
+- the Triton GEMM reaches TRITON_VS_CUBLAS of cuBLAS per family: set for a pointer-load GEMM with no
+  warp specialisation, two tensor-core configs per architecture; kept on sm_90, where the GEMM now
+  loads its tiles through TMA when the operands allow (docs/triton.md), for want of a measurement;
 - the Triton GEMM runs the largest shipped tile the autotuner keeps for the shape (_keep of
   backends/triton/linear.py) and pays its wave quantization on the GPU's SM count; the in-loop shrink
-  recomputes H once per column tile of that width;
+  recomputes H once per column tile of that width. The TMA-only 128x256 tile of sm_90 is not counted
+  (configs_for without tma): as "the largest kept tile" it would be charged at N=256 on a 4096-wide
+  layer with 32 tiles for 132 SMs (q 4096->4096 in-loop 40.5 -> 70.6 us), where the autotuner, which
+  times every kept config, would run 128x128 instead;
 - memory-bound kernels of either kind reach MEM_EFF of the HBM bandwidth.
 """
 from __future__ import annotations

@@ -4,6 +4,7 @@ Every kernel path (in-loop shrink, split shrink, merged), every dtype, both pref
 bias and no bias, ragged shapes, forward and backward, against the fp64 reference on the same
 (rounded) inputs with the conftest TOL table. TRITON_INTERPRET=1 is set in conftest.py.
 """
+import contextlib
 import os
 import subprocess
 import sys
@@ -136,6 +137,134 @@ def test_bf16_upcasts_only_under_interpreter(monkeypatch):
     monkeypatch.setattr(triton_linear, "INTERPRET", False)
     assert triton_linear._precision(torch.bfloat16)[0] is False
     assert triton_linear._precision(torch.float16)[0] is False
+
+
+# ---------------------------------------------------------------------------------------------
+# the TMA variant (sm_90): forced under the interpreter, which runs descriptor loads as masked loads
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture
+def descriptors(monkeypatch):
+    """Counts the tensor descriptors the interpreted kernels make (2 per program on the TMA path)."""
+    from triton.runtime.interpreter import InterpreterBuilder
+    made = []
+    original = InterpreterBuilder.create_make_tensor_descriptor
+
+    def counting(self, *a, **kw):
+        made.append(a[3] if len(a) > 3 else kw.get("tensor_shape"))     # the block shape
+        return original(self, *a, **kw)
+
+    monkeypatch.setattr(InterpreterBuilder, "create_make_tensor_descriptor", counting)
+    return made
+
+
+TMA_DTYPES = [torch.float16, torch.bfloat16, torch.float32]    # fp32 as TF32 (the tensor-core classes)
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("dtype", TMA_DTYPES, ids=str)
+@pytest.mark.parametrize("path,pref_kind", [c for c in CASES if c[0] != "merged"] + [("merged", "batch")])
+def test_lora_mm_tma_forward_and_dx(path, pref_kind, dtype, bias, descriptors):
+    """x, W and up through descriptors, vs the fp64 oracle: the forward's W^T and B_cat^T (W_T, UP_T: read
+    as (out, in) and (out, R) rows) and dX's W and A_cat (read as (K, N) and (R, N) rows). in=56, out=72,
+    R=8: 16-byte row strides in 2 and 4 bytes, ragged against the 16x32x16 interpreter tile in M, N, K."""
+    if path == "merged" and dtype != torch.float32:
+        pytest.skip("merged forms W_eff in the input dtype: fp32/fp64 only")
+    prev = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")           # fp32 takes TF32 (the 'tf32' class)
+    try:
+        shape_x = (37,) if pref_kind == "batch" else (5, 8)
+        x, w, b, A, B, p = make(shape_x, 56, 72, 2, 4, dtype, pref_kind, bias)
+        fwd = stacked_args(x, w, b, A, B, p)
+        x2, _, _, down, up, pref, L = fwd
+        dy = torch.randn(x2.shape[0], 72, generator=torch.Generator().manual_seed(5), dtype=torch.float64).to(dtype)
+        dx = (dy, w, None, up.t(), down.t(), pref, L)           # dX: (dY, W, B_cat, A_cat)
+        for name, args, w_t in (("forward", fwd, True), ("dX", dx, False)):
+            up_arg = None if path == "merged" else args[4]
+            assert triton_linear.tma_problem(args[0], args[1], triton_linear.mma_class(dtype, "tf32"), up_arg) is None
+            assert triton_linear._tma_choice(args[0], args[1], up_arg, "tf32", None) == (False,) * 3  # interpreter: off
+            descriptors.clear()
+            with triton_linear.use_tma(True):
+                z = run_mm(*args, SCALE, path=path)
+            # per program: up (R, N) tile, or (BLOCK_N, BLOCK_R) read transposed (not on the merged path, whose
+            # W_eff is a fresh row-major (K, N)), x (BLOCK_M, BLOCK_K), w (BLOCK_K, BLOCK_N) or (BLOCK_N, BLOCK_K)
+            per = [] if path == "merged" else [[32, 16] if w_t else [16, 32]]
+            per += [[16, 16], [32, 16] if w_t and path != "merged" else [16, 32]]
+            assert descriptors and len(descriptors) % len(per) == 0, descriptors
+            assert [list(d) for d in descriptors[:len(per)]] == per, descriptors[:len(per)]
+            exp = expected_z(*args)
+            n_out = args[1].shape[1]
+            assert_rel_close(z[:, :n_out], exp[:, :n_out], dtype, f"TMA {path} {name} y")
+            assert_rel_close(z[:, n_out:], exp[:, n_out:], dtype, f"TMA {path} {name} H")
+    finally:
+        torch.set_float32_matmul_precision(prev)
+
+
+def test_tma_problem_names_the_constraint(descriptors):
+    """Operands TMA cannot describe: the automatic choice keeps the pointer path, use_tma(True) raises."""
+    x, w, b, A, B, p = make((20,), 56, 24, 2, 4, torch.float16, "batch")
+    x2, wm, b, down, up, pref, L = stacked_args(x, w, b, A, B, p)
+    x3, wm3, _, down3, up3, pref3, _ = stacked_args(*make((20,), 56, 24, 3, 2, torch.float16, "batch"))  # R=6
+    mma = triton_linear.mma_class
+    buf = torch.zeros(20 * 57 + 1, dtype=torch.float16)
+    odd_row = torch.empty(20, 50, dtype=torch.float16)[:, :50].copy_(x2[:, :50])   # 100-byte rows
+    cases = [
+        (buf[1:1 + 20 * 56].view(20, 56).copy_(x2), wm, "16-byte aligned base"),  # 2 bytes off
+        (x2.t().contiguous().t(), wm, "column stride 1"),
+        (odd_row, wm[:50], "multiple of 16 bytes"),
+        (x2, wm.contiguous()[:, ::2], "one stride of w equal to 1"),
+    ]
+    for xx, ww, msg in cases:
+        assert msg in triton_linear.tma_problem(xx, ww, "tc", up), msg
+        with pytest.raises(ValueError, match=r"use_tma\(True\): (x|w): TMA needs .*" + msg):
+            with triton_linear.use_tma(True):
+                triton_linear.lora_mm(xx, ww, None, down[: ww.shape[0]], up[:, : ww.shape[1]], pref, L, SCALE)
+    # R = 6 halves: B_cat^T's 12-byte rows; the merged path (no up operand) does not need them
+    assert triton_linear.tma_problem(x3, wm3, "tc", None) is None
+    with pytest.raises(ValueError, match=r"up: TMA needs a row stride of a multiple of 16 bytes.* 6 elements"):
+        with triton_linear.use_tma(True):
+            triton_linear.lora_mm(x3, wm3, None, down3, up3, pref3, 20, SCALE, path="split")
+    assert "tensor-core classes" in triton_linear.tma_problem(x2.double(), wm.double(), mma(torch.float64), up)
+    assert "tensor-core classes" in triton_linear.tma_problem(x2.float(), wm.float(), mma(torch.float32, "ieee"))
+    with pytest.raises(ValueError, match="LoRA dropout"), triton_linear.use_tma(True):
+        triton_linear.lora_mm_dropout(x2, wm, None, down, up, pref, L, SCALE, 0.1, 1, 0, False)
+    with pytest.raises(ValueError, match="on: expected True, False or None"):
+        with triton_linear.use_tma("yes"):
+            pass
+    # automatic (and forced off): the pointer path, no descriptor made, the right answer
+    descriptors.clear()
+    z = run_mm(odd_row, wm[:50], None, down[:50], up, pref, L, SCALE, path="split")
+    assert not descriptors
+    assert_rel_close(z, expected_z(odd_row, wm[:50], None, down[:50], up, pref, L), torch.float16, "pointer path")
+
+
+def test_tma_choice_on_sm90_only(monkeypatch):
+    """The launcher's choice off the interpreter: sm_90 and TMA-able operands (and no dropout) only."""
+    x2, wm, b, down, up, pref, L = stacked_args(*make((20,), 56, 24, 2, 4, torch.bfloat16, "batch"))
+    choice = triton_linear._tma_choice
+    monkeypatch.setattr(triton_linear, "INTERPRET", False)
+    for family, expect in (("sm_90", (True, True, True)), ("sm_80", (False,) * 3), ("default", (False,) * 3)):
+        monkeypatch.setattr(cost_model, "gpu_family", lambda device, f=family: f)
+        assert choice(x2, wm, up, "ieee", None) == expect, family
+        with pytest.raises(ValueError, match="TMA is compiled for sm_90 only") if family != "sm_90" else \
+                contextlib.nullcontext(), triton_linear.use_tma(True):
+            assert choice(x2, wm, up, "ieee", None) == (True, True, True)
+    monkeypatch.setattr(cost_model, "gpu_family", lambda device: "sm_90")
+    dy = torch.zeros(20, 24, dtype=torch.bfloat16)
+    assert choice(dy, wm.t(), down.t(), "ieee", None) == (True, False, False)   # dX: W, A_cat as (K|R, N) rows
+    assert choice(x2, wm.t().contiguous(), None, "ieee", None) == (True, False, False)   # merged: W_eff
+    assert choice(x2, wm, up, "ieee", (0.1, 1, 0, False)) == (False,) * 3                # dropout
+    assert choice(x2.float(), wm.float(), up.float(), "ieee", None) == (False,) * 3      # IEEE fp32
+    assert choice(x2.float(), wm.float(), up.float(), "tf32", None) == (True, True, True)
+    with triton_linear.use_tma(False):
+        assert choice(x2, wm, up, "ieee", None) == (False,) * 3
+    # the TMA-only tiles (128x256: they spill with pointer loads) reach the autotuner of TMA launches only
+    named = dict(x_ptr=x2, INPUT_PRECISION="ieee", M=4096, N=4096)
+    ptr = triton_linear._prune(triton_linear._ALL_CONFIGS, dict(named, TMA=False))
+    tma = triton_linear._prune(triton_linear._ALL_CONFIGS, dict(named, TMA=True))
+    assert ptr and all(c.loads == "any" and c.family == "sm_90" and c.mma == "tc" for c in ptr)
+    assert {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in tma} - {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"])
+                                                                       for c in ptr} == {(128, 256)}
+    assert cost_model.triton_tile(4096, 4096, "sm_90") == (128, 128)   # the cost model leaves 128x256 out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -313,6 +442,11 @@ def test_kernel_report_all_configs_compile_without_spills():
     assert any("lora_conv2d triton[dX" in l and "sm_90" in l and "wgmma/HGMMA" in l for l in lines)
     assert any("lora_conv2d triton[dW+dA" in l and "sm_80" in l and "mma/HMMA" in l for l in lines)
     assert any("lora_conv2d triton[fwd inloop, no-bias" in l and "sm_90" in l for l in lines)
+    # the TMA variant: sm_90 only, a TMA load in its SASS, the TMA-only 128x256 tiles on it alone
+    tma = [l for l in lines if l.startswith("| lora_mm[tma, ")]
+    assert tma and all("| sm_90 " in l and "UTMALDG" in l and "wgmma/HGMMA" in l for l in tma)
+    assert any("BM=128 BN=256" in l and "split, fwd, per-sample" in l for l in tma)
+    assert not any("BN=256" in l for l in lines if l.startswith("| lora_mm[") and l not in tma)
 
 
 def test_fp32_follows_torch_matmul_precision():

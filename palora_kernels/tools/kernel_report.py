@@ -8,6 +8,9 @@ shared memory from the compiled kernel's metadata, and looks for tensor-core ins
 wheel). Prints one table and exits 1 if any config fails to compile, spills, exceeds the shared
 memory of its arch, or (a bf16 or TF32 kernel) runs without tensor cores. IEEE fp32 and fp64 run on
 FMA units by design: their rows say so and are not failures for it.
+The TMA variant of lora_mm (rows "lora_mm[tma, ...]": every bf16 / TF32 lora_mm launch set with
+TMA=True, sm_90 only, with the sm_90 configs including the TMA-only ones) must also show a TMA tile
+load: cp.async.bulk.tensor in the PTX and UTMALDG in the SASS.
 Rows of palora_kernels.tools.cuda_report.cuda_rows() (the CUDA C++ kernels), if that module
 exists, are checked and printed the same way, and must also show LDGSTS (cp.async), LDSM (ldmatrix,
 16-bit kernels) and no 64-bit integer division in their SASS.
@@ -33,7 +36,8 @@ import time
 SMEM_LIMIT = {"sm_80": 166912, "sm_90": 232448}   # max dynamic smem per block (A100 163 KB, H100 227 KB)
 ARCHS = {"sm_80": 80, "sm_90": 90}
 TC = {"sm_80": ("mma.sync.aligned", "HMMA"), "sm_90": ("wgmma.mma_async", "HGMMA")}
-KEYS = ("kernel", "config", "arch", "registers", "spills", "smem", "tensor_core", "ldgsts", "ldsm", "div64")
+TMA_OPS = ("cp.async.bulk.tensor", "UTMALDG")    # TMA tile load: PTX, SASS (sm_90)
+KEYS = ("kernel", "config", "arch", "registers", "spills", "smem", "tensor_core", "tma", "ldgsts", "ldsm", "div64")
 
 
 # one per MMA class: tensor cores (bf16; fp16 tiles are the same size), TF32 tensor cores (fp32 with
@@ -113,7 +117,26 @@ def _variants():
             c = dict(common, BLOCK_R=L.block_r(64), HAS_BIAS=True, PER_SAMPLE_PREF=True, SHRINK_IN_LOOP=True,
                      EXPAND=True)
             out.append((f"lora_mm[inloop, fwd, per-sample p, R=64] {dt}", L._lora_mm_kernel.fn, c, mm, mm_cfgs))
-    return out + _conv_variants()
+    return out + _tma_variants(out) + _conv_variants()
+
+
+def _tma_variants(variants):
+    """The TMA copy of every tensor-core lora_mm variant (bf16, TF32): the launcher takes it on the sm_90
+    family when tma_problem() finds nothing in the launched operands (true of every set here), with all
+    the sm_90 configs, the TMA-only ones included. Not compiled for sm_80 (no TMA there)."""
+    from ..backends.triton import linear as L
+    out = []
+    for name, fn, const, mm, _ in variants:
+        if fn is not L._lora_mm_kernel.fn or const["_dtype"] not in ("bf16", "tf32"):
+            continue
+        mma = "tf32" if const["_dtype"] == "tf32" else "tc"
+        up = mm["up_ptr"] if const["EXPAND"] else None
+        why = L.tma_problem(mm["x_ptr"], mm["w_ptr"], mma, up)
+        assert why is None, f"{name}: {why}"
+        c = dict(const, TMA=True, W_T=mm["w_ptr"].stride(1) != 1, UP_T=up is not None and up.stride(1) != 1)
+        out.append((name.replace("lora_mm[", "lora_mm[tma, ", 1), fn, c, mm,
+                    lambda f, m=mma: L.configs_for(f, m, tma=True) if f == "sm_90" else []))
+    return out
 
 
 # the conv launches the report compiles: a SegNet layer, 3x3 512->512 on 8 x 32x64, T=3 tasks of rank 8
@@ -233,7 +256,7 @@ def _signature(fn, constexprs, args, dt):
     return sig, attrs, const
 
 
-def _sass_has(cubin: bytes, op: str) -> bool | None:
+def _sass(cubin: bytes) -> str | None:
     from triton import knobs
     try:
         tool = knobs.nvidia.cuobjdump.path
@@ -243,7 +266,7 @@ def _sass_has(cubin: bytes, op: str) -> bool | None:
         f.write(cubin)
         f.flush()
         res = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True)
-    return op in res.stdout if res.returncode == 0 else None
+    return res.stdout if res.returncode == 0 else None
 
 
 def compile_row(name, fn, constexprs, args, cfg, arch) -> dict:
@@ -259,7 +282,8 @@ def compile_row(name, fn, constexprs, args, cfg, arch) -> dict:
     label = " ".join(f"{'B' + k[6:] if k.startswith('BLOCK_') else k}={v}" for k, v in kwargs.items())
     label += f" w{warps} s{stages}"
     row = dict(kernel=name, config=label, arch=arch, registers=None, spills=None, smem=None,
-               tensor_core=None, error=None, expect_tc=dt in ("bf16", "fp16", "tf32"))
+               tensor_core=None, error=None, expect_tc=dt in ("bf16", "fp16", "tf32"),
+               expect_tma=bool(const.get("TMA", False)))
     log = io.StringIO()
     try:
         with contextlib.redirect_stdout(log):
@@ -276,10 +300,12 @@ def compile_row(name, fn, constexprs, args, cfg, arch) -> dict:
     row["smem"] = k.metadata.shared
     ptx_op, sass_op = TC[arch]
     in_ptx = ptx_op in k.asm["ptx"]
-    in_sass = _sass_has(k.asm["cubin"], sass_op) if row["expect_tc"] else None   # nvdisasm: ~0.5 s a row
-    found = in_ptx and in_sass is not False
+    sass = _sass(k.asm["cubin"]) if row["expect_tc"] or row["expect_tma"] else None   # cuobjdump: ~0.5 s a row
+    found = in_ptx and (sass is None or sass_op in sass)
     row["tensor_core"] = (f"{ptx_op.split('.')[0]}/{sass_op}" if found else
                           "none" if row["expect_tc"] else "none (IEEE FMA)")
+    if row["expect_tma"]:
+        row["tma"] = TMA_OPS[1] if TMA_OPS[0] in k.asm["ptx"] and (sass is None or TMA_OPS[1] in sass) else "none"
     return row
 
 
@@ -333,6 +359,8 @@ def problems(row) -> list:
         out.append(f"smem {row.get('smem')} > {limit}")
     if row.get("expect_tc") and row.get("tensor_core") in (None, "none", False):
         out.append("no tensor-core instruction")
+    if row.get("expect_tma") and row.get("tma") in (None, "none"):
+        out.append("no TMA load (cp.async.bulk.tensor / UTMALDG)")
     # CUDA C++ rows (cuda_report): the cp.async pipeline, ldmatrix fragments, no 64-bit division
     if row.get("expect_ldgsts") and not row.get("ldgsts"):
         out.append("no LDGSTS (cp.async)")

@@ -47,10 +47,12 @@ _TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float
 # (IEEE FMA: no tensor cores, 2-4x the smem per tile, so much smaller tiles; kernel_report measured
 # the 128x128 tc tiles in fp32 at 128-255 registers + 8-11 KB spills, in fp64 over the smem limit).
 # ----------------------------------------------------------------------------------------------
-def _cfg(bm, bn, bk, warps, stages, family, mma="tc", group_m=8):
+def _cfg(bm, bn, bk, warps, stages, family, mma="tc", group_m=8, loads="any"):
+    # loads: "any" (pointer loads or TMA), "tma" (a tile that compiles without spills only when the x, W
+    # and up tiles come through TMA descriptors: launched only where the launcher takes the TMA variant)
     c = triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m},
                       num_warps=warps, num_stages=stages)
-    c.family, c.mma = family, mma
+    c.family, c.mma, c.loads = family, mma, loads
     return c
 
 
@@ -58,7 +60,11 @@ def _tf32_configs(family):
     # fp32 tiles on tensor cores (TF32): 4-byte tiles, so BLOCK_K 32 where bf16 takes 64 (same smem).
     # 64x64 needs 8 warps: with 4, ptxas capped it at 128 registers and spilled 28 bytes (sm_80, split).
     if family == "sm_90":
-        return [_cfg(128, 128, 32, 8, 3, family, "tf32"), _cfg(64, 128, 32, 4, 4, family, "tf32")]
+        # 128x256 through TMA (x, W, up): 0 spills in all 14 TF32 launch sets with w8 s3 (164-235
+        # registers, smem <= 163864) and w16 s3 (90-128); never tried on the pointer path (bf16 spills there)
+        return [_cfg(128, 128, 32, 8, 3, family, "tf32"), _cfg(64, 128, 32, 4, 4, family, "tf32"),
+                _cfg(128, 256, 32, 8, 3, family, "tf32", loads="tma"),
+                _cfg(128, 256, 32, 16, 3, family, "tf32", loads="tma")]
     if family == "sm_80":
         return [_cfg(128, 128, 32, 8, 3, family, "tf32"), _cfg(64, 64, 32, 8, 4, family, "tf32")]
     return [_cfg(64, 64, 32, 8, 3, family, "tf32")]
@@ -73,17 +79,25 @@ def _fma_configs(family):
 
 def configs_sm80():
     # A100: 164 KB smem. 128x128 needs 8 warps: with 4, acc (128 fp32/thread) + the in-loop
-    # H accumulator spilled 168 bytes (kernel_report, ptxas 13).
+    # H accumulator spilled 168 bytes (kernel_report, ptxas 13). No TMA on sm_80, and the wider tiles
+    # spill with pointer loads (bf16, w8 s3, BLOCK_K 32): 128x256 28 bytes (split dX, per-sample) and 704
+    # (in-loop R=64), 256x128 48-64 (split) and 1220 (in-loop R=64): not shipped.
     return ([_cfg(128, 128, 32, 8, 4, "sm_80"), _cfg(64, 64, 64, 4, 4, "sm_80")] + _tf32_configs("sm_80")
             + _fma_configs("sm_80"))
 
 
 def configs_sm90():
     # H100: 228 KB smem; BLOCK_M 128 with 8 warps = two warpgroups for wgmma. 64x128 with 4 warps
-    # spilled 12 bytes (split, per-sample, no bias); with 8 warps it does not. 128x256 spilled 388
-    # bytes with 8 warps and 188 with 16 (split, per-sample): not shipped.
-    return ([_cfg(128, 128, 64, 8, 3, "sm_90"), _cfg(64, 128, 64, 8, 4, "sm_90")] + _tf32_configs("sm_90")
-            + _fma_configs("sm_90"))
+    # spilled 12 bytes (split, per-sample, no bias); with 8 warps it does not.
+    # 128x256 (kernel_report, bf16, the 13 launched stride sets): with pointer loads it spilled 388 bytes
+    # with 8 warps and 188 with 16 (split, per-sample): never launched on that path. Through TMA with x
+    # and W only, the split forward still spilled 16-400 bytes (w8 s3/s4) and 144-324 (w16), the R=64
+    # in-loop 352-456: its column-major up tile (B_cat^T, R=24) loaded element by element. With up
+    # through TMA too: 0 spills in all 13 with w8 s3 (182-242 registers, smem <= 172056), w8 s4 (smem
+    # up to 229408 of 232448: not shipped, 3 KB from the limit) and w16 s3 (106-128 registers).
+    return ([_cfg(128, 128, 64, 8, 3, "sm_90"), _cfg(64, 128, 64, 8, 4, "sm_90"),
+             _cfg(128, 256, 64, 8, 3, "sm_90", loads="tma"), _cfg(128, 256, 64, 16, 3, "sm_90", loads="tma")]
+            + _tf32_configs("sm_90") + _fma_configs("sm_90"))
 
 
 def configs_default():
@@ -96,10 +110,12 @@ def configs_interpreter():
     return [_cfg(16, 32, 16, 4, 1, "interpreter", "any", group_m=2)]
 
 
-def configs_for(family: str, mma: str = None):
+def configs_for(family: str, mma: str = None, tma: bool = False):
+    """The family's configs of one MMA class (None: all) that the pointer-load kernel launches, plus
+    the TMA-only ones when ``tma``."""
     cfgs = {"sm_80": configs_sm80, "sm_90": configs_sm90, "default": configs_default,
             "interpreter": configs_interpreter}[family]()
-    return [c for c in cfgs if mma is None or c.mma in (mma, "any")]
+    return [c for c in cfgs if (mma is None or c.mma in (mma, "any")) and (tma or c.loads == "any")]
 
 
 ALL_FAMILIES = ("sm_80", "sm_90", "default", "interpreter")
@@ -117,7 +133,9 @@ def mma_class(dtype, precision: str = "ieee") -> str:
 def _mine(configs, named_args):
     family = "interpreter" if INTERPRET else cost_model.gpu_family(named_args["x_ptr"].device)
     mma = mma_class(named_args["x_ptr"].dtype, named_args.get("INPUT_PRECISION", "ieee"))
-    return [c for c in configs if c.family == family and c.mma in (mma, "any")]
+    tma = bool(named_args.get("TMA", False))
+    return [c for c in configs if c.family == family and c.mma in (mma, "any")
+            and (tma or getattr(c, "loads", "any") == "any")]
 
 
 def _keep(cfg, M, N):
@@ -127,7 +145,8 @@ def _keep(cfg, M, N):
 
 
 def largest_kept_tile(M, N, family: str, mma: str = "tc") -> tuple:
-    """(BLOCK_M, BLOCK_N) of the largest config _keep leaves for an (M, N) output (the cost model's tile)."""
+    """(BLOCK_M, BLOCK_N) of the largest config _keep leaves for an (M, N) output (the cost model's tile;
+    the TMA-only ones are not counted, see cost_model)."""
     cfgs = configs_for(family, mma)
     kept = [c for c in cfgs if _keep(c, M, N)] or cfgs[-1:]
     c = max(kept, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])
@@ -141,7 +160,7 @@ def _prune(configs, named_args, **kwargs):
     return kept or mine[-1:]
 
 
-_ALL_CONFIGS = [c for f in ALL_FAMILIES for c in configs_for(f)]
+_ALL_CONFIGS = [c for f in ALL_FAMILIES for c in configs_for(f, tma=True)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -198,7 +217,8 @@ def _drop_tile(t, offs_row, offs_col, drop_p, drop_seed, drop_offset, drop_sr, d
 # ----------------------------------------------------------------------------------------------
 # kernels
 # ----------------------------------------------------------------------------------------------
-@triton.autotune(configs=_ALL_CONFIGS, key=["M_BUCKET", "N", "K", "R", "SHRINK_IN_LOOP", "EXPAND", "INPUT_PRECISION"],
+@triton.autotune(configs=_ALL_CONFIGS,
+                 key=["M_BUCKET", "N", "K", "R", "SHRINK_IN_LOOP", "EXPAND", "INPUT_PRECISION", "TMA"],
                  prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _lora_mm_kernel(
@@ -227,8 +247,18 @@ def _lora_mm_kernel(
     BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
     DROP_IN: tl.constexpr = False, DROP_OUT: tl.constexpr = False,
+    TMA: tl.constexpr = False,   # x, w (and up) tiles through tensor descriptors (sm_90 TMA; tma_problem() holds)
+    W_T: tl.constexpr = False,   # with TMA: w is the transpose of a row-major (N, K) matrix (the forward's W^T)
+    UP_T: tl.constexpr = False,  # with TMA: up is the transpose of a row-major (N, R) matrix (the forward's B_cat)
 ):
     pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    if TMA and EXPAND:
+        # the forward's up (B_cat^T) is column-major: as a pointer tile (R=24, no 16-element hint) it loads
+        # element by element, and at BLOCK_N 256 the split kernel spilled 16-400 bytes (kernel_report)
+        if UP_T:
+            up_desc = tl.make_tensor_descriptor(up_ptr, [N, R], [stride_un, 1], [BLOCK_N, BLOCK_R])
+        else:
+            up_desc = tl.make_tensor_descriptor(up_ptr, [R, N], [stride_ur, 1], [BLOCK_R, BLOCK_N])
 
     offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)   # int64: M*K may pass 2^31
     offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -247,23 +277,46 @@ def _lora_mm_kernel(
                         mask=mask_m[:, None] & mask_r[None, :], other=0.0)
             g = h.to(ACC_DTYPE) * _scale_tile(ps_ptr, offs_m, rr, mask_m, mask_r, rows_per_sample, rank,
                                               stride_pp, stride_pt, ACC_DTYPE, PER_SAMPLE_PREF)
-            u = tl.load(up_ptr + rr[:, None] * stride_ur + offs_n[None, :] * stride_un,
-                        mask=mask_r[:, None] & mask_n[None, :], other=0.0)
+            if TMA:
+                if UP_T:
+                    u = up_desc.load([pid_n * BLOCK_N, r0]).T
+                else:
+                    u = up_desc.load([r0, pid_n * BLOCK_N])
+            else:
+                u = tl.load(up_ptr + rr[:, None] * stride_ur + offs_n[None, :] * stride_un,
+                            mask=mask_r[:, None] & mask_n[None, :], other=0.0)
             acc = _dot(g.to(u.dtype), u, acc, UPCAST, INPUT_PRECISION)
         if DROP_OUT:   # acc holds the low-rank term only so far
             acc = _drop_tile(acc, offs_m, offs_n, drop_p, drop_seed, drop_offset, drop_sr, drop_sc,
                              tl.load(dscale_ptr))
 
-    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk
-    w_ptrs = w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn
+    if TMA:
+        # device-side descriptors (128 B of global scratch per program, from triton's allocator): the
+        # copy engine fetches whole tiles into smem, zero-filled past the edges, with no per-element
+        # address or mask registers. Last stride 1 and 16-byte row strides: checked by tma_problem()
+        x_desc = tl.make_tensor_descriptor(x_ptr, [M, K], [stride_xm, 1], [BLOCK_M, BLOCK_K])
+        if W_T:
+            w_desc = tl.make_tensor_descriptor(w_ptr, [N, K], [stride_wn, 1], [BLOCK_N, BLOCK_K])
+        else:
+            w_desc = tl.make_tensor_descriptor(w_ptr, [K, N], [stride_wk, 1], [BLOCK_K, BLOCK_N])
+    else:
+        x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk
+        w_ptrs = w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn
     if SHRINK_IN_LOOP:
         mask_r = offs_r < R
         d_ptrs = down_ptr + offs_k[:, None] * stride_dk + offs_r[None, :] * stride_dr
         h_acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=ACC_DTYPE)
     for k0 in range(0, K, BLOCK_K):
         mask_k = offs_k < K - k0
-        x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        w = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        if TMA:
+            x = x_desc.load([pid_m * BLOCK_M, k0])
+            if W_T:
+                w = w_desc.load([pid_n * BLOCK_N, k0]).T
+            else:
+                w = w_desc.load([k0, pid_n * BLOCK_N])
+        else:
+            x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
         acc = _dot(x, w, acc, UPCAST, INPUT_PRECISION)
         if SHRINK_IN_LOOP:
             d = tl.load(d_ptrs, mask=mask_k[:, None] & mask_r[None, :], other=0.0)
@@ -274,15 +327,22 @@ def _lora_mm_kernel(
             else:
                 h_acc = _dot(x, d, h_acc, UPCAST, INPUT_PRECISION)
             d_ptrs += BLOCK_K * stride_dk
-        x_ptrs += BLOCK_K * stride_xk
-        w_ptrs += BLOCK_K * stride_wk
+        if not TMA:
+            x_ptrs += BLOCK_K * stride_xk
+            w_ptrs += BLOCK_K * stride_wk
 
     if SHRINK_IN_LOOP:
         if EXPAND:
             g = h_acc * _scale_tile(ps_ptr, offs_m, offs_r, mask_m, mask_r, rows_per_sample, rank,
                                     stride_pp, stride_pt, ACC_DTYPE, PER_SAMPLE_PREF)
-            u = tl.load(up_ptr + offs_r[:, None] * stride_ur + offs_n[None, :] * stride_un,
-                        mask=mask_r[:, None] & mask_n[None, :], other=0.0)
+            if TMA:
+                if UP_T:
+                    u = up_desc.load([pid_n * BLOCK_N, 0]).T
+                else:
+                    u = up_desc.load([0, pid_n * BLOCK_N])
+            else:
+                u = tl.load(up_ptr + offs_r[:, None] * stride_ur + offs_n[None, :] * stride_un,
+                            mask=mask_r[:, None] & mask_n[None, :], other=0.0)
             if DROP_OUT:   # the low-rank term in its own tile, masked, then added to the base product
                 low = _dot(g.to(u.dtype), u, tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE), UPCAST, INPUT_PRECISION)
                 acc += _drop_tile(low, offs_m, offs_n, drop_p, drop_seed, drop_offset, drop_sr, drop_sc,
@@ -425,6 +485,93 @@ def use_path(path: Optional[str]):
         yield
     finally:
         _forced_path = prev
+
+
+_forced_tma: Optional[bool] = None
+
+
+@contextlib.contextmanager
+def use_tma(on: Optional[bool]):
+    """Force the TMA variant of the GEMM on (True: raises where tma_problem() names a reason) or off
+    (False) for every lora_mm in the block; None: automatic (sm_90 and the operands qualify). Tests,
+    benchmarks. Under the interpreter the descriptors run as masked loads (runtime/interpreter.py)."""
+    global _forced_tma
+    if on not in (None, True, False):
+        raise ValueError(f"on: expected True, False or None, got {on!r}")
+    prev, _forced_tma = _forced_tma, on
+    try:
+        yield
+    finally:
+        _forced_tma = prev
+
+
+_TMA_MAX_DIM = 2 ** 31 - 1       # descriptor shapes are int32 (language/semantic.py make_tensor_descriptor)
+_TMA_MAX_STRIDE_BYTES = 2 ** 40  # cuTensorMapEncodeTiled: globalStrides < 2^40 bytes
+
+
+def tma_problem(x, w, mma: str, up=None) -> Optional[str]:
+    """Why the GEMM operands x (M, K), w (K, N) and the expand operand up (R, N) (None: merged, no expand)
+    cannot be read through TMA descriptors (None: they can).
+
+    TMA (cuTensorMapEncodeTiled) needs a 16-byte aligned base, 16-byte aligned strides but the last, a last
+    stride of 1 and sizes that fit the descriptor; the variant serves the tensor-core classes (2- and
+    4-byte tiles), where wgmma reads the tiles TMA put in smem. x must be row-major; w and up may be
+    row-major (dX: W, A_cat) or the transpose of a row-major matrix (forward: W^T, B_cat^T)."""
+    if mma not in ("tc", "tf32"):
+        return f"x: TMA serves the tensor-core classes (fp16/bf16, TF32 fp32), got {x.dtype} ({mma})"
+    es = x.element_size()
+    ops = [("x", x), ("w", w)] + ([("up", up)] if up is not None else [])
+    for name, t in ops:
+        if t.data_ptr() % 16:
+            return f"{name}: TMA needs a 16-byte aligned base address, got {t.data_ptr()} (offset view?)"
+        if any(d <= 0 or d > _TMA_MAX_DIM for d in t.shape):
+            return f"{name}: TMA needs every size in 1..2^31-1, got {tuple(t.shape)}"
+    if x.stride(1) != 1:
+        return f"x: TMA needs x (M, K) with column stride 1, got strides {tuple(x.stride())}"
+    for name, t in ops:
+        row = t.stride(0) if t.stride(1) == 1 else t.stride(1) if t.stride(0) == 1 else None
+        if row is None:
+            return f"{name}: TMA needs one stride of {name} equal to 1, got strides {tuple(t.stride())}"
+        if (row * es) % 16 or row * es >= _TMA_MAX_STRIDE_BYTES:
+            return (f"{name}: TMA needs a row stride of a multiple of 16 bytes (below 2^40), got {row} "
+                    f"elements of {es} bytes")
+    return None
+
+
+def _tma_choice(x, w, up, prec: str, dropout) -> tuple:
+    """(TMA, W_T, UP_T) for a launch (up: None on the merged path): TMA on the sm_90 family where
+    tma_problem() finds nothing, not under LoRA dropout (its kernels are compiled and reported on the
+    pointer path, kernel_report_dropout)."""
+    if _forced_tma is False:
+        return False, False, False
+    why = tma_problem(x, w, mma_class(x.dtype, prec), up)
+    if why is None and dropout is not None:
+        why = "x: LoRA dropout keeps the pointer-load kernel"
+    if _forced_tma:
+        family = "interpreter" if INTERPRET else cost_model.gpu_family(x.device)
+        if family not in ("interpreter", "sm_90"):
+            why = why or f"x: TMA is compiled for sm_90 only, got a {family} device"
+        if why:
+            raise ValueError(f"use_tma(True): {why}")
+    elif why is not None or INTERPRET or cost_model.gpu_family(x.device) != "sm_90":
+        return False, False, False
+    return True, w.stride(1) != 1, up is not None and up.stride(1) != 1
+
+
+@contextlib.contextmanager
+def _tma_scratch(device):
+    """A device-side descriptor lives in global scratch that triton's launcher asks its allocator for
+    (grid x 128 bytes): lend one for the launch unless the user set their own (triton.set_allocator)."""
+    from triton.runtime import _allocation
+    if INTERPRET or not isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+        yield
+        return
+    token = _allocation._allocator.set(
+        lambda size, align, stream: torch.empty(size, dtype=torch.int8, device=device))
+    try:
+        yield
+    finally:
+        _allocation._allocator.reset(token)
 
 
 def block_r(R: int) -> int:
@@ -591,7 +738,10 @@ def _launch(x, wm, bias, down, up, pref, rows_per_sample, scale, out, h, path, d
         _lora_merge_kernel[(triton.cdiv(K, t["BLOCK_K"]), triton.cdiv(M, t["BLOCK_N"]))](
             **merge_args(wm, down, up, ps, w, T), **common,
             BLOCK_K=t["BLOCK_K"], BLOCK_N=t["BLOCK_N"], num_warps=t["num_warps"])
+    tma, w_t, up_t = _tma_choice(x, w, up if path != "merged" else None, prec, dropout)
     grid = lambda META: (triton.cdiv(N, META["BLOCK_M"]) * triton.cdiv(M, META["BLOCK_N"]),)  # noqa: E731
-    _lora_mm_kernel[grid](**mm_args(x, w, bias, down, up, ps, out, h, rows_per_sample, dropout), **common,
-                          HAS_BIAS=bias is not None, PER_SAMPLE_PREF=P != 1, SHRINK_IN_LOOP=path == "inloop",
-                          EXPAND=path != "merged", DROP_IN=drop_in and path == "inloop", DROP_OUT=drop_out)
+    with _tma_scratch(x.device) if tma else contextlib.nullcontext():
+        _lora_mm_kernel[grid](**mm_args(x, w, bias, down, up, ps, out, h, rows_per_sample, dropout), **common,
+                              HAS_BIAS=bias is not None, PER_SAMPLE_PREF=P != 1, SHRINK_IN_LOOP=path == "inloop",
+                              EXPAND=path != "merged", DROP_IN=drop_in and path == "inloop", DROP_OUT=drop_out,
+                              TMA=tma, W_T=w_t, UP_T=up_t)
