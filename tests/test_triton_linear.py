@@ -158,17 +158,18 @@ def descriptors(monkeypatch):
 
 
 TMA_DTYPES = [torch.float16, torch.bfloat16, torch.float32]    # fp32 as TF32 (the tensor-core classes)
+# merged forms W_eff in the input dtype, so it runs fp32/fp64 only: no merged x fp16/bf16 case
+TMA_CASES = [(path, kind, dt) for path, kind in [c for c in CASES if c[0] != "merged"] + [("merged", "batch")]
+             for dt in TMA_DTYPES if path != "merged" or dt == torch.float32]
 
 
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
-@pytest.mark.parametrize("dtype", TMA_DTYPES, ids=str)
-@pytest.mark.parametrize("path,pref_kind", [c for c in CASES if c[0] != "merged"] + [("merged", "batch")])
+@pytest.mark.parametrize("path,pref_kind,dtype", TMA_CASES,
+                         ids=[f"{p}-{k}-{str(d).split('.')[-1]}" for p, k, d in TMA_CASES])
 def test_lora_mm_tma_forward_and_dx(path, pref_kind, dtype, bias, descriptors):
     """x, W and up through descriptors, vs the fp64 oracle: the forward's W^T and B_cat^T (W_T, UP_T: read
     as (out, in) and (out, R) rows) and dX's W and A_cat (read as (K, N) and (R, N) rows). in=56, out=72,
     R=8: 16-byte row strides in 2 and 4 bytes, ragged against the 16x32x16 interpreter tile in M, N, K."""
-    if path == "merged" and dtype != torch.float32:
-        pytest.skip("merged forms W_eff in the input dtype: fp32/fp64 only")
     prev = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("high")           # fp32 takes TF32 (the 'tf32' class)
     try:
