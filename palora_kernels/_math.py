@@ -59,15 +59,17 @@ def apply_row_scale(h: torch.Tensor, pref: torch.Tensor, rows_per_sample: int,
 
 
 def row_scaled_tmm(u: torch.Tensor, v: torch.Tensor, pref: torch.Tensor, rows_per_sample: int,
-                   rank: int, scale: float) -> torch.Tensor:
+                   rank: int, scale: float, tmm=None) -> torch.Tensor:
     """(U * S)^T V for U (N, R), V (N, K): dA_cat = dH^T x and dB_cat^T = (H * S)^T dY. (R, K), V's dtype.
+    The ``lora_tmm`` op; ``tmm(a, b) = a^T b`` is the product (default: torch's GEMM).
 
     A per-batch S scales the columns of U^T V once, in fp32, after the GEMM: rounding U * S (N x R
     values) before a sum over N rows put 1-3x the same-dtype loop's error into dA and dB in bf16."""
+    tmm = tmm or (lambda a, b: a.t() @ b)
     if pref.shape[0] == 1:
         S = row_scale(pref.to(acc_dtype(u.dtype)), rank, scale)[0]              # (R,)
-        return ((u.t() @ v) * S[:, None]).to(v.dtype)
-    return apply_row_scale(u, pref, rows_per_sample, rank, scale).t() @ v
+        return (tmm(u, v) * S[:, None]).to(v.dtype)
+    return tmm(apply_row_scale(u, pref, rows_per_sample, rank, scale), v)
 
 
 def pref_grad(h: torch.Tensor, dg: torch.Tensor, pref: torch.Tensor,

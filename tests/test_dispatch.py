@@ -8,9 +8,11 @@ import torch
 import palora_kernels as pk
 from conftest import assert_rel_close
 from _layers import graph_has, make_conv, make_linear, reference_with_grads
-from palora_kernels import dispatch, reference, select_backend, use_backend
+from palora_kernels import _ext, dispatch, reference, select_backend, use_backend
 
 CPU = torch.device("cpu")
+# automatic choice for lora_mm on CPU: the C++ kernels when the extension is built, else torch ops
+AUTO = "cpp" if _ext._C_AVAILABLE else "torch"
 
 
 @pytest.fixture(autouse=True)
@@ -18,8 +20,8 @@ def _no_env(monkeypatch):
     monkeypatch.delenv("PALORA_BACKEND", raising=False)
 
 
-def test_automatic_choice_on_cpu_is_torch():
-    assert select_backend(CPU) == "torch"
+def test_automatic_choice_on_cpu_is_cpp_when_built():
+    assert select_backend(CPU) == AUTO
     assert dispatch.requested_backend() is None
 
 
@@ -29,7 +31,7 @@ def test_env_var(monkeypatch):
     monkeypatch.setenv("PALORA_BACKEND", " torch ")
     assert select_backend(CPU) == "torch"
     monkeypatch.setenv("PALORA_BACKEND", "")
-    assert select_backend(CPU) == "torch"
+    assert select_backend(CPU) == AUTO
 
 
 def test_context_manager_nesting_and_restore(monkeypatch):
@@ -50,7 +52,7 @@ def test_context_manager_nesting_and_restore(monkeypatch):
     monkeypatch.delenv("PALORA_BACKEND")
     with use_backend("reference"):
         with use_backend(None):                         # None: back to automatic choice
-            assert select_backend(CPU) == "torch"
+            assert select_backend(CPU) == AUTO
         assert select_backend(CPU) == "reference"
 
 
@@ -69,7 +71,7 @@ def test_context_manager_is_thread_local():
         t.start()
         t.join()
         assert select_backend(CPU) == "reference"
-    assert seen["other"] == "torch"
+    assert seen["other"] == AUTO
 
 
 CUDA = torch.device("cuda")
@@ -101,7 +103,7 @@ def test_automatic_choice_on_cuda_falls_back_and_says_why(pretend, caplog):
     assert select_backend(CUDA, "lora_mm") == "cuda"
     pretend(triton=True, cuda_ext=True)
     assert select_backend(CUDA, "lora_mm") == "triton"          # triton first when both can run
-    assert select_backend(CPU, "lora_mm") == "torch"            # the interpreter runs only on request
+    assert select_backend(CPU, "lora_mm") == AUTO               # the interpreter runs only on request
 
 
 def _ops_reached(monkeypatch):

@@ -6,7 +6,7 @@ The naive loop is palora_kernels.reference (one adapter at a time, autograd) on 
 values cast to the dtype. Errors are max-abs relative to the oracle's max-abs (conftest.rel_err).
 Seeded random shapes, both preference kinds, linear and both conv parameterisations, the output and
 the gradients of x, weight, bias, lora_A, lora_B and the preference, on every backend that runs the
-op here (torch; triton under the interpreter; cuda_sim). Worst ratios over 30 draws: docs/testing.md.
+op here (torch; cpp, linear only; triton under the interpreter; cuda_sim). Worst ratios over 30 draws: docs/testing.md.
 """
 import os
 
@@ -61,7 +61,7 @@ def _runs(backend, kind):
 
 # torch on 2 draws per case, the emulated backends (slow on CPU) on 1; 30 draws each: docs/testing.md
 CASES = [(b, k, seed) for b, seeds in (("torch", (0, 1)), ("triton", (0,)), ("cuda_sim", (0,)))
-         for k in OP for seed in seeds]
+         for k in OP for seed in seeds] + [("cpp", "linear", 0), ("cpp", "linear", 1)]   # cpp: linear only
 
 
 @pytest.mark.parametrize("pref_kind", ["batch", "sample"])

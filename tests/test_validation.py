@@ -21,7 +21,7 @@ def _runs(backend, op="lora_mm", dtype=torch.float32):
     return dispatch.why_not(backend, CPU, op, dtype) is None
 
 
-BACKENDS = [b for b in ("torch", "triton", "cuda_sim", "reference") if _runs(b)]
+BACKENDS = [b for b in ("torch", "cpp", "triton", "cuda_sim", "reference") if _runs(b)]
 
 
 def _lin(T=2, r=2, i=5, o=4, bias=True):

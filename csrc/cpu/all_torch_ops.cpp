@@ -4,6 +4,7 @@
 // files included here through this unit only; the other .cpp files of csrc/cpu and csrc/cuda, and
 // every .cu, are units of their own. This path sorts first, so ninja starts this, the longest unit,
 // first. The included files keep their helpers in anonymous namespaces under distinct names.
+#include "lowrank_ops.cpp"
 #include "pref_ops.cpp"
 #include "rng_ops.cpp"
 #ifdef PALORA_WITH_CUDA

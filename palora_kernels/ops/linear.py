@@ -43,7 +43,7 @@ import torch.nn.functional as F
 
 from .. import _ops, dispatch
 from .._math import (acc_dtype, apply_row_scale, composite_grads, linear_composite, merged_delta, row_scale,
-                     row_scaled_tmm, stack_A, stack_B, unstack_B, use_weight_space, weight_space_grads)
+                     stack_A, stack_B, unstack_B, use_weight_space, weight_space_grads)
 from .._rng import dropout_input
 
 
@@ -102,6 +102,8 @@ class PaLoRALinearFunction(torch.autograd.Function):
             return dx, dW, db, dA, dB, dp, None, None, None, None
         T, rank, in_f = lora_A.shape
         A_cat, B_cat = stack_A(lora_A), stack_B(lora_B)
+        # (U * S)^T V for dA_cat and dB_cat: the layer's backend's, else the automatic choice (cpp's C++ kernel on CPU)
+        tmm = dispatch.kernel(dispatch.select_backend(x.device, "lora_tmm", x.dtype, backend, fallback=True), "lora_tmm")
         dx = dW = db = dA = dB = dp = None
         if need_b and has_bias:
             db = dy.sum(0)
@@ -129,13 +131,13 @@ class PaLoRALinearFunction(torch.autograd.Function):
                 dW = dy.t() @ x
             if need_A:
                 if drop is None:
-                    dA = row_scaled_tmm(dg, x, pref, rows_per_sample, rank, scale).view(T, rank, in_f)
+                    dA = tmm(dg, x, pref, rows_per_sample, rank, scale).view(T, rank, in_f)
                 else:   # the mask regenerated: in-kernel (triton) or as an (N, in) temporary (torch)
                     dh = apply_row_scale(dg, pref, rows_per_sample, rank, scale)
                     name = dispatch.select_backend(x.device, "lora_dropout_dA", x.dtype, backend, fallback=True)
                     dA = dispatch.kernel(name, "lora_dropout_dA")(dh, x, *drop).view(T, rank, in_f)
         if need_B:
-            dB = unstack_B(row_scaled_tmm(h, dy, pref, rows_per_sample, rank, scale).t(), T)
+            dB = unstack_B(tmm(h, dy, pref, rows_per_sample, rank, scale).t(), T)
         if need_p:
             acc = acc_dtype(x.dtype)
             if acc != x.dtype:

@@ -9,6 +9,7 @@ RECORD = Backend(
              "lora_conv2d": "palora_kernels.backends.torch.kernels:lora_conv2d",
              "loralib_conv2d": "palora_kernels.backends.torch.kernels:loralib_conv2d",
              "pref_grad": "palora_kernels._math:pref_grad",
+             "lora_tmm": "palora_kernels._math:row_scaled_tmm",
              "mtlora_mm": "palora_kernels.backends.torch.mtlora:mtlora_mm",
              "mtlora_mm_dgrad": "palora_kernels.backends.torch.mtlora:mtlora_mm_dgrad",
              "lora_mm_dropout": "palora_kernels.backends.torch.kernels:lora_mm_dropout",

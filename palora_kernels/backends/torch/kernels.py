@@ -25,12 +25,19 @@ def _padded_cols(m: torch.Tensor, width: int) -> torch.Tensor:
     return out.t()
 
 
-def lora_mm(x, wm, bias, down, up, pref, rows_per_sample, scale):
-    """(y, H): y = x wm + bias + ((x down) * S) up, H = x down; see palora_kernels._ops."""
+def shrink(x, down, row_align):
+    """H = x down (N, R) into a buffer whose row stride is padded to ``row_align`` elements: a skinny GEMM
+    (R + padding columns, ~R/M of the base's flops)."""
+    R = down.shape[1]
+    return torch.mm(x, _padded_cols(down, -(-R // row_align) * row_align))[:, :R]
+
+
+def lora_mm(x, wm, bias, down, up, pref, rows_per_sample, scale, shrink=shrink, record=RECORD):
+    """(y, H): y = x wm + bias + ((x down) * S) up, H = x down; see palora_kernels._ops. ``shrink`` forms
+    H (the cpp backend passes its C++ kernel, with its own record's row alignment)."""
     R = down.shape[1]
     rank = R // pref.shape[1]
-    # H: a skinny GEMM (R + padding columns, ~R/M of the base's flops) into a 16-element row stride
-    h = torch.mm(x, _padded_cols(down, RECORD.h_row_stride(R)))[:, :R]
+    h = shrink(x, down, record.h_row_align)
     # y: its own GEMM, dense as nn.Linear returns it (a shared [y | H] buffer made dX a strided view
     # that AccumulateGrad copied: +16 MiB, 1.48x the plain layer's peak, N=4096, d=1024)
     y = torch.mm(x, wm) if bias is None else torch.addmm(bias, x, wm)

@@ -1,0 +1,141 @@
+"""The cpp backend's linear path: palora::lowrank_shrink / lowrank_tmm (AVX2 fp32 kernels, at::mm otherwise)
+against fp64, on the shapes that reach every tile and tail of the kernels, and PaLoRALinear on the cpp backend
+against the fp64 reference loop, output and every gradient."""
+import pytest
+import torch
+
+import palora_kernels as pk
+from conftest import assert_rel_close
+from _layers import fused_with_grads, make_linear, reference_with_grads
+from palora_kernels import _ext, dispatch
+
+pytestmark = pytest.mark.skipif(not _ext._C_AVAILABLE, reason=f"palora_kernels._C is not built: {_ext._C_ERROR}")
+ID = lambda t: t  # noqa: E731
+
+# N: the 4-row tiles and 1-3 tail rows, and the 16-row pack blocks; K: 8/16-column steps and 1-15 tail
+# columns; R: the 3- (shrink) and 6-wide (tmm) column groups and their 1-2 / 1-5 tails
+SHAPES = [(1, 1, 1), (3, 7, 2), (4, 8, 3), (5, 16, 6), (17, 33, 12), (33, 1024, 12), (64, 100, 7), (19, 47, 20),
+          (130, 257, 5), (0, 8, 3), (6, 0, 3)]
+
+
+def _rand(*shape, seed=0, dtype=torch.float32):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=["fp32", "fp64", "bf16"])
+@pytest.mark.parametrize("N,K,R", SHAPES, ids=lambda v: str(v))
+def test_shrink_matches_fp64(N, K, R, dtype):
+    x, m = _rand(N, K, seed=N + K, dtype=dtype), _rand(R, K, seed=R, dtype=dtype)
+    h = torch.ops.palora.lowrank_shrink(x, m, 16)
+    assert h.shape == (N, R) and h.dtype == dtype and (N <= 1 or h.stride() == (-(-R // 16) * 16, 1))
+    assert_rel_close(h, x.double() @ m.double().t(), dtype, "shrink")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=["fp32", "fp64", "bf16"])
+@pytest.mark.parametrize("N,K,R", SHAPES, ids=lambda v: str(v))
+def test_tmm_matches_fp64(N, K, R, dtype):
+    g, v = _rand(N, R, seed=R + 1, dtype=dtype), _rand(N, K, seed=N * K + 2, dtype=dtype)
+    out = torch.ops.palora.lowrank_tmm(g, v)
+    assert out.shape == (R, K) and out.dtype == dtype
+    assert_rel_close(out, g.double().t() @ v.double(), dtype, "tmm")
+
+
+def test_strided_rows_and_transposed_operands():
+    """Rows read in place at their own stride (a column slice of a wider tensor, an H with padded rows);
+    a transposed m (B_cat^T, as the backward passes it) and a transposed g take the general path."""
+    wide = _rand(37, 90, seed=1)
+    x, m = wide[:, 5:74], _rand(11, 69, seed=2)                       # ldx 90, K 69
+    assert_rel_close(torch.ops.palora.lowrank_shrink(x, m, 16), x.double() @ m.double().t(), torch.float32, "strided x")
+    mt = _rand(69, 11, seed=3).t()                                     # stride (1, 11)
+    assert_rel_close(torch.ops.palora.lowrank_shrink(x, mt, 16), x.double() @ mt.double().t(), torch.float32, "m^T")
+    g = _rand(37, 32, seed=4)[:, 3:14]                                 # ldg 32, R 11
+    assert_rel_close(torch.ops.palora.lowrank_tmm(g, x), g.double().t() @ x.double(), torch.float32, "strided g")
+    gt = _rand(11, 37, seed=5).t()
+    assert_rel_close(torch.ops.palora.lowrank_tmm(gt, x), gt.double().t() @ x.double(), torch.float32, "g^T")
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_tmm_is_deterministic_for_a_thread_count(threads):
+    """One fp32 partial per thread, summed in thread order: the same bits on every call."""
+    g, v = _rand(1000, 12, seed=6), _rand(1000, 300, seed=7)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        a, b = torch.ops.palora.lowrank_tmm(g, v), torch.ops.palora.lowrank_tmm(g, v)
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(a, b)
+    assert_rel_close(a, g.double().t() @ v.double(), torch.float32, "tmm")
+
+
+def test_errors_name_the_argument():
+    x = torch.randn(4, 8)
+    for call, match in ((lambda: torch.ops.palora.lowrank_shrink(x, torch.randn(3, 7), 16), r"m must be \(R, 8\)"),
+                        (lambda: torch.ops.palora.lowrank_shrink(x[0], torch.randn(3, 8), 16), r"x must be 2-D"),
+                        (lambda: torch.ops.palora.lowrank_shrink(x, torch.randn(3, 8).double(), 16), r"m must be"),
+                        (lambda: torch.ops.palora.lowrank_shrink(x, torch.randn(3, 8), 0), r"row_align must be >= 1"),
+                        (lambda: torch.ops.palora.lowrank_tmm(torch.randn(5, 3), x), r"g must be \(4, R\)")):
+        with pytest.raises(RuntimeError, match=match):
+            call()
+
+
+def test_cpp_is_the_automatic_choice_for_the_linear_ops_on_cpu():
+    for dt in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+        assert dispatch.select_backend(torch.device("cpu"), "lora_mm", dt) == "cpp"
+        assert dispatch.select_backend(torch.device("cpu"), "lora_tmm", dt) == "cpp"
+    # the conv ops are torch's: cpp has no kernel for them
+    assert dispatch.select_backend(torch.device("cpu"), "lora_conv2d", torch.float32) == "torch"
+    with pytest.raises(RuntimeError, match="it has no kernel for op 'lora_conv2d'"):
+        dispatch.select_backend(torch.device("cpu"), "lora_conv2d", torch.float32, "cpp")
+
+
+def _layer_case(in_f, out_f, T, r, B, L, pref_kind, dtype, seed):
+    layer = make_linear(in_f, out_f, T, r, seed=seed).to(dtype)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, L, in_f, generator=g).to(dtype)
+    p = torch.rand(T, generator=g) if pref_kind == "batch" else torch.rand(B, T, generator=g)
+    return layer, x, p.to(dtype)
+
+
+# in_f/out_f past the 16-column tiles with tails; R = T*r from 1 to 20
+LAYERS = [(67, 45, 3, 4, 5, 7), (16, 32, 1, 1, 2, 3), (130, 33, 4, 5, 3, 11), (24, 17, 2, 3, 1, 1)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("pref_kind", ["batch", "sample"])
+@pytest.mark.parametrize("shape", LAYERS, ids=lambda s: "i{}o{}T{}r{}B{}L{}".format(*s))
+def test_layer_on_cpp_matches_fp64_reference(shape, pref_kind, dtype):
+    layer, x, p = _layer_case(*shape, pref_kind, dtype, seed=sum(shape))
+    with pk.use_backend("cpp"):
+        y, grads = fused_with_grads(layer, x, ID, p, ID)
+    y_ref, g_ref = reference_with_grads(layer, x, ID, p, ID)
+    assert_rel_close(y, y_ref, dtype, "output")
+    for name in ("x", "weight", "bias", "lora_A", "lora_B", "preference"):
+        assert_rel_close(grads[name], g_ref[name], dtype, f"grad {name}")
+
+
+def test_layer_on_cpp_runs_the_cpp_kernels(monkeypatch):
+    """The cpp backend's forward and backward call lowrank_shrink (H, dG) and lowrank_tmm (dA, dB)."""
+    calls = []
+    from palora_kernels.backends import cpp
+    for name in ("_shrink", "_tmm"):
+        fn = getattr(cpp, name)
+        monkeypatch.setattr(cpp, name, lambda *a, _fn=fn, _n=name: calls.append(_n) or _fn(*a))
+    dispatch.clear_cache()
+    layer, x, p = _layer_case(40, 24, 3, 2, 4, 5, "sample", torch.float32, seed=0)
+    with pk.use_backend("cpp"):
+        fused_with_grads(layer, x, ID, p, ID)
+    dispatch.clear_cache()
+    assert calls.count("_shrink") == 2 and calls.count("_tmm") == 2, calls
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")], ids=["inf", "nan"])
+def test_non_finite_values_propagate_like_the_fp64_product(bad):
+    """Inf/NaN in a row of x (in the 8-wide body and in the tail columns) give the fp64 GEMM's pattern."""
+    x, m, g = _rand(9, 43, seed=8), _rand(5, 43, seed=9), _rand(9, 5, seed=10)
+    x[2, 3], x[6, 41] = bad, -bad
+    for got, want in ((torch.ops.palora.lowrank_shrink(x, m, 16), x.double() @ m.double().t()),
+                      (torch.ops.palora.lowrank_tmm(g, x), g.double().t() @ x.double())):
+        assert torch.equal(torch.isnan(got), torch.isnan(want)) and torch.equal(torch.isinf(got), torch.isinf(want))
+        fin = torch.isfinite(want)
+        assert_rel_close(got[fin], want[fin], torch.float32, "finite entries")
