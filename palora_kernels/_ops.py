@@ -411,6 +411,16 @@ def _check_layout(op: str, backend: str, got, like, names=("y", "H")) -> None:
 
 def _register_cpp_fakes() -> None:
     """Fake implementations for the ops that the C++ extension defines (when it is built)."""
+    if hasattr(torch.ops.palora, "lowrank_shrink"):
+        @torch.library.register_fake("palora::lowrank_shrink")
+        def _(x, m, row_align):
+            ld = -(-max(m.shape[0], 1) // row_align) * row_align
+            return x.new_empty(x.shape[0], ld)[:, :m.shape[0]]
+
+        @torch.library.register_fake("palora::lowrank_tmm")
+        def _(g, v):
+            return v.new_empty(g.shape[1], v.shape[1])
+
     if hasattr(torch.ops.palora, "pref_grad"):
         @torch.library.register_fake("palora::pref_grad")
         def _(h, dg, pref, rows_per_sample, rank, scale):

@@ -87,6 +87,13 @@ def requested_backend(explicit: Optional[str] = None) -> Optional[str]:
     return _check_name(env, "PALORA_BACKEND") if env else None
 
 
+def _debug(*args) -> None:
+    """log.debug, except while torch.compile traces: a logging call there is a graph break (fullgraph=True
+    fails on it, e.g. a Triton layer's backward asking for the lora_tmm it lacks)."""
+    if not torch.compiler.is_compiling():
+        log.debug(*args)
+
+
 def select_backend(device, op: str = "lora_mm", dtype: torch.dtype = torch.float32,
                    explicit: Optional[str] = None, *, fallback: bool = False) -> str:
     """The backend that runs ``op`` on ``dtype`` tensors living on ``device``.
@@ -105,13 +112,13 @@ def select_backend(device, op: str = "lora_mm", dtype: torch.dtype = torch.float
         if not fallback:
             raise RuntimeError(f"backend {want!r} was requested for op {op!r} on {device} "
                                f"({str(dtype).replace('torch.', '')}) but cannot run it: {reason}")
-        log.debug("palora: requested backend %s cannot run %s: %s", want, op, reason)
+        _debug("palora: requested backend %s cannot run %s: %s", want, op, reason)
     for name in sorted((n for n, r in RECORDS.items() if r.automatic_on(device)),
                        key=lambda n: RECORDS[n].priority):
         reason = why_not(name, device, op, dtype)
         if reason is None:
             return name
-        log.debug("palora: backend %s skipped for %s on %s: %s", name, op, device, reason)
+        _debug("palora: backend %s skipped for %s on %s: %s", name, op, device, reason)
     raise RuntimeError(f"no backend runs op {op!r} on {device} ({dtype})")
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import sys
 from typing import Callable, FrozenSet, Mapping, Optional
 
 import torch
@@ -15,9 +16,11 @@ HALF_AND_FP32 = frozenset({torch.float16, torch.bfloat16, torch.float32})
 
 
 def load(target: str) -> Callable:
-    """'package.module:function' -> the function (imports the module on first use)."""
+    """'package.module:function' -> the function (imports the module on first use; a module already imported
+    is taken from sys.modules, which torch.compile can trace where it refuses importlib)."""
     module, _, attr = target.partition(":")
-    return getattr(importlib.import_module(module), attr)
+    mod = sys.modules.get(module)
+    return getattr(mod if mod is not None else importlib.import_module(module), attr)
 
 
 @dataclasses.dataclass(frozen=True)
