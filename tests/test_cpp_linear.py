@@ -66,6 +66,8 @@ def test_tmm_is_deterministic_for_a_thread_count(threads):
         torch.set_num_threads(old)
     assert torch.equal(a, b)
     assert_rel_close(a, g.double().t() @ v.double(), torch.float32, "tmm")
+    # its own storage: a view of the per-thread partials would keep them all alive as a parameter's .grad
+    assert a.untyped_storage().nbytes() == a.numel() * a.element_size()
 
 
 def test_errors_name_the_argument():

@@ -216,8 +216,9 @@ at::Tensor lowrank_tmm_cpu(const at::Tensor& g, const at::Tensor& v) {
     tmm_f32(gp, ldg, vp, ldv, K, R, pp + at::get_thread_num() * R * K, n0, n1);
   });
   if (nt == 1) return part.select(0, 0);
-  auto out = part.select(0, 0);
-  for (int t = 1; t < nt; ++t) out.add_(part.select(0, t));
+  // a fresh (R, K) result: a view of `part` would keep all nt partials alive as the parameter's .grad
+  auto out = part.select(0, 0).add(part.select(0, 1));
+  for (int t = 2; t < nt; ++t) out.add_(part.select(0, t));
   return out;
 #else
   TORCH_CHECK(false, "unreachable");
