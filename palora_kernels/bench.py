@@ -8,7 +8,8 @@ imports the same setup factory, :func:`make_step`.
 Providers
     base     the plain layer (F.linear / F.conv2d), no adapters
     unfused  the loop over adapters (palora_kernels.reference): what PaLoRA's code and PEFT run
-    fused    the dispatched path: automatic backend choice, select_backend(device, op, dtype) ("torch" on CPU)
+    fused    the dispatched path: automatic backend choice, select_backend(device, op, dtype) ("cpp" for the linear op on CPU when
+             the extension is built, "torch" for the conv ops)
     merged   per-batch preference only: W_eff = W + s B_cat diag(p) A_cat, then one plain
              GEMM/conv. The merge runs inside every step (it is part of the graph, so fwd+bwd
              trains W, A, B through it); it costs out*in*R flops, 0.3% of the linear case.
