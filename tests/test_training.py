@@ -350,3 +350,13 @@ def test_weight_ensemble_mixes_the_copies():
     assert m0.heads[1][0].weight.grad.abs().max() == 0 and m0.heads[0][0].weight.grad.abs().max() > 0
     assert m1.heads[0][0].weight.grad.abs().max() == 0 and m1.heads[1][0].weight.grad.abs().max() > 0
     assert task.shape == (2, 2)
+
+
+def test_convergence_title_names_the_compared_samplers():
+    from multidigits.plot import convergence_title
+    cfg = {"data": "hard", "preset": "tuned", "seed": 0, "rays": 1}
+    title = convergence_title({"config": cfg, "convergence": {"dirichlet": [], "random": []}})
+    assert "annealed Dirichlet rays vs random rays" in title and "deterministic" not in title
+    assert "1 ray(s) per step" in title
+    title = convergence_title({"config": {**cfg, "rays": 5}, "convergence": {"annealed": [], "random": []}})
+    assert "deterministic annealed schedule vs random rays" in title and "5 ray(s)" in title

@@ -81,6 +81,18 @@ def plot_front(result: dict, path: str) -> None:
     plt.close(fig)
 
 
+SAMPLER_NAMES = {"annealed": "deterministic annealed schedule", "dirichlet": "annealed Dirichlet rays",
+                 "random": "random rays"}
+
+
+def convergence_title(result: dict) -> str:
+    """The convergence figure's title, naming the samplers that were actually compared."""
+    c = result["config"]
+    compared = " vs ".join(SAMPLER_NAMES.get(name, name) for name in result["convergence"])
+    return (f"PaLoRA on MultiDigits ({c['data']}), preset {c['preset']}, seed {c['seed']}, "
+            f"{c['rays']} ray(s) per step: {compared}")
+
+
 def plot_convergence(result: dict, path: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -96,8 +108,6 @@ def plot_convergence(result: dict, path: str) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         _ticks(ax)
-    c = result["config"]
-    fig.suptitle(f"PaLoRA on MultiDigits ({c['data']}), preset {c['preset']}, seed {c['seed']}: "
-                 f"deterministic annealed schedule vs random rays", fontsize=10)
+    fig.suptitle(convergence_title(result), fontsize=10)
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
