@@ -103,10 +103,18 @@ def _layer_case(in_f, out_f, T, r, B, L, pref_kind, dtype, seed):
 LAYERS = [(67, 45, 3, 4, 5, 7), (16, 32, 1, 1, 2, 3), (130, 33, 4, 5, 3, 11), (24, 17, 2, 3, 1, 1)]
 
 
+@pytest.fixture
+def kernels_at_any_size(monkeypatch):
+    """The C++ kernels on these small shapes too (the backend uses them from 2^18 elements of x)."""
+    from palora_kernels.backends import cpp
+    monkeypatch.setattr(cpp, "FAST_MIN_ELEMENTS", 0)
+    monkeypatch.setattr(cpp, "FAST_MAX_R", 10 ** 9)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("pref_kind", ["batch", "sample"])
 @pytest.mark.parametrize("shape", LAYERS, ids=lambda s: "i{}o{}T{}r{}B{}L{}".format(*s))
-def test_layer_on_cpp_matches_fp64_reference(shape, pref_kind, dtype):
+def test_layer_on_cpp_matches_fp64_reference(shape, pref_kind, dtype, kernels_at_any_size):
     layer, x, p = _layer_case(*shape, pref_kind, dtype, seed=sum(shape))
     with pk.use_backend("cpp"):
         y, grads = fused_with_grads(layer, x, ID, p, ID)
@@ -116,19 +124,37 @@ def test_layer_on_cpp_matches_fp64_reference(shape, pref_kind, dtype):
         assert_rel_close(grads[name], g_ref[name], dtype, f"grad {name}")
 
 
-def test_layer_on_cpp_runs_the_cpp_kernels(monkeypatch):
-    """The cpp backend's forward and backward call lowrank_shrink (H, dG) and lowrank_tmm (dA, dB)."""
-    calls = []
+@pytest.mark.parametrize("big", [True, False], ids=["past-crossover", "below-crossover"])
+def test_layer_on_cpp_runs_the_cpp_kernels_past_the_crossover(monkeypatch, big):
+    """The cpp backend's forward and backward call the C++ ops for H, dG, dA and dB where x has >= 2^18 elements
+    and R <= 24, and none below (there the torch backend's ops run)."""
     from palora_kernels.backends import cpp
-    for name in ("_shrink", "_tmm"):
-        fn = getattr(cpp, name)
-        monkeypatch.setattr(cpp, name, lambda *a, _fn=fn, _n=name: calls.append(_n) or _fn(*a))
-    dispatch.clear_cache()
-    layer, x, p = _layer_case(40, 24, 3, 2, 4, 5, "sample", torch.float32, seed=0)
+    calls = []
+
+    class Ops:                                      # stands in for torch.ops.palora inside cpp.py
+        def __getattr__(self, name):
+            fn = getattr(torch.ops.palora, name)
+            return lambda *a: calls.append(name) or fn(*a)
+    monkeypatch.setattr(cpp, "torch", type("T", (), {"ops": type("O", (), {"palora": Ops()})()}))
+    in_f = 1024 if big else 40
+    layer, x, p = _layer_case(in_f, 24, 3, 2, 4, 64, "sample", torch.float32, seed=0)   # 256 rows
     with pk.use_backend("cpp"):
         fused_with_grads(layer, x, ID, p, ID)
-    dispatch.clear_cache()
-    assert calls.count("_shrink") == 2 and calls.count("_tmm") == 2, calls
+    # H (forward) and dA (backward) read x: 256 x 1024 = 2^18 elements; dG and dB read dY (256 x 24): never
+    want = {"lowrank_shrink": 1, "lowrank_tmm": 1} if big else {}
+    assert {n: calls.count(n) for n in set(calls) if n.startswith("lowrank")} == want, calls
+
+
+def test_below_the_crossover_cpp_is_bitwise_torch():
+    """Small layers (the MultiLeNet's) give the torch backend's bits on cpp: training results do not move."""
+    layer, x, p = _layer_case(50, 30, 2, 4, 8, 16, "sample", torch.float32, seed=3)
+    out = {}
+    for name in ("torch", "cpp"):
+        with pk.use_backend(name):
+            out[name] = fused_with_grads(layer, x, ID, p, ID)
+    assert torch.equal(out["torch"][0], out["cpp"][0])
+    for g in out["torch"][1]:
+        assert torch.equal(out["torch"][1][g], out["cpp"][1][g]), g
 
 
 @pytest.mark.parametrize("bad", [float("inf"), float("nan")], ids=["inf", "nan"])

@@ -4,6 +4,7 @@ it has when the extension is built.
     lora_mm    the torch backend's stacked form (the base and expand GEMMs stay MKL's) with H = x A_cat^T
                from palora::lowrank_shrink, an AVX2 kernel for the skinny GEMM (R columns)
     lora_tmm   dA_cat = dH^T x and dB_cat^T = (H S)^T dY from palora::lowrank_tmm
+               (both only where they beat MKL: FAST_MIN_ELEMENTS, FAST_MAX_R below; elsewhere torch's ops)
     pref_grad  the preference's gradient in one pass over H and dG, no (N, R) product temporary
 
 The skinny products are where MKL is slow: 40-50 % of its square-GEMM speed at R = 12 (csrc/cpu/lowrank_ops.cpp),
@@ -41,11 +42,28 @@ RECORD = Backend(
 )
 
 
+# Where the C++ kernels beat MKL (fp32, 2 threads, per op): from 2^18 elements of x (1024 x 512: 0.70x / 0.73x the
+# time; 4096 x 1024: 0.52x / 0.65x) at R <= 24 (R = 32: tmm 1.07x; 48: 1.05x). Below (512 x 128: shrink 1.22x,
+# 256 x 50: 1.67x) the thread fan-out costs more than it saves. Outside that range the ops are the torch
+# backend's, bit for bit, so small layers (the MultiLeNet's) train exactly as on torch.
+FAST_MIN_ELEMENTS = 1 << 18
+FAST_MAX_R = 24
+
+
+def _fast(rows: int, cols: int, R: int) -> bool:
+    return rows * cols >= FAST_MIN_ELEMENTS and R <= FAST_MAX_R
+
+
 def _shrink(x, down, row_align):
+    if not _fast(x.shape[0], x.shape[1], down.shape[1]):
+        from .torch.kernels import shrink
+        return shrink(x, down, row_align)
     return torch.ops.palora.lowrank_shrink(x, down.t(), row_align)
 
 
 def _tmm(a, b):
+    if not _fast(b.shape[0], b.shape[1], a.shape[1]):
+        return a.t() @ b
     return torch.ops.palora.lowrank_tmm(a, b)
 
 
