@@ -325,6 +325,33 @@ def test_loss_balancer_weights():
     torch.testing.assert_close(w, torch.tensor([0.25, 0.75], dtype=torch.float64))   # 1 - 3/4, 1 - 1/4
 
 
+@pytest.mark.parametrize("stacked", [True, False], ids=["stacked", "loop"])
+def test_loss_balancing_weights_the_losses_not_the_preference(stacked):
+    # Hand-made two-task example: running losses (3, 1) give w = (1/4, 3/4), the larger loss the
+    # smaller weight (the reference's rule). The LB loss of a step is sum_m sum_t w_t lambda_mt L_mt
+    # with L at the UNSCALED ray lambda_m: the network must not run at lambda * w (the old code
+    # passed rays * w as the preference too, shrinking the adapters during training only).
+    from multidigits.training import palora_loss, per_sample_task_losses
+    rays = torch.tensor([[1.0, 0.0], [0.3, 0.7]], dtype=torch.float64)
+    loss_fn = palora_loss(lambda step, dtype, device: rays.to(dtype=dtype, device=device), stacked=stacked,
+                          balance="lb", num_tasks=2)
+    for _ in range(loss_fn.balancer.window + 2):
+        loss_fn.balancer.update(torch.tensor([3.0, 1.0]))
+    w = loss_fn.balancer.weights
+    torch.testing.assert_close(w, torch.tensor([0.25, 0.75], dtype=torch.float64))
+    m = _model(2, False, dtype=torch.float64)
+    x, y = _batch(2)
+    x = x.double()
+    loss, task = loss_fn(m, x, y, 0)
+    expected = 0.0
+    for k, ray in enumerate(rays):
+        with palora_kernels.preference(m, ray):
+            L = per_sample_task_losses(m(x), y).mean(0).detach()
+        torch.testing.assert_close(task[k], L)
+        expected = expected + (w * ray * L).sum()
+    torch.testing.assert_close(loss.detach(), expected)
+
+
 def test_weight_ensemble_mixes_the_copies():
     from multidigits.training import WeightEnsemble, ensemble_loss
     torch.manual_seed(0)

@@ -31,9 +31,18 @@ def per_sample_task_losses(logits: list, labels: torch.Tensor) -> torch.Tensor:
     return torch.stack([F.cross_entropy(lg, labels[:, t], reduction="none") for t, lg in enumerate(logits)], 1)
 
 
-def ray_loss_stacked(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, rays: torch.Tensor):
+def _loss_coefs(rays: torch.Tensor, loss_weights: Optional[torch.Tensor], dtype) -> torch.Tensor:
+    """The factors of the task losses in the scalarised loss: lambda_t, times w_t if given."""
+    c = rays.to(dtype)
+    return c if loss_weights is None else c * loss_weights.to(dtype=dtype, device=c.device)
+
+
+def ray_loss_stacked(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, rays: torch.Tensor,
+                     loss_weights: Optional[torch.Tensor] = None):
     """All M rays in one pass. x: (B, ...), labels: (B, T), rays: (M, T).
-    Returns (summed scalarised loss, per-ray task losses (M, T) detached)."""
+    loss_weights (T,): extra constant factors on the task losses only (loss balancing); the
+    network still runs at ``rays``. Returns (summed scalarised loss, per-ray task losses (M, T)
+    detached)."""
     M, T = rays.shape
     B = x.shape[0]
     xs = x.repeat(M, *([1] * (x.dim() - 1)))
@@ -41,16 +50,18 @@ def ray_loss_stacked(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, ra
     with palora_kernels.preference(model, pref), ray_groups(model, M):
         losses = per_sample_task_losses(model(xs), labels.repeat(M, 1))    # (M*B, T)
     task = losses.view(M, B, T).mean(dim=1)                                # (M, T)
-    return (rays.to(task.dtype) * task).sum(), task.detach()
+    return (_loss_coefs(rays, loss_weights, task.dtype) * task).sum(), task.detach()
 
 
-def ray_loss_loop(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, rays: torch.Tensor):
-    """The PaLoRA reference: one pass per ray, same return values as :func:`ray_loss_stacked`."""
+def ray_loss_loop(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, rays: torch.Tensor,
+                  loss_weights: Optional[torch.Tensor] = None):
+    """The PaLoRA reference: one pass per ray, same arguments and return values as
+    :func:`ray_loss_stacked`."""
     total, tasks = 0.0, []
     for ray in rays:
         with palora_kernels.preference(model, ray.to(x.dtype)):
             task = per_sample_task_losses(model(x), labels).mean(dim=0)   # (T,)
-        total = total + (ray.to(task.dtype) * task).sum()
+        total = total + (_loss_coefs(ray, loss_weights, task.dtype) * task).sum()
         tasks.append(task.detach())
     return total, torch.stack(tasks)
 
@@ -66,11 +77,19 @@ def weighted_loss(weights: torch.Tensor, tasks: Optional[list] = None):
 
 
 class LossBalancer:
-    """PaLoRA's loss balancing (LB), as the reference behaves: keep the mean task losses of the last
+    """PaLoRA's loss balancing (LB), the rule of the reference code (nik-dim/palora,
+    src/callbacks/methods/palora.py, class PaLoRA_LB): keep the mean task losses of the last
     ``window`` steps; once more than ``window`` steps have been seen, task t's loss is multiplied by
-    w_t = 1 - mean_t / sum_k mean_k (so, with 2 tasks, each task is weighted by the OTHER task's
-    share of the running loss: the task that is already low is not left behind). Before that w = 1.
-    The reference pushes the losses once per ray pass; here once per step (mean over the M rays)."""
+    w_t = 1 - mean_t / sum_k mean_k. Before that w = 1.
+
+    This is a loss-SCALE equaliser, not a catch-up rule: the task with the larger running loss gets
+    the SMALLER weight. With 2 tasks w_1 = m_2 / (m_1 + m_2) and w_2 = m_1 / (m_1 + m_2), so both
+    weighted losses w_t m_t equal m_1 m_2 / (m_1 + m_2): neither task dominates the sum by the size
+    of its loss, and a task that is behind (higher loss) is not pushed harder.
+    The weights multiply the losses only, never the preference the network runs at (see
+    :func:`palora_loss`). The reference pushes the losses once per ray pass and weights a pass with a
+    window that includes it; here the push is once per step (mean over the M rays) and a step is
+    weighted with the window of the steps before it."""
 
     def __init__(self, num_tasks: int, window: int = 25):
         if window < 1:
@@ -134,12 +153,13 @@ def palora_loss(sampler, stacked: bool = True, balance: str = "none", num_tasks:
             return ray_loss_gradient_balanced(model, x, labels, rays)
         if balancer is None:
             return step_fn(model, x, labels, rays)
-        # LB: the weights come from past steps' losses, so scaling the rays by them is exact
-        # (w is a constant in this step's graph); the current losses are pushed after the pass
-        w = balancer.weights.to(dtype=x.dtype, device=x.device)
-        loss, task = step_fn(model, x, labels, rays * w)
+        # LB: the weights multiply the task LOSSES only; the network runs at the unscaled rays, as in
+        # the reference (its forward takes the ray, its LB loss is sum_t w_t lambda_t L_t). They come
+        # from past steps' losses (constants in this step's graph); this step's are pushed after.
+        loss, task = step_fn(model, x, labels, rays, loss_weights=balancer.weights)
         balancer.update(task.mean(0))
         return loss, task
+    loss_fn.balancer = balancer
     return loss_fn
 
 
