@@ -54,12 +54,21 @@ def _check_name(name: str, source: str) -> str:
 def why_not(name: str, device: torch.device, op: str, dtype: torch.dtype) -> Optional[str]:
     """Why backend ``name`` cannot run ``op`` on ``dtype`` tensors on ``device`` (None if it can)."""
     key = (name, device, op, dtype)
-    if key not in _why_not:
-        try:
-            _why_not[key] = RECORDS[name].why_not(device, op, dtype)
-        except Exception as exc:  # a failed import or extension load is a reason, not a crash
-            _why_not[key] = f"its availability check failed: {type(exc).__name__}: {exc}"
-    return _why_not[key]
+    if key in _why_not:
+        return _why_not[key]
+    try:
+        reason = RECORDS[name].why_not(device, op, dtype)
+    except Exception as exc:  # a failed import or extension load is a reason, not a crash
+        reason = f"its availability check failed: {type(exc).__name__}: {exc}"
+    return _remember(_why_not, key, reason)
+
+
+def _remember(cache: dict, key, value):
+    """cache[key] = value, except while torch.compile traces: Dynamo refuses a write to a global inside an
+    autograd.Function (a layer's backward asking for a helper op the first time); the next eager call caches."""
+    if not torch.compiler.is_compiling():
+        cache[key] = value
+    return value
 
 
 @contextlib.contextmanager
@@ -131,7 +140,7 @@ def kernel(backend: str, op: str) -> Callable:
         if op not in rec.kernels:
             raise NotImplementedError(f"backend {backend!r} has no kernel for op {op!r} "
                                       f"(it runs: {', '.join(sorted(rec.kernels))})")
-        fn = _kernels[key] = load(rec.kernels[op])
+        fn = _remember(_kernels, key, load(rec.kernels[op]))
     return fn
 
 

@@ -187,9 +187,6 @@ def palora_linear(x, weight, bias, lora_A, lora_B, preference, scale: float, *,
         # bias for in = 0, empty for N = 0) and zero gradients, on every backend
         y = linear_composite(x2, weight, lora_A, lora_B, pref.to(x.dtype), L, float(scale), drop)
         return (y if bias is None else y + bias).reshape(*lead, weight.shape[0])
-    # the backward's lora_tmm (dA_cat, dB_cat) resolved here: inside the Function the first lookup (an import
-    # and a cache write) would break torch.compile's trace of the backward; there it is then a cache hit
-    dispatch.kernel(dispatch.select_backend(x.device, "lora_tmm", x.dtype, name, fallback=True), "lora_tmm")
     y = PaLoRALinearFunction.apply(x2, weight, bias, lora_A, lora_B, pref, L, float(scale), name, drop)
     return y.reshape(*lead, weight.shape[0])
 
