@@ -102,8 +102,6 @@ class PaLoRALinearFunction(torch.autograd.Function):
             return dx, dW, db, dA, dB, dp, None, None, None, None
         T, rank, in_f = lora_A.shape
         A_cat, B_cat = stack_A(lora_A), stack_B(lora_B)
-        # (U * S)^T V for dA_cat and dB_cat: the layer's backend's, else the automatic choice (cpp's C++ kernel on CPU)
-        tmm = dispatch.kernel(dispatch.select_backend(x.device, "lora_tmm", x.dtype, backend, fallback=True), "lora_tmm")
         dx = dW = db = dA = dB = dp = None
         if need_b and has_bias:
             db = dy.sum(0)
@@ -118,6 +116,8 @@ class PaLoRALinearFunction(torch.autograd.Function):
             dA = None if dA is None else dA.view(T, rank, in_f)
             dB = None if dB is None else unstack_B(dB, T)
             return dx, (dW if need_w else None), db, dA, dB, dp, None, None, None, None
+        # (U * S)^T V for dA_cat and dB_cat: the layer's backend's, else the automatic choice (cpp's C++ kernel on CPU)
+        tmm = dispatch.kernel(dispatch.select_backend(x.device, "lora_tmm", x.dtype, backend, fallback=True), "lora_tmm")
         if need_x:
             dx, dg = _ops.lora_mm(dy, weight, None, B_cat, A_cat, pref, rows_per_sample, scale, backend,
                                   *((*drop, True) if drop else ()))
