@@ -108,7 +108,7 @@ def _scale_grad(dys, dg, h, x, xs, A, B, ranks, groups, s2t, p, seed, offset) ->
                             for g in range(groups) for a in range(T1)]).view(groups, T1)
     f = torch.float32
     ds = torch.zeros(groups, T1, dtype=f, device=dg.device)
-    dy0 = (sum(d.to(f) for d in dys) if s2t else dys[0].to(f))   # the shared adapter feeds every output (matrixv2)
+    xsf = [t.to(f) for t in xs]      # each task input converted once, not once per group
     for g in range(groups):
         rows = slice(g * Mg, (g + 1) * Mg)
         xg = mtlora_dropped(x, g, p, seed, offset).to(f)   # adapters reading x read group g's dropped x
@@ -116,9 +116,10 @@ def _scale_grad(dys, dg, h, x, xs, A, B, ranks, groups, s2t, p, seed, offset) ->
             if ranks[a] == 0:
                 continue
             cols = slice(g * R + offs[a], g * R + offs[a + 1])
-            xa = xs[a - 1].to(f) if (a and xs) else xg
-            dsum = dy0 if a == 0 else dys[a].to(f)
-            ds[g, a] = ((xa @ A[cols].to(f).t()) * (dsum[:, rows] @ B[rows, offs[a]:offs[a + 1]].to(f))).sum()
+            xa = xsf[a - 1] if (a and xs) else xg
+            # group g's columns of the output gradient, converted here: every element once over the loops
+            dsum = sum(d[:, rows].to(f) for d in dys) if (a == 0 and s2t) else dys[a][:, rows].to(f)
+            ds[g, a] = ((xa @ A[cols].to(f).t()) * (dsum @ B[rows, offs[a]:offs[a + 1]].to(f))).sum()
     return ds
 
 
