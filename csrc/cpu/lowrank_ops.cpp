@@ -17,6 +17,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <utility>
 #include <vector>
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -156,21 +157,24 @@ bool fast_path(const at::Tensor& a, const at::Tensor& b) {
          b.scalar_type() == at::kFloat && a.stride(1) == 1 && b.stride(1) == 1;
 }
 
-void check_2d(const char* op, const char* name, const at::Tensor& t) {
-  TORCH_CHECK(t.dim() == 2, op, ": ", name, " must be 2-D, got ", t.dim(), "-D ", t.sizes());
-  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got ", t.device());
+// a and b: 2-D CPU tensors of one dtype that share the size of a's dim `da` as b's dim `db` (0 or 1)
+void check_operands(const char* op, const char* an, const at::Tensor& a, int da, const char* bn,
+                    const at::Tensor& b, int db) {
+  for (auto [name, t] : {std::pair<const char*, const at::Tensor&>{an, a}, {bn, b}}) {
+    TORCH_CHECK(t.dim() == 2, op, ": ", name, " must be 2-D, got ", t.dim(), "-D ", t.sizes());
+    TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got ", t.device());
+  }
+  TORCH_CHECK(b.size(db) == a.size(da), op, ": ", bn, " must be ", db == 1 ? "(R, " : "(", a.size(da),
+              db == 1 ? ")" : ", R)", " to match ", an, " ", a.sizes(), ", got ", b.sizes());
+  TORCH_CHECK(b.scalar_type() == a.scalar_type(), op, ": ", bn, " must be ", a.scalar_type(), " like ", an,
+              ", got ", b.scalar_type());
 }
 
 int64_t round_up(int64_t v, int64_t a) { return (v + a - 1) / a * a; }
 
 // (N, R) view of an (N, round_up(R, row_align)) buffer: H's row stride is padded like the other backends' (_ops)
 at::Tensor lowrank_shrink_cpu(const at::Tensor& x, const at::Tensor& m, int64_t row_align) {
-  check_2d("lowrank_shrink", "x", x);
-  check_2d("lowrank_shrink", "m", m);
-  TORCH_CHECK(m.size(1) == x.size(1), "lowrank_shrink: m must be (R, ", x.size(1), ") to match x ", x.sizes(),
-              ", got ", m.sizes());
-  TORCH_CHECK(m.scalar_type() == x.scalar_type(), "lowrank_shrink: m must be ", x.scalar_type(), " like x, got ",
-              m.scalar_type());
+  check_operands("lowrank_shrink", "x", x, 1, "m", m, 1);
   TORCH_CHECK(row_align >= 1, "lowrank_shrink: row_align must be >= 1, got ", row_align);
   const int64_t N = x.size(0), K = x.size(1), R = m.size(0), ld = round_up(std::max<int64_t>(R, 1), row_align);
   auto mc = m.contiguous();                          // (R, K): small; B_cat^T arrives transposed
@@ -195,12 +199,7 @@ at::Tensor lowrank_shrink_cpu(const at::Tensor& x, const at::Tensor& m, int64_t 
 }
 
 at::Tensor lowrank_tmm_cpu(const at::Tensor& g, const at::Tensor& v) {
-  check_2d("lowrank_tmm", "g", g);
-  check_2d("lowrank_tmm", "v", v);
-  TORCH_CHECK(g.size(0) == v.size(0), "lowrank_tmm: g must be (", v.size(0), ", R) to match v ", v.sizes(),
-              ", got ", g.sizes());
-  TORCH_CHECK(g.scalar_type() == v.scalar_type(), "lowrank_tmm: g must be ", v.scalar_type(), " like v, got ",
-              g.scalar_type());
+  check_operands("lowrank_tmm", "v", v, 0, "g", g, 0);
   const int64_t N = v.size(0), K = v.size(1), R = g.size(1);
   if (!fast_path(g, v) || N == 0 || R == 0 || K == 0) return at::mm(g.t(), v);
 #if PALORA_LOWRANK_AVX2
