@@ -468,8 +468,9 @@ def mtlora_mm_sim(x, xs, weight, bias, A, B, ranks, scales, groups, shared_to_ta
 
 def mtlora_mm_dgrad_sim(dys, dbase, weight, A, B, ranks, col_scales, groups, shared_to_tasks, need_x, n_xs, p=0.0,
                         seed=0, offset=0, lib=None, verify=True):
-    """(dX, dXs, dG) of palora::mtlora_mm_dgrad with p = 0 via the emulated kernels, from contiguous dys, their
-    sum dbase (or None when neither need_x nor shared_to_tasks) and the column scale rows (cuda/mtlora.py)."""
+    """(dX, dXs, dG) of palora::mtlora_mm_dgrad via the emulated kernels, from contiguous dys, their sum dbase
+    (or None when neither need_x nor shared_to_tasks) and the column scale rows (cuda/mtlora.py); p > 0: the
+    mask of x regenerated in the kernels (its workspace starts as NaN, as in mtlora_mm_sim)."""
     d0 = dys[0]
     if d0.dtype not in _DTYPES:
         raise TypeError(f"dys[0]: cuda_sim supports float32, float16, bfloat16, got {d0.dtype}")
