@@ -421,6 +421,17 @@ def _register_cpp_fakes() -> None:
         def _(g, v):
             return v.new_empty(g.shape[1], v.shape[1])
 
+    if hasattr(torch.ops.palora, "lowrank_dual"):
+        @torch.library.register_fake("palora::lowrank_dual")
+        def _(v, m, g, row_align):
+            ld = -(-max(m.shape[0], 1) // row_align) * row_align
+            return v.new_empty(v.shape[0], ld)[:, :m.shape[0]], v.new_empty(g.shape[1], v.shape[1])
+
+    if hasattr(torch.ops.palora, "lowrank_expand"):
+        @torch.library.register_fake("palora::lowrank_expand")
+        def _(g, up, bias):
+            return g.new_empty(g.shape[0], up.shape[1])
+
     if hasattr(torch.ops.palora, "pref_grad"):
         @torch.library.register_fake("palora::pref_grad")
         def _(h, dg, pref, rows_per_sample, rank, scale):

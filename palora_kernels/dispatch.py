@@ -24,8 +24,9 @@ log = logging.getLogger("palora_kernels")
 BACKENDS = tuple(RECORDS)
 # *_dropout: the op under LoRA dropout (docs/dropout.md), declared by a backend whose kernel draws the mask;
 # lora_dropout_dA: the backward's dA_cat = dH^T x~ with the mask regenerated; lora_tmm: the linear backward's
-# (U * S)^T V products, dA_cat and dB_cat (palora_kernels._math.row_scaled_tmm)
-OPS = ("lora_mm", "lora_tmm", "lora_conv2d", "loralib_conv2d", "pref_grad", "lora_conv2d_dgrad", "lora_conv2d_wgrad",
+# (U * S)^T V products, dA_cat and dB_cat (palora_kernels._math.row_scaled_tmm); lora_mm_dgrad: the linear
+# backward's products of dY together (dX, dG, dB_cat^T, db) where a backend reads dY once for several of them
+OPS = ("lora_mm", "lora_tmm", "lora_mm_dgrad", "lora_conv2d", "loralib_conv2d", "pref_grad", "lora_conv2d_dgrad", "lora_conv2d_wgrad",
        "lora_conv2d_pref_grad", "mtlora_mm", "mtlora_mm_dgrad", "lora_mm_dropout", "lora_conv2d_dropout",
        "lora_dropout_dA")
 _local = threading.local()

@@ -1,4 +1,5 @@
-"""The cpp backend's linear path: palora::lowrank_shrink / lowrank_tmm (AVX2 fp32 kernels, at::mm otherwise)
+"""The cpp backend's linear path: palora::lowrank_shrink / lowrank_tmm / lowrank_dual (AVX2 fp32 kernels, at::mm
+otherwise)
 against fp64, on the shapes that reach every tile and tail of the kernels, and PaLoRALinear on the cpp backend
 against the fp64 reference loop, output and every gradient."""
 import pytest
@@ -40,6 +41,50 @@ def test_tmm_matches_fp64(N, K, R, dtype):
     assert_rel_close(out, g.double().t() @ v.double(), dtype, "tmm")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=["fp32", "fp64", "bf16"])
+@pytest.mark.parametrize("N,K,R", SHAPES, ids=lambda v: str(v))
+def test_dual_matches_fp64(N, K, R, dtype):
+    """(v m^T, g^T v) in one pass: both results as the two ops give them, g one column wider than m (the ones
+    column of the bias gradient) so the two widths differ; N = 300 and 600 also split rows over the threads."""
+    v, m, g = _rand(N, K, seed=N + 3, dtype=dtype), _rand(R, K, seed=R + 4, dtype=dtype), _rand(N, R + 1, seed=5, dtype=dtype)
+    h, gtv = torch.ops.palora.lowrank_dual(v, m, g, 16)
+    assert h.shape == (N, R) and (N <= 1 or h.stride() == (-(-R // 16) * 16, 1)) and gtv.shape == (R + 1, K)
+    assert h.dtype == gtv.dtype == dtype
+    assert_rel_close(h, v.double() @ m.double().t(), dtype, "dual v m^T")
+    assert_rel_close(gtv, g.double().t() @ v.double(), dtype, "dual g^T v")
+
+
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=["fp32", "fp64", "bf16"])
+@pytest.mark.parametrize("N,K,R", SHAPES, ids=lambda v: str(v))
+def test_expand_matches_fp64(N, K, R, dtype, with_bias):
+    """g up + bias, dense (N, M): K plays M here, so the 16-column tiles and 1-15 tail columns, the 4-row tiles and
+    1-3 tail rows all run; a fresh output, every element written."""
+    g, up = _rand(N, R, seed=N + 20, dtype=dtype), _rand(R, K, seed=K + 21, dtype=dtype)
+    bias = _rand(K, seed=22, dtype=dtype) if with_bias else None
+    y = torch.ops.palora.lowrank_expand(g, up, bias)
+    assert y.shape == (N, K) and y.dtype == dtype and y.is_contiguous()
+    want = g.double() @ up.double() + (bias.double() if with_bias else 0)
+    assert_rel_close(y, want, dtype, "expand")
+
+
+def test_expand_reads_strided_g_and_transposed_up():
+    """g at its own row stride (H's padded buffer), a transposed up (B_cat^T as the forward passes it)."""
+    g = _rand(37, 32, seed=23)[:, 3:14]
+    upt = _rand(70, 11, seed=24).t()
+    y = torch.ops.palora.lowrank_expand(g, upt, _rand(70, seed=25))
+    assert_rel_close(y, g.double() @ upt.double() + _rand(70, seed=25).double(), torch.float32, "strided expand")
+
+
+@pytest.mark.parametrize("N", [300, 600, 1000])
+def test_dual_splits_rows_over_threads(N):
+    v, m, g = _rand(N, 70, seed=11), _rand(12, 70, seed=12), _rand(N, 13, seed=13)
+    h, gtv = torch.ops.palora.lowrank_dual(v, m, g, 16)
+    assert_rel_close(h, v.double() @ m.double().t(), torch.float32, "dual v m^T")
+    assert_rel_close(gtv, g.double().t() @ v.double(), torch.float32, "dual g^T v")
+    assert gtv.untyped_storage().nbytes() == gtv.numel() * gtv.element_size()
+
+
 def test_strided_rows_and_transposed_operands():
     """Rows read in place at their own stride (a column slice of a wider tensor, an H with padded rows);
     a transposed m (B_cat^T, as the backward passes it) and a transposed g take the general path."""
@@ -52,6 +97,10 @@ def test_strided_rows_and_transposed_operands():
     assert_rel_close(torch.ops.palora.lowrank_tmm(g, x), g.double().t() @ x.double(), torch.float32, "strided g")
     gt = _rand(11, 37, seed=5).t()
     assert_rel_close(torch.ops.palora.lowrank_tmm(gt, x), gt.double().t() @ x.double(), torch.float32, "g^T")
+    for mm, gg in ((m, g), (mt, gt)):
+        h, gtv = torch.ops.palora.lowrank_dual(x, mm, gg, 16)
+        assert_rel_close(h, x.double() @ mm.double().t(), torch.float32, "dual strided v")
+        assert_rel_close(gtv, gg.double().t() @ x.double(), torch.float32, "dual strided g")
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
@@ -76,7 +125,19 @@ def test_errors_name_the_argument():
                         (lambda: torch.ops.palora.lowrank_shrink(x[0], torch.randn(3, 8), 16), r"x must be 2-D"),
                         (lambda: torch.ops.palora.lowrank_shrink(x, torch.randn(3, 8).double(), 16), r"m must be"),
                         (lambda: torch.ops.palora.lowrank_shrink(x, torch.randn(3, 8), 0), r"row_align must be >= 1"),
-                        (lambda: torch.ops.palora.lowrank_tmm(torch.randn(5, 3), x), r"g must be \(4, R\)")):
+                        (lambda: torch.ops.palora.lowrank_tmm(torch.randn(5, 3), x), r"g must be \(4, R\)"),
+                        (lambda: torch.ops.palora.lowrank_dual(x, torch.randn(3, 7), torch.randn(4, 2), 16),
+                         r"lowrank_dual: m must be \(R, 8\)"),
+                        (lambda: torch.ops.palora.lowrank_dual(x, torch.randn(3, 8), torch.randn(5, 2), 16),
+                         r"lowrank_dual: g must be \(4, R\)"),
+                        (lambda: torch.ops.palora.lowrank_dual(x, torch.randn(3, 8), torch.randn(4, 2), 0),
+                         r"lowrank_dual: row_align must be >= 1"),
+                        (lambda: torch.ops.palora.lowrank_expand(x, torch.randn(7, 5), None),
+                         r"lowrank_expand: up must be \(8, R\)"),
+                        (lambda: torch.ops.palora.lowrank_expand(x, torch.randn(8, 5), torch.randn(4)),
+                         r"lowrank_expand: bias must be \(5\)"),
+                        (lambda: torch.ops.palora.lowrank_expand(x, torch.randn(8, 5), torch.randn(5).double()),
+                         r"lowrank_expand: bias must be Float")):
         with pytest.raises(RuntimeError, match=match):
             call()
 
@@ -124,25 +185,53 @@ def test_layer_on_cpp_matches_fp64_reference(shape, pref_kind, dtype, kernels_at
         assert_rel_close(grads[name], g_ref[name], dtype, f"grad {name}")
 
 
-@pytest.mark.parametrize("big", [True, False], ids=["past-crossover", "below-crossover"])
-def test_layer_on_cpp_runs_the_cpp_kernels_past_the_crossover(monkeypatch, big):
-    """The cpp backend's forward and backward call the C++ ops for H, dG, dA and dB where x has >= 2^18 elements
-    and R <= 24, and none below (there the torch backend's ops run)."""
-    from palora_kernels.backends import cpp
+@pytest.mark.parametrize("in_f,out_f,want", [
+    (1024, 24, {"lowrank_shrink": 1, "lowrank_expand": 1, "lowrank_tmm": 1}),
+    (1024, 1024, {"lowrank_shrink": 1, "lowrank_expand": 2, "lowrank_dual": 1, "lowrank_tmm": 1}),
+    (40, 24, {})], ids=["x-past-crossover", "x-and-dy-past-crossover", "below-crossover"])
+def test_layer_on_cpp_runs_the_cpp_kernels_past_the_crossover(monkeypatch, in_f, out_f, want):
+    """The cpp backend's forward and backward call the C++ ops for H, dG, dA and dB where the operand they read
+    has >= 2^18 elements and R <= 24, and none below (there the torch backend's ops run). 256 rows: x is past the
+    crossover at in = 1024 (H, dA; y written by lowrank_expand), dY at out = 1024 (dG, dB and db in one
+    lowrank_dual; dX written by lowrank_expand)."""
     calls = []
-
-    class Ops:                                      # stands in for torch.ops.palora inside cpp.py
-        def __getattr__(self, name):
-            fn = getattr(torch.ops.palora, name)
-            return lambda *a: calls.append(name) or fn(*a)
-    monkeypatch.setattr(cpp, "torch", type("T", (), {"ops": type("O", (), {"palora": Ops()})()}))
-    in_f = 1024 if big else 40
-    layer, x, p = _layer_case(in_f, 24, 3, 2, 4, 64, "sample", torch.float32, seed=0)   # 256 rows
+    for name in ("lowrank_shrink", "lowrank_tmm", "lowrank_dual", "lowrank_expand"):
+        fn = getattr(torch.ops.palora, name)
+        monkeypatch.setattr(torch.ops.palora, name, lambda *a, fn=fn, name=name: calls.append(name) or fn(*a))
+    layer, x, p = _layer_case(in_f, out_f, 3, 2, 4, 64, "sample", torch.float32, seed=0)   # 256 rows
     with pk.use_backend("cpp"):
         fused_with_grads(layer, x, ID, p, ID)
-    # H (forward) and dA (backward) read x: 256 x 1024 = 2^18 elements; dG and dB read dY (256 x 24): never
-    want = {"lowrank_shrink": 1, "lowrank_tmm": 1} if big else {}
-    assert {n: calls.count(n) for n in set(calls) if n.startswith("lowrank")} == want, calls
+    assert {n: calls.count(n) for n in set(calls)} == want, calls
+
+
+@pytest.mark.parametrize("pref_kind", ["batch", "sample"])
+@pytest.mark.parametrize("need", [(True, True, True), (True, False, False), (False, True, False), (False, False, True),
+                                  (False, False, False), (True, True, False)], ids=lambda n: "x{:d}B{:d}b{:d}".format(*n))
+def test_dgrad_matches_fp64_for_every_set_of_needed_grads(kernels_at_any_size, pref_kind, need):
+    """cpp's lora_mm_dgrad on its one-pass path (dG, dB_cat^T, db from lowrank_dual; dX expand-first) against the
+    fp64 formulas, for each subset of the gradients the layer asks for."""
+    from palora_kernels._math import apply_row_scale
+    from palora_kernels.backends import cpp
+    need_x, need_B, need_b = need
+    N, in_f, out_f, T, r, scale = 70, 45, 37, 3, 2, 0.7
+    dy, W = _rand(N, out_f, seed=1), _rand(out_f, in_f, seed=2)
+    A_cat, B_cat, h = _rand(T * r, in_f, seed=3), _rand(out_f, T * r, seed=4), _rand(N, T * r, seed=5)
+    rows = 7 if pref_kind == "sample" else N
+    pref = torch.rand(N // rows, T, generator=torch.Generator().manual_seed(6)) + 0.1
+    dx, dg, dbt, db = cpp.lora_mm_dgrad(dy, W, B_cat, A_cat, h, pref, rows, scale, need_x, need_B, need_b)
+    d = {k: t.double() for k, t in dict(dy=dy, W=W, A=A_cat, B=B_cat, h=h, p=pref).items()}
+    dg64 = d["dy"] @ d["B"]
+    assert_rel_close(dg, dg64, torch.float32, "dG")
+    if need_x:
+        want = d["dy"] @ d["W"] + apply_row_scale(dg64, d["p"], rows, r, scale) @ d["A"]
+        assert dx.is_contiguous()
+        assert_rel_close(dx, want, torch.float32, "dX")
+    if need_B:
+        assert_rel_close(dbt, apply_row_scale(d["h"], d["p"], rows, r, scale).t() @ d["dy"], torch.float32, "dB^T")
+    if need_b:
+        assert db.shape == (out_f,) and db.untyped_storage().nbytes() == out_f * 4
+        assert_rel_close(db, d["dy"].sum(0), torch.float32, "db")
+    assert (dx is None) != need_x and (dbt is None) != need_B and (db is None) != need_b
 
 
 def test_below_the_crossover_cpp_is_bitwise_torch():
@@ -167,3 +256,15 @@ def test_non_finite_values_propagate_like_the_fp64_product(bad):
         assert torch.equal(torch.isnan(got), torch.isnan(want)) and torch.equal(torch.isinf(got), torch.isinf(want))
         fin = torch.isfinite(want)
         assert_rel_close(got[fin], want[fin], torch.float32, "finite entries")
+
+
+@pytest.mark.parametrize("N", [5, 300])
+def test_opcheck_lowrank_ops(N):
+    """Schema, fake implementation (shapes and strides, for torch.compile) and dispatch of the four C++ ops."""
+    from torch.library import opcheck
+    v, m, g = _rand(N, 40, seed=30), _rand(6, 40, seed=31), _rand(N, 7, seed=32)
+    opcheck(torch.ops.palora.lowrank_shrink.default, (v, m, 16))
+    opcheck(torch.ops.palora.lowrank_tmm.default, (g, v))
+    opcheck(torch.ops.palora.lowrank_dual.default, (v, m, g, 16))
+    opcheck(torch.ops.palora.lowrank_expand.default, (g, _rand(7, 40, seed=33), _rand(40, seed=34)))
+    opcheck(torch.ops.palora.lowrank_expand.default, (g, _rand(7, 40, seed=33), None))

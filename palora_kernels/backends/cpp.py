@@ -1,11 +1,14 @@
 """The ``cpp`` backend: C++ CPU kernels of palora_kernels._C (csrc/cpu), the automatic choice on CPU for the ops
 it has when the extension is built.
 
-    lora_mm    the torch backend's stacked form (the base and expand GEMMs stay MKL's) with H = x A_cat^T
-               from palora::lowrank_shrink, an AVX2 kernel for the skinny GEMM (R columns)
-    lora_tmm   dA_cat = dH^T x and dB_cat^T = (H S)^T dY from palora::lowrank_tmm
-               (both only where they beat MKL: FAST_MIN_ELEMENTS, FAST_MAX_R below; elsewhere torch's ops)
-    pref_grad  the preference's gradient in one pass over H and dG, no (N, R) product temporary
+    lora_mm        H = x A_cat^T from palora::lowrank_shrink, an AVX2 kernel for the skinny GEMM (R columns); then
+                   y = bias + (H S) B_cat^T written in one pass (palora::lowrank_expand) and the base GEMM (MKL)
+                   accumulated onto it
+    lora_mm_dgrad  the backward's products of dY: dG = dY B_cat, dB_cat^T = (H S)^T dY and db from one read of dY
+                   (palora::lowrank_dual), then dX as the forward's y
+    lora_tmm       dA_cat = dH^T x (and dB_cat^T where lora_mm_dgrad does not run) from palora::lowrank_tmm
+                   (all only where they beat MKL: FAST_MIN_ELEMENTS, FAST_MAX_R below, fp32; elsewhere torch's ops)
+    pref_grad      the preference's gradient in one pass over H and dG, no (N, R) product temporary
 
 The skinny products are where MKL is slow: 40-50 % of its square-GEMM speed at R = 12 (csrc/cpu/lowrank_ops.cpp),
 ~8 % of the per-sample linear layer's fwd+bwd. fp16/bf16/fp64 and CPUs without AVX2/FMA run the same ops
@@ -14,9 +17,10 @@ from typing import Optional
 
 import torch
 
+from .._math import apply_row_scale, row_scale
 from ._record import FLOATS, Backend
 
-_OPS = ("pref_grad", "lowrank_shrink", "lowrank_tmm")
+_OPS = ("pref_grad", "lowrank_shrink", "lowrank_tmm", "lowrank_dual", "lowrank_expand")
 
 
 def check(device: torch.device) -> Optional[str]:
@@ -33,6 +37,7 @@ RECORD = Backend(
     name="cpp",
     kernels={"lora_mm": "palora_kernels.backends.cpp:lora_mm",
              "lora_tmm": "palora_kernels.backends.cpp:lora_tmm",
+             "lora_mm_dgrad": "palora_kernels.backends.cpp:lora_mm_dgrad",
              "pref_grad": "palora_kernels.backends.cpp:pref_grad"},
     dtypes=FLOATS,
     devices=frozenset({"cpu"}),
@@ -67,9 +72,68 @@ def _tmm(a, b):
     return torch.ops.palora.lowrank_tmm(a, b)
 
 
+def _expand_first(x, wm, bias, h, up, pref, rows_per_sample: int, rank: int, scale: float):
+    """y = x wm + bias + (H * S) up, the low-rank term first and the base GEMM accumulated onto it (beta = 1).
+    palora::lowrank_expand writes y = bias + (H S) up in one pass, where the stacked order broadcasts bias into y,
+    runs the GEMM, then reads and writes y again for the expand: 1.9 ms against 3.7 for copy + addmm_ on a fresh
+    (4096, 1024) y (40 interleaved rounds). fp32 only: in fp16/bf16 the low-rank term would be rounded before
+    the sum."""
+    if pref.shape[0] == 1:
+        g, up = h, up * row_scale(pref, rank, scale).t()
+    else:
+        g = apply_row_scale(h, pref, rows_per_sample, rank, scale)
+    return torch.ops.palora.lowrank_expand(g, up, bias).addmm_(x, wm)
+
+
+def _fast_fp32(x, R: int) -> bool:
+    return x.dtype == torch.float32 and _fast(x.shape[0], x.shape[1], R)
+
+
 def lora_mm(x, wm, bias, down, up, pref, rows_per_sample: int, scale: float):
     from .torch.kernels import lora_mm as stacked
-    return stacked(x, wm, bias, down, up, pref, rows_per_sample, scale, shrink=_shrink, record=RECORD)
+    R = down.shape[1]
+    if not _fast_fp32(x, R):
+        return stacked(x, wm, bias, down, up, pref, rows_per_sample, scale, shrink=_shrink, record=RECORD)
+    h = _shrink(x, down, RECORD.h_row_align)
+    return _expand_first(x, wm, bias, h, up, pref, rows_per_sample, R // pref.shape[1], scale), h
+
+
+def lora_mm_dgrad(dy, weight, B_cat, A_cat, h, pref, rows_per_sample: int, scale: float, need_x: bool,
+                  need_B: bool, need_b: bool):
+    """The linear backward's products of dY: (dX or None, dG, dB_cat^T or None, db or None), with
+    dG = dY B_cat, dX = dY W + (dG * S) A_cat, dB_cat^T = (H * S)^T dY, db = sum_n dY.
+
+    fp32 past the crossover: dG, dB_cat^T and db from ONE read of dY (palora::lowrank_dual; db is the row of a
+    column of ones appended to H * S), where the ops one by one read dY three times (4096 x 1024: 2.4 ms
+    against 3.4 for shrink, tmm and sum, with dY hot in cache), and dX as the forward's y (_expand_first).
+    Elsewhere the torch backend's ops, bit for bit."""
+    R = B_cat.shape[1]
+    rank = R // pref.shape[1]
+    if not _fast_fp32(dy, R):
+        if need_x:
+            dx, dg = lora_mm(dy, weight, None, B_cat, A_cat, pref, rows_per_sample, scale)
+        else:
+            dx, dg = None, dy @ B_cat
+        dbt = lora_tmm(h, dy, pref, rows_per_sample, rank, scale) if need_B else None
+        return dx, dg, dbt, (dy.sum(0) if need_b else None)
+    per_batch = pref.shape[0] == 1
+    cols = []
+    if need_B:
+        cols.append(h if per_batch else apply_row_scale(h, pref, rows_per_sample, rank, scale))
+    if need_b:
+        cols.append(dy.new_ones(dy.shape[0], 1))
+    dbt = db = None
+    if cols:
+        g = torch.cat(cols, 1) if len(cols) > 1 else cols[0]
+        dg, gtv = torch.ops.palora.lowrank_dual(dy, B_cat.t(), g, RECORD.h_row_align)
+        if need_B:
+            dbt = gtv[:R] * row_scale(pref, rank, scale)[0, :, None] if per_batch else gtv[:R]
+        if need_b:
+            db = gtv[-1].clone()      # fresh: a view would keep the (R + 1, out) result alive as bias.grad
+    else:
+        dg = _shrink(dy, B_cat, RECORD.h_row_align)
+    dx = _expand_first(dy, weight, None, dg, A_cat, pref, rows_per_sample, rank, scale) if need_x else None
+    return dx, dg, dbt, db
 
 
 def lora_tmm(u, v, pref, rows_per_sample: int, rank: int, scale: float):

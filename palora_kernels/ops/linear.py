@@ -9,6 +9,9 @@ Backward (dY: (N, out)), the chain rule written once:
     dp[p, t] = s * sum_{n in p} sum_j H[n, t*r+j] dG[n, t*r+j]
 Saved for backward: x, the parameters, and H (N, R) -- never an (N, out) tensor.
 
+A backend whose record has lora_mm_dgrad (cpp) returns dX, dG, dB_cat and db from it in one call, so it can
+read dY once for the three skinny products (cpp: palora::lowrank_dual); not under dropout.
+
 dW and dA_cat in one pass over x (backends whose record sets ``linear_wgrad``: cuda, cuda_sim): a linear
 layer is a 1x1 convolution, so [dW; dA_cat] = [dY | dG S]^T x is the conv's lora_conv2d_wgrad on x viewed
 as (images, in, rows, 1) channels_last (no copy), one image per preference row; S is applied in registers
@@ -103,7 +106,9 @@ class PaLoRALinearFunction(torch.autograd.Function):
         T, rank, in_f = lora_A.shape
         A_cat, B_cat = stack_A(lora_A), stack_B(lora_B)
         dx = dW = db = dA = dB = dp = None
-        if need_b and has_bias:
+        # the backend's pass over dY: dX, dG, dB_cat^T and db together (cpp: one read of dY for the last three)
+        dgrad = not ws and drop is None and "lora_mm_dgrad" in dispatch.record(backend).kernels
+        if need_b and has_bias and not dgrad:
             db = dy.sum(0)
         if ws:
             if need_x:   # W_eff is freed before dW is allocated: the plain layer's peak
@@ -118,7 +123,11 @@ class PaLoRALinearFunction(torch.autograd.Function):
             return dx, (dW if need_w else None), db, dA, dB, dp, None, None, None, None
         # (U * S)^T V for dA_cat and dB_cat: the layer's backend's, else the automatic choice (cpp's C++ kernel on CPU)
         tmm = dispatch.kernel(dispatch.select_backend(x.device, "lora_tmm", x.dtype, backend, fallback=True), "lora_tmm")
-        if need_x:
+        if dgrad:
+            dx, dg, dbt, db = dispatch.kernel(backend, "lora_mm_dgrad")(
+                dy, weight, B_cat, A_cat, h, pref, rows_per_sample, scale, need_x, need_B, need_b and has_bias)
+            dB = None if dbt is None else unstack_B(dbt.t(), T)
+        elif need_x:
             dx, dg = _ops.lora_mm(dy, weight, None, B_cat, A_cat, pref, rows_per_sample, scale, backend,
                                   *((*drop, True) if drop else ()))
         else:
@@ -136,7 +145,7 @@ class PaLoRALinearFunction(torch.autograd.Function):
                     dh = apply_row_scale(dg, pref, rows_per_sample, rank, scale)
                     name = dispatch.select_backend(x.device, "lora_dropout_dA", x.dtype, backend, fallback=True)
                     dA = dispatch.kernel(name, "lora_dropout_dA")(dh, x, *drop).view(T, rank, in_f)
-        if need_B:
+        if need_B and dB is None:
             dB = unstack_B(tmm(h, dy, pref, rows_per_sample, rank, scale).t(), T)
         if need_p:
             acc = acc_dtype(x.dtype)
