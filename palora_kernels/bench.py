@@ -356,6 +356,10 @@ TIME_TARGETS = {  # (case, mode): {ratio: bound}; the issue names no preference 
     ("conv", "fwd+bwd"): {"fused/unfused": 0.65, "fused/base": 1.30},
 }
 MEMORY_TARGET = 1.10  # fused/base peak memory of fwd+bwd
+# Rounds per group. One fwd+bwd sample of the linear case spreads +-10-15 % on this 2-core VM (interquartile), so the
+# median of 10 rounds moved a 1.10 ratio by +-0.05 between runs of the same code (docs/bench.md); 20 halves the
+# variance, at ~3 min for the default suite.
+DEFAULT_REPEATS = 20
 
 
 def _ratio(a, b):
@@ -544,7 +548,8 @@ def main(argv=None) -> int:
     ap.add_argument("--prefs", default=",".join(PREFS), help="comma list of batch,sample")
     ap.add_argument("--modes", default=",".join(MODES), help="comma list of fwd,fwd+bwd")
     ap.add_argument("--providers", default=",".join(PROVIDERS), help="comma list of base,unfused,fused,merged")
-    ap.add_argument("--repeats", type=int, default=None, help="interleaved rounds (default 10, --quick 5)")
+    ap.add_argument("--repeats", type=int, default=None,
+                    help=f"interleaved rounds (default {DEFAULT_REPEATS}, --quick 5)")
     ap.add_argument("--threads", type=int, default=2,
                     help="torch threads (default 2, the acceptance setting; 0 keeps torch's default)")
     ap.add_argument("--no-memory", action="store_true", help="skip the fresh-process memory runs")
@@ -564,7 +569,7 @@ def main(argv=None) -> int:
     prefs = _csv(args.prefs, PREFS, "prefs")
     modes = _csv(args.modes, MODES, "modes")
     providers = _csv(args.providers, PROVIDERS, "providers")
-    repeats = args.repeats if args.repeats is not None else (5 if args.quick else 10)
+    repeats = args.repeats if args.repeats is not None else (5 if args.quick else DEFAULT_REPEATS)
     if repeats < 1:
         raise SystemExit(f"--repeats: expected >= 1, got {repeats}")
 
