@@ -268,3 +268,23 @@ def test_opcheck_lowrank_ops(N):
     opcheck(torch.ops.palora.lowrank_dual.default, (v, m, g, 16))
     opcheck(torch.ops.palora.lowrank_expand.default, (g, _rand(7, 40, seed=33), _rand(40, seed=34)))
     opcheck(torch.ops.palora.lowrank_expand.default, (g, _rand(7, 40, seed=33), None))
+
+
+def test_the_op_benchmark_compares_like_with_like():
+    """benchmarks/linear_cpu_backends.py --ops times each C++ op against torch ops that compute the same thing."""
+    import importlib.util
+    import os
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks",
+                        "linear_cpu_backends.py")
+    spec = importlib.util.spec_from_file_location("linear_cpu_backends", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    for name, (cpp_fn, torch_fn) in mod.op_pairs(N=70, K=45, R=5).items():
+        got, want = cpp_fn(), torch_fn()
+        got, want = (got if isinstance(got, tuple) else (got,)), (want if isinstance(want, tuple) else (want,))
+        flat_got = list(got)
+        if name.startswith("dual"):      # (v m^T, [g | 1]^T v) against (v m^T, g^T v, sum_n v)
+            flat_got = [got[0], got[1][:-1], got[1][-1]]
+        assert len(flat_got) == len(want), name
+        for a, b in zip(flat_got, want):
+            assert_rel_close(a, b.double(), torch.float32, name)
