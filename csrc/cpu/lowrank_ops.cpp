@@ -92,20 +92,24 @@ PALORA_AVX2_FMA void shrink_f32(const float* x, int64_t ldx, const float* m, int
 }
 
 // acc[i, k..k+16) += sum_n g[n, i] p[n, 0..16) over nr packed rows: JB x 16 accumulators (12 registers at 6).
+// a[i] += s[i * ss] * (v0 | v1) for i < J: the 16-wide rank-1 update the reduction and the expand are made of
+template <int J>
+PALORA_AVX2_FMA inline void rank1_16(__m256 (*a)[2], const float* s, int64_t ss, __m256 v0, __m256 v1) {
+#pragma GCC unroll 16
+  for (int i = 0; i < J; ++i) {
+    const __m256 b = _mm256_broadcast_ss(s + i * ss);
+    a[i][0] = _mm256_fmadd_ps(b, v0, a[i][0]);
+    a[i][1] = _mm256_fmadd_ps(b, v1, a[i][1]);
+  }
+}
+
 template <int JB>
 PALORA_AVX2_FMA inline void tmm_tile(const float* g, int64_t ldg, const float* p, int64_t nr, float* acc, int64_t K) {
   __m256 a[JB][2];
 #pragma GCC unroll 16
   for (int i = 0; i < JB; ++i) a[i][0] = a[i][1] = _mm256_setzero_ps();
-  for (int64_t n = 0; n < nr; ++n) {
-    const __m256 v0 = _mm256_loadu_ps(p + n * 16), v1 = _mm256_loadu_ps(p + n * 16 + 8);
-#pragma GCC unroll 16
-    for (int i = 0; i < JB; ++i) {
-      const __m256 b = _mm256_broadcast_ss(g + n * ldg + i);
-      a[i][0] = _mm256_fmadd_ps(b, v0, a[i][0]);
-      a[i][1] = _mm256_fmadd_ps(b, v1, a[i][1]);
-    }
-  }
+  for (int64_t n = 0; n < nr; ++n)
+    rank1_16<JB>(a, g + n * ldg, 1, _mm256_loadu_ps(p + n * 16), _mm256_loadu_ps(p + n * 16 + 8));
 #pragma GCC unroll 16
   for (int i = 0; i < JB; ++i) {
     float* ar = acc + i * K;
@@ -176,15 +180,8 @@ PALORA_AVX2_FMA inline void expand_tile(const float* g, int64_t ldg, const float
   const __m256 b1 = bias ? _mm256_loadu_ps(bias + 8) : _mm256_setzero_ps();
 #pragma GCC unroll 8
   for (int r = 0; r < ROWS; ++r) a[r][0] = b0, a[r][1] = b1;
-  for (int64_t k = 0; k < R; ++k) {
-    const __m256 u0 = _mm256_loadu_ps(up + k * M), u1 = _mm256_loadu_ps(up + k * M + 8);
-#pragma GCC unroll 8
-    for (int r = 0; r < ROWS; ++r) {
-      const __m256 s = _mm256_broadcast_ss(g + r * ldg + k);
-      a[r][0] = _mm256_fmadd_ps(s, u0, a[r][0]);
-      a[r][1] = _mm256_fmadd_ps(s, u1, a[r][1]);
-    }
-  }
+  for (int64_t k = 0; k < R; ++k)
+    rank1_16<ROWS>(a, g + k, ldg, _mm256_loadu_ps(up + k * M), _mm256_loadu_ps(up + k * M + 8));
 #pragma GCC unroll 8
   for (int r = 0; r < ROWS; ++r) {
     _mm256_storeu_ps(y + r * ldy, a[r][0]);
