@@ -26,9 +26,9 @@ BACKENDS = tuple(RECORDS)
 # lora_dropout_dA: the backward's dA_cat = dH^T x~ with the mask regenerated; lora_tmm: the linear backward's
 # (U * S)^T V products, dA_cat and dB_cat (palora_kernels._math.row_scaled_tmm); lora_mm_dgrad: the linear
 # backward's products of dY together (dX, dG, dB_cat^T, db) where a backend reads dY once for several of them
-OPS = ("lora_mm", "lora_tmm", "lora_mm_dgrad", "lora_conv2d", "loralib_conv2d", "pref_grad", "lora_conv2d_dgrad", "lora_conv2d_wgrad",
-       "lora_conv2d_pref_grad", "mtlora_mm", "mtlora_mm_dgrad", "lora_mm_dropout", "lora_conv2d_dropout",
-       "lora_dropout_dA")
+OPS = ("lora_mm", "lora_tmm", "lora_mm_dgrad", "lora_conv2d", "loralib_conv2d", "pref_grad", "lora_conv2d_dgrad",
+       "lora_conv2d_wgrad", "lora_conv2d_pref_grad", "mtlora_mm", "mtlora_mm_dgrad", "lora_mm_dropout",
+       "lora_conv2d_dropout", "lora_dropout_dA")
 _local = threading.local()
 # (backend, device, op, dtype) -> reason or None. Availability does not change while a process
 # runs; the cache keeps a layer call free of imports (and so traceable by torch.compile).

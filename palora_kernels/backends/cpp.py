@@ -75,9 +75,9 @@ def _tmm(a, b):
 def _expand_first(x, wm, bias, h, up, pref, rows_per_sample: int, rank: int, scale: float):
     """y = x wm + bias + (H * S) up, the low-rank term first and the base GEMM accumulated onto it (beta = 1).
     palora::lowrank_expand writes y = bias + (H S) up in one pass, where the stacked order broadcasts bias into y,
-    runs the GEMM, then reads and writes y again for the expand: 1.9 ms against 3.7 for copy + addmm_ on a fresh
-    (4096, 1024) y (40 interleaved rounds). fp32 only: in fp16/bf16 the low-rank term would be rounded before
-    the sum."""
+    runs the GEMM, then reads and writes y again for the expand: 1.2-1.5 ms against 2.0-2.2 for copy + addmm_ on a
+    fresh (4096, 1024) y (benchmarks/linear_cpu_backends.py --ops). fp32 only: in fp16/bf16 the low-rank term
+    would be rounded before the sum."""
     if pref.shape[0] == 1:
         g, up = h, up * row_scale(pref, rank, scale).t()
     else:
@@ -104,8 +104,9 @@ def lora_mm_dgrad(dy, weight, B_cat, A_cat, h, pref, rows_per_sample: int, scale
     dG = dY B_cat, dX = dY W + (dG * S) A_cat, dB_cat^T = (H * S)^T dY, db = sum_n dY.
 
     fp32 past the crossover: dG, dB_cat^T and db from ONE read of dY (palora::lowrank_dual; db is the row of a
-    column of ones appended to H * S), where the ops one by one read dY three times (4096 x 1024: 2.4 ms
-    against 3.4 for shrink, tmm and sum, with dY hot in cache), and dX as the forward's y (_expand_first).
+    column of ones appended to H * S), where the ops one by one read dY three times (4096 x 1024: 2.6-2.7 ms
+    against 3.7 for the C++ shrink and tmm and torch's sum, benchmarks/linear_cpu_backends.py --ops), and dX
+    as the forward's y (_expand_first).
     Elsewhere the torch backend's ops, bit for bit."""
     R = B_cat.shape[1]
     rank = R // pref.shape[1]
