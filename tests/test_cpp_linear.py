@@ -288,3 +288,23 @@ def test_the_op_benchmark_compares_like_with_like():
         assert len(flat_got) == len(want), name
         for a, b in zip(flat_got, want):
             assert_rel_close(a, b.double(), torch.float32, name)
+
+
+def test_cpp_layer_compiles_fullgraph_past_the_crossover():
+    """torch.compile(fullgraph=True) traces the cpp path with the C++ ops (their fakes) in the forward and the
+    backward's lora_mm_dgrad, and gives eager's output and gradients."""
+    layer, x, p = _layer_case(1024, 1024, 3, 2, 4, 64, "sample", torch.float32, seed=4)      # 256 x 1024: fast path
+
+    def loss(xx, pp):
+        return layer(xx, pp).square().mean()
+
+    results = []
+    with pk.use_backend("cpp"):
+        for fn in (loss, torch.compile(loss, fullgraph=True, backend="aot_eager")):
+            layer.zero_grad(set_to_none=True)
+            xx = x.detach().clone().requires_grad_(True)
+            out = fn(xx, p)
+            out.backward()
+            results.append([out.detach(), xx.grad] + [t.grad for t in layer.parameters()])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
