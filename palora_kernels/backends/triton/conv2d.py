@@ -77,23 +77,26 @@ def _pixels(offs_m, HoWo, Wo):
 
 
 @triton.jit
-def _tap(t, CB, KW, BLOCK_K: tl.constexpr):
-    """K step t -> (first channel c0, tap i, tap j). The K loop runs tap-major, BLOCK_K channels at a
-    time (CB = cdiv(channels, BLOCK_K) steps per tap), so every index and bounds test is per row or
-    per column, never per element: a flattened c*kh*kw + i*kw + j order spilled 24-1112 bytes on
+def _tap(t, CB, KW, offs_k, C, BLOCK_K: tl.constexpr):
+    """K step t -> (channels cc = c0 + offs_k, their mask cc < C, tap i, tap j). The K loop runs tap-major,
+    BLOCK_K channels at a time (CB = cdiv(channels, BLOCK_K) steps per tap), so every index and bounds test is
+    per row or per column, never per element: a flattened c*kh*kw + i*kw + j order spilled 24-1112 bytes on
     sm_80/sm_90 (kernel_report) from its (BLOCK_M, BLOCK_K) int64 index tiles."""
     tap = t // CB
     i = tap // KW
-    return (t - tap * CB) * BLOCK_K, i, tap - i * KW
+    cc = (t - tap * CB) * BLOCK_K + offs_k
+    return cc, cc < C, i, tap - i * KW
 
 
 @triton.jit
-def _x_rows(hb, wb, i, j, mask_m, row_off, H, W, dil_h, dil_w, stride_xh, stride_xw):
-    """Per row: the offset of x[n, 0, hb + i*dil_h, wb + j*dil_w] and whether it is inside x."""
+def _x_tile(x_ptr, hb, wb, i, j, mask_m, row_off, cc, mask_c, H, W, dil_h, dil_w, stride_xh, stride_xw, stride_xc):
+    """(BLOCK_M, BLOCK_K) tile x[n, cc, hb + i*dil_h, wb + j*dil_w] of the implicit GEMM, one row per output pixel;
+    zero where the tap falls in the padding."""
     hi = hb + i * dil_h
     wi = wb + j * dil_w
     ok = mask_m & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
-    return row_off + hi * stride_xh + wi * stride_xw, ok
+    x_row = row_off + hi * stride_xh + wi * stride_xw
+    return tl.load(x_ptr + x_row[:, None] + (cc * stride_xc)[None, :], mask=ok[:, None] & mask_c[None, :], other=0.0)
 
 
 @triton.jit
@@ -173,12 +176,9 @@ def _conv_fwd_kernel(
     C_in = K // (KH * KW)
     CB = tl.cdiv(C_in, BLOCK_K)
     for t in range(0, KH * KW * CB):
-        c0, i, j = _tap(t, CB, KW, BLOCK_K)
-        cc = c0 + offs_k
-        mask_c = cc < C_in
-        x_row, ok = _x_rows(hb, wb, i, j, mask_m, row_off, H, W, dil_h, dil_w, stride_xh, stride_xw)
-        x = tl.load(x_ptr + x_row[:, None] + (cc * stride_xc)[None, :], mask=ok[:, None] & mask_c[None, :],
-                    other=0.0)
+        cc, mask_c, i, j = _tap(t, CB, KW, offs_k, C_in, BLOCK_K)
+        x = _x_tile(x_ptr, hb, wb, i, j, mask_m, row_off, cc, mask_c, H, W, dil_h, dil_w, stride_xh, stride_xw,
+                    stride_xc)
         w = _weight_tile(w_ptr, cc, mask_c, i, j, offs_n, mask_n, stride_wo, stride_wc, stride_wi, stride_wj)
         acc = _dot(x, w, acc, UPCAST, INPUT_PRECISION)
         if SHRINK_IN_LOOP:

@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from ... import _ops
-from .conv2d import (_ALL_CONFIGS, _check_int32, _pixels, _prune, _tap, _weight_tile, _x_rows, launch_fwd,
+from .conv2d import (_ALL_CONFIGS, _check_int32, _pixels, _prune, _tap, _weight_tile, _x_tile, launch_fwd,
                      scaled_pref)
 from .linear import INTERPRET, _dot, _precision, _scale_tile, grouped_tile, mma_class
 
@@ -44,9 +44,7 @@ def _dgrad_phase(acc, src_ptr, wt_ptr, ps_ptr, n, hp, wp, mask_m, offs_n, mask_n
     row = n * s_n
     CB = tl.cdiv(C_src, BLOCK_K)
     for t in range(0, KH * KW * CB):
-        c0, i, j = _tap(t, CB, KW, BLOCK_K)
-        cc = c0 + offs_k
-        mask_c = cc < C_src
+        cc, mask_c, i, j = _tap(t, CB, KW, offs_k, C_src, BLOCK_K)
         th = hp - i * dil_h
         tw = wp - j * dil_w
         ho = th // stride_h
@@ -215,9 +213,7 @@ def _conv_wgrad_kernel(
     # column tile pid_k: tap (i, j) and BLOCK_K input channels (conv2d._tap's order)
     C_in = K // (KH * KW)
     CB = tl.cdiv(C_in, BLOCK_K)
-    c0, i, j = _tap(pid_k, CB, KW, BLOCK_K)
-    cc = c0 + tl.arange(0, BLOCK_K)
-    mask_c = cc < C_in
+    cc, mask_c, i, j = _tap(pid_k, CB, KW, tl.arange(0, BLOCK_K), C_in, BLOCK_K)
     offs_mb = tl.arange(0, BLOCK_M)
     acc = tl.zeros((BLOCK_O, BLOCK_K), dtype=ACC_DTYPE)
     m_start = pid_s.to(tl.int64) * rows_per_split
@@ -239,10 +235,8 @@ def _conv_wgrad_kernel(
             else:
                 s = tl.load(ps_ptr + col * stride_pt, mask=mask_a, other=0.0).to(ACC_DTYPE)[:, None]
             a = g * s
-        x_row, ok = _x_rows(ho * stride_h - pad_h, wo * stride_w - pad_w, i, j, mask_m, n * stride_xn, H, W,
-                            dil_h, dil_w, stride_xh, stride_xw)
-        xt = tl.load(x_ptr + x_row[:, None] + (cc * stride_xc)[None, :], mask=ok[:, None] & mask_c[None, :],
-                     other=0.0)
+        xt = _x_tile(x_ptr, ho * stride_h - pad_h, wo * stride_w - pad_w, i, j, mask_m, n * stride_xn, cc, mask_c,
+                     H, W, dil_h, dil_w, stride_xh, stride_xw, stride_xc)
         acc = _dot(a.to(xt.dtype), xt, acc, UPCAST, INPUT_PRECISION)
     out_row = tl.where(is_w, ro, C_OUT + ro)
     k_col = cc * (KH * KW) + i * KW + j             # the column of weight.view(C_out, -1)

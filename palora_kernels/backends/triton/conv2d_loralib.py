@@ -25,7 +25,7 @@ import triton.language as tl
 from ..._math import loralib_delta
 from ..._ops import conv_memory_format, conv_out_size
 from ..torch.kernels import loralib_conv2d as torch_loralib
-from .conv2d import (_ALL_CONFIGS, _pixels, _prune, _tap, _weight_tile, _x_rows, launch_fwd, scaled_pref)
+from .conv2d import (_ALL_CONFIGS, _pixels, _prune, _tap, _weight_tile, _x_tile, launch_fwd, scaled_pref)
 from .conv2d_bwd import launch_dgrad, wgrad
 from .linear import _dot, _precision, grouped_tile
 
@@ -66,12 +66,9 @@ def _loralib_fwd_kernel(
     C_in = K // (KH * KW)
     CB = tl.cdiv(C_in, BLOCK_K)
     for it in range(0, KH * KW * CB):
-        c0, i, j = _tap(it, CB, KW, BLOCK_K)
-        cc = c0 + offs_k
-        mask_c = cc < C_in
-        x_row, ok = _x_rows(hb, wb, i, j, mask_m, row_off, H, W, dil_h, dil_w, stride_xh, stride_xw)
-        x = tl.load(x_ptr + x_row[:, None] + (cc * stride_xc)[None, :], mask=ok[:, None] & mask_c[None, :],
-                    other=0.0)
+        cc, mask_c, i, j = _tap(it, CB, KW, offs_k, C_in, BLOCK_K)
+        x = _x_tile(x_ptr, hb, wb, i, j, mask_m, row_off, cc, mask_c, H, W, dil_h, dil_w, stride_xh, stride_xw,
+                    stride_xc)
         w = _weight_tile(w_ptr, cc, mask_c, i, j, offs_n, mask_n, stride_wo, stride_wc, stride_wi, stride_wj)
         acc = _dot(x, w, acc, UPCAST, INPUT_PRECISION)
         for t in range(0, T):
