@@ -58,6 +58,15 @@ def apply_row_scale(h: torch.Tensor, pref: torch.Tensor, rows_per_sample: int,
     return (h.reshape(P, rows_per_sample, R) * S[:, None, :]).reshape(N, R).to(h.dtype)
 
 
+def expand_operands(h: torch.Tensor, up: torch.Tensor, pref: torch.Tensor, rows_per_sample: int, rank: int,
+                    scale: float):
+    """(G, U) with G @ U = (H * S) up, the expand's two operands: one preference for all rows folds S into
+    ``up`` (R x M, not N x R); per-sample preferences scale the rows of H (apply_row_scale)."""
+    if pref.shape[0] == 1:
+        return h, up * row_scale(pref.to(up.dtype), rank, scale).t()
+    return apply_row_scale(h, pref, rows_per_sample, rank, scale), up
+
+
 def row_scaled_tmm(u: torch.Tensor, v: torch.Tensor, pref: torch.Tensor, rows_per_sample: int,
                    rank: int, scale: float, tmm=None) -> torch.Tensor:
     """(U * S)^T V for U (N, R), V (N, K): dA_cat = dH^T x and dB_cat^T = (H * S)^T dY. (R, K), V's dtype.

@@ -17,7 +17,7 @@ from typing import Optional
 
 import torch
 
-from .._math import apply_row_scale, row_scale
+from .._math import apply_row_scale, expand_operands, row_scale
 from ._record import FLOATS, Backend
 
 _OPS = ("pref_grad", "lowrank_shrink", "lowrank_tmm", "lowrank_dual", "lowrank_expand")
@@ -78,10 +78,7 @@ def _expand_first(x, wm, bias, h, up, pref, rows_per_sample: int, rank: int, sca
     runs the GEMM, then reads and writes y again for the expand: 1.2-1.5 ms against 2.0-2.2 for copy + addmm_ on a
     fresh (4096, 1024) y (benchmarks/linear_cpu_backends.py --ops). fp32 only: in fp16/bf16 the low-rank term
     would be rounded before the sum."""
-    if pref.shape[0] == 1:
-        g, up = h, up * row_scale(pref, rank, scale).t()
-    else:
-        g = apply_row_scale(h, pref, rows_per_sample, rank, scale)
+    g, up = expand_operands(h, up, pref, rows_per_sample, rank, scale)
     return torch.ops.palora.lowrank_expand(g, up, bias).addmm_(x, wm)
 
 

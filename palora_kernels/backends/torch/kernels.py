@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..._math import acc_dtype, apply_row_scale, loralib_delta, row_scale
+from ..._math import acc_dtype, expand_operands, loralib_delta, row_scale
 from ..._ops import conv_memory_format
 from ..._rng import dropout_input
 from . import RECORD
@@ -41,11 +41,7 @@ def lora_mm(x, wm, bias, down, up, pref, rows_per_sample, scale, shrink=shrink, 
     # y: its own GEMM, dense as nn.Linear returns it (a shared [y | H] buffer made dX a strided view
     # that AccumulateGrad copied: +16 MiB, 1.48x the plain layer's peak, N=4096, d=1024)
     y = torch.mm(x, wm) if bias is None else torch.addmm(bias, x, wm)
-    if pref.shape[0] == 1:
-        # one preference for all rows: fold S into `up` (R x M), not into H (N x R)
-        y.addmm_(h, up * row_scale(pref.to(up.dtype), rank, scale).t())
-    else:
-        y.addmm_(apply_row_scale(h, pref, rows_per_sample, rank, scale), up)
+    y.addmm_(*expand_operands(h, up, pref, rows_per_sample, rank, scale))
     return y, h
 
 
@@ -60,10 +56,7 @@ def lora_mm_dropout(x, wm, bias, down, up, pref, rows_per_sample, scale, p, seed
     h = torch.mm(x_lora, _padded_cols(down, RECORD.h_row_stride(R)))[:, :R]
     del x_lora
     y = torch.mm(x, wm) if bias is None else torch.addmm(bias, x, wm)
-    if pref.shape[0] == 1:
-        low = h @ (up * row_scale(pref.to(up.dtype), rank, scale).t())
-    else:
-        low = apply_row_scale(h, pref, rows_per_sample, rank, scale) @ up
+    low = torch.mm(*expand_operands(h, up, pref, rows_per_sample, rank, scale))
     y += dropout_input(low, p, seed, offset) if on_expand else low
     return y, h
 
